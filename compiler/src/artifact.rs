@@ -1,0 +1,124 @@
+//! Writes the artifact of `hlac build`: a directory holding `manifest.json` (the runtime's
+//! [`hlac_runtime::Manifest`], made from the model IR). It is written to a temporary directory
+//! beside the destination and renamed into place, so a failed build never leaves half an artifact.
+
+use std::path::Path;
+
+use hlac_runtime::{LayerInfo, Manifest, MixerInfo, ModelInfo, TargetInfo, TensorInfo, FORMAT_VERSION, MANIFEST_FILE};
+
+use crate::ir::{Mode, Model, Role};
+
+/// The manifest describing a model.
+pub fn manifest(model: &Model) -> Manifest {
+    let c = &model.config;
+    let mixers = model
+        .mixers
+        .iter()
+        .map(|(_, m)| {
+            let (k, v) = m.instance.math.as_ref().map_or((0, 0), |x| (x.key_axis.1, x.value_axis.1));
+            MixerInfo {
+                name: m.name.clone(),
+                kind: m.instance.decl_name.clone(),
+                family: m.class.as_ref().map_or_else(
+                    || "attention".to_string(),
+                    |c| serde_json::to_value(c.family).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
+                ),
+                heads: m.instance.heads,
+                key_dim: k,
+                value_dim: v,
+                params: m.instance.params.iter().map(|(k, v)| (k.clone(), v.to_json())).collect(),
+                class: m.class.as_ref().and_then(|c| serde_json::to_value(c).ok()),
+            }
+        })
+        .collect();
+    let layers = model
+        .layers
+        .iter()
+        .map(|(_, l)| LayerInfo {
+            index: l.index,
+            mixer: l.mixer.index(),
+            tensors: l.tensors.iter().map(|h| h.index()).collect(),
+        })
+        .collect();
+    let tensors = model
+        .tensors
+        .iter()
+        .map(|(_, t)| TensorInfo {
+            name: t.name.clone(),
+            shape: t.shape.clone(),
+            dtype: t.dtype.name().to_string(),
+            role: role_name(t.role).to_string(),
+        })
+        .collect();
+    Manifest {
+        format: FORMAT_VERSION,
+        hlac_version: env!("CARGO_PKG_VERSION").to_string(),
+        model: ModelInfo {
+            name: model.name.clone(),
+            vocab_size: c.vocab_size,
+            hidden_size: c.hidden_size,
+            num_layers: c.num_hidden_layers,
+            intermediate_size: c.intermediate_size,
+            norm_eps: c.norm_eps,
+            tie_word_embeddings: c.tie_word_embeddings,
+            initializer_range: c.initializer_range,
+        },
+        target: TargetInfo {
+            device: model.target.device.name().to_string(),
+            dtype: model.target.dtype.name().to_string(),
+            chunk_size: model.target.chunk_size,
+            mode: match model.target.mode {
+                Mode::Inference => "inference",
+                Mode::Training => "training",
+            }
+            .to_string(),
+        },
+        mixers,
+        layers,
+        tensors,
+    }
+}
+
+fn role_name(r: Role) -> &'static str {
+    match r {
+        Role::Embedding => "embedding",
+        Role::Linear => "linear",
+        Role::Bias => "bias",
+        Role::Norm => "norm",
+        Role::Conv => "conv",
+        Role::Other => "other",
+    }
+}
+
+/// Writes the artifact directory `out` atomically (temporary directory, then rename).
+pub fn write(model: &Model, out: &Path) -> std::io::Result<()> {
+    let m = manifest(model);
+    let json = serde_json::to_string_pretty(&m).map_err(std::io::Error::other)?;
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent)?;
+    let name = out.file_name().map_or_else(|| "artifact".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir(&tmp)?;
+    let result = (|| {
+        std::fs::write(tmp.join(MANIFEST_FILE), json + "\n")?;
+        if out.exists() {
+            // A directory cannot be renamed over a non-empty one: move the old artifact aside first.
+            let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+            std::fs::rename(out, &old)?;
+            std::fs::rename(&tmp, out)?;
+            std::fs::remove_dir_all(&old)
+        } else {
+            std::fs::rename(&tmp, out)
+        }
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}

@@ -1,0 +1,239 @@
+//! The artifact manifest: a JSON description of the compiled model (its configuration, mixers,
+//! layers and every parameter tensor with fla's name), written by the compiler and read here.
+//! [`Artifact::open`] validates it fully, so the rest of the runtime may trust it.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The manifest format this runtime reads and the compiler writes.
+pub const FORMAT_VERSION: u32 = 1;
+/// The manifest's file name inside an artifact directory.
+pub const MANIFEST_FILE: &str = "manifest.json";
+
+/// Model-wide settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    /// The model's name.
+    pub name: String,
+    /// Vocabulary size.
+    pub vocab_size: u64,
+    /// Residual width.
+    pub hidden_size: u64,
+    /// Number of layers.
+    pub num_layers: u64,
+    /// SwiGLU width.
+    pub intermediate_size: u64,
+    /// RMSNorm epsilon.
+    pub norm_eps: f64,
+    /// Whether the head reuses the embeddings.
+    pub tie_word_embeddings: bool,
+    /// Initial weight standard deviation.
+    pub initializer_range: f64,
+}
+
+/// What the artifact was compiled for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TargetInfo {
+    /// `cpu`, `sm_80` or `sm_90`.
+    pub device: String,
+    /// `f32`, `bf16` or `f16`.
+    pub dtype: String,
+    /// Chunk length of the chunked recurrences.
+    pub chunk_size: u64,
+    /// `inference` or `training`.
+    pub mode: String,
+}
+
+/// A configured mixer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MixerInfo {
+    /// The name layers use.
+    pub name: String,
+    /// The declaration it instantiates (`GDN`, `Attn`, or a user's recurrence).
+    pub kind: String,
+    /// `decay`, `delta`, `scan` or `attention`.
+    pub family: String,
+    /// Number of heads.
+    pub heads: u64,
+    /// State key size per head (0 for attention).
+    pub key_dim: u64,
+    /// State value size per head (0 for attention).
+    pub value_dim: u64,
+    /// Hyper-parameters by name.
+    pub params: serde_json::Map<String, serde_json::Value>,
+    /// The recurrence's class in the algebra (absent for attention).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<serde_json::Value>,
+}
+
+/// A layer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerInfo {
+    /// Position.
+    pub index: u64,
+    /// Index into [`Manifest::mixers`].
+    pub mixer: usize,
+    /// Indices into [`Manifest::tensors`].
+    pub tensors: Vec<usize>,
+}
+
+/// A parameter tensor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TensorInfo {
+    /// fla's name.
+    pub name: String,
+    /// PyTorch layout.
+    pub shape: Vec<u64>,
+    /// Storage dtype.
+    pub dtype: String,
+    /// What it is for (`linear`, `norm`, `conv`, …).
+    pub role: String,
+}
+
+/// The whole manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// [`FORMAT_VERSION`] at write time.
+    pub format: u32,
+    /// The compiler version that wrote it.
+    pub hlac_version: String,
+    /// Model settings.
+    pub model: ModelInfo,
+    /// Target.
+    pub target: TargetInfo,
+    /// Mixers.
+    pub mixers: Vec<MixerInfo>,
+    /// Layers in order.
+    pub layers: Vec<LayerInfo>,
+    /// Every parameter tensor in fla's state-dict order.
+    pub tensors: Vec<TensorInfo>,
+}
+
+/// Why an artifact cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ArtifactError {
+    /// The manifest could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The manifest is not valid JSON of the expected form.
+    #[error("{path} is not a valid hlac manifest: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: serde_json::Error,
+    },
+    /// Written by an incompatible compiler.
+    #[error("{path} has manifest format {found}, this runtime reads format {expected}; rebuild it with this version of hlac")]
+    Version {
+        /// The file.
+        path: PathBuf,
+        /// What it says.
+        found: u32,
+        /// What this runtime reads.
+        expected: u32,
+    },
+    /// The manifest contradicts itself.
+    #[error("{path} is inconsistent: {reason}")]
+    Inconsistent {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// A loaded, validated artifact.
+#[derive(Debug, Clone)]
+pub struct Artifact {
+    /// The artifact directory.
+    pub dir: PathBuf,
+    /// Its manifest.
+    pub manifest: Manifest,
+}
+
+impl Artifact {
+    /// Reads and validates the artifact in `dir`.
+    pub fn open(dir: &Path) -> Result<Artifact, ArtifactError> {
+        let path = dir.join(MANIFEST_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|source| ArtifactError::Io { path: path.clone(), source })?;
+        // Check the version before the full schema, so an old artifact gets the helpful message.
+        if let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(&text) {
+            if let Some(found) = map.get("format").and_then(serde_json::Value::as_u64) {
+                if found != u64::from(FORMAT_VERSION) {
+                    return Err(ArtifactError::Version {
+                        path,
+                        found: u32::try_from(found).unwrap_or(u32::MAX),
+                        expected: FORMAT_VERSION,
+                    });
+                }
+            }
+        }
+        let manifest: Manifest = serde_json::from_str(&text).map_err(|source| ArtifactError::Parse { path: path.clone(), source })?;
+        manifest.validate().map_err(|reason| ArtifactError::Inconsistent { path, reason })?;
+        Ok(Artifact { dir: dir.to_path_buf(), manifest })
+    }
+}
+
+impl Manifest {
+    /// Checks every cross-reference and invariant the runtime relies on.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.format != FORMAT_VERSION {
+            return Err(format!("format {} is not {FORMAT_VERSION}", self.format));
+        }
+        if !["cpu", "sm_80", "sm_90"].contains(&self.target.device.as_str()) {
+            return Err(format!("unknown device `{}`", self.target.device));
+        }
+        let dtypes = ["f32", "bf16", "f16"];
+        if !dtypes.contains(&self.target.dtype.as_str()) {
+            return Err(format!("unknown dtype `{}`", self.target.dtype));
+        }
+        if self.layers.len() as u64 != self.model.num_layers {
+            return Err(format!("{} layers listed, model says {}", self.layers.len(), self.model.num_layers));
+        }
+        let mut names = HashSet::new();
+        for t in &self.tensors {
+            if !names.insert(t.name.as_str()) {
+                return Err(format!("tensor `{}` appears twice", t.name));
+            }
+            if t.shape.is_empty() || t.shape.contains(&0) {
+                return Err(format!("tensor `{}` has an empty shape {:?}", t.name, t.shape));
+            }
+            if !dtypes.contains(&t.dtype.as_str()) {
+                return Err(format!("tensor `{}` has unknown dtype `{}`", t.name, t.dtype));
+            }
+        }
+        let mut used = vec![false; self.tensors.len()];
+        for (i, layer) in self.layers.iter().enumerate() {
+            if layer.index != i as u64 {
+                return Err(format!("layer {i} is numbered {}", layer.index));
+            }
+            if layer.mixer >= self.mixers.len() {
+                return Err(format!("layer {i} refers to mixer {} of {}", layer.mixer, self.mixers.len()));
+            }
+            for &t in &layer.tensors {
+                match used.get_mut(t) {
+                    Some(u) if !*u => *u = true,
+                    Some(_) => return Err(format!("tensor {t} belongs to two layers")),
+                    None => return Err(format!("layer {i} refers to tensor {t} of {}", self.tensors.len())),
+                }
+            }
+        }
+        for want in ["model.embeddings.weight", "model.norm.weight"] {
+            if !names.contains(want) {
+                return Err(format!("tensor `{want}` is missing"));
+            }
+        }
+        if !self.model.tie_word_embeddings && !names.contains("lm_head.weight") {
+            return Err("untied model without `lm_head.weight`".into());
+        }
+        Ok(())
+    }
+}
