@@ -551,7 +551,8 @@ fn read_target(target: Option<&AstTarget>, diags: &mut Vec<Diagnostic>) -> Optio
         Some("f16") => DType::F16,
         _ => DType::F32,
     };
-    if device == Device::Cpu && dtype != DType::F32 {
+    let device_ok = !assigns.iter().any(|a| a.name.name == "device") || s.contains_key("device");
+    if device == Device::Cpu && dtype != DType::F32 && device_ok {
         if let Some((_, span)) = s.get("dtype") {
             diags.push(
                 Diagnostic::error("E0207", format!("the cpu target computes in f32; dtype {} is for GPU targets", dtype.name()), *span, "not available on cpu")

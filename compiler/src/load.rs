@@ -89,7 +89,7 @@ pub fn load(input: Input<'_>, sources: &mut SourceMap) -> (Option<Loaded>, Vec<D
         }
     };
     loader.stack.push(canonical.clone().unwrap_or_default());
-    loader.imports(&parsed, &dir);
+    loader.imports(&parsed, &dir, &dir);
     files.push((root, parsed));
     (Some(Loaded { files, root }), diags)
 }
@@ -105,10 +105,13 @@ struct Loader<'a> {
 }
 
 impl Loader<'_> {
-    fn imports(&mut self, file: &File, dir: &Path) {
+    /// Loads the imports of `file`. `dir` is where its imports are looked up; `shown` is the same
+    /// directory as the user named it, so diagnostics show paths as written, not canonical ones.
+    fn imports(&mut self, file: &File, dir: &Path, shown: &Path) {
         for item in &file.items {
             let Item::Import(import) = item else { continue };
             let path = dir.join(&import.path.value);
+            let shown_path = shown.join(&import.path.value);
             let canonical = match std::fs::canonicalize(&path) {
                 Ok(c) if c.is_file() => c,
                 _ => {
@@ -117,7 +120,7 @@ impl Loader<'_> {
                             "E0101",
                             format!("cannot import `{}`: no such file", import.path.value),
                             import.path.span,
-                            format!("looked for {}", path.display()),
+                            format!("looked for {}", shown_path.display()),
                         )
                         .with_hint("import paths are relative to the importing file"),
                     );
@@ -156,7 +159,7 @@ impl Loader<'_> {
                     continue;
                 }
             };
-            let id = self.sources.add(path.display().to_string(), text.clone());
+            let id = self.sources.add(shown_path.display().to_string(), text.clone());
             let parsed = match hlac_grammar::parse(id, &text) {
                 Ok(f) => f,
                 Err(d) => {
@@ -180,7 +183,8 @@ impl Loader<'_> {
             }
             self.stack.push(canonical.clone());
             let sub_dir = canonical.parent().map_or_else(|| dir.to_path_buf(), Path::to_path_buf);
-            self.imports(&parsed, &sub_dir);
+            let sub_shown = shown_path.parent().map_or_else(|| shown.to_path_buf(), Path::to_path_buf);
+            self.imports(&parsed, &sub_dir, &sub_shown);
             self.stack.pop();
             self.done.push(canonical);
             self.files.push((id, parsed));

@@ -287,8 +287,13 @@ impl Run<'_> {
         self.diags.push(d);
     }
 
+    /// Runs statements in order, stopping at the first error: later statements depend on earlier
+    /// ones, and their failures would only repeat it.
     fn stmts(&mut self, body: &[Stmt], inst: &mut Instance) {
         for s in body {
+            if !self.diags.is_empty() {
+                return;
+            }
             self.stmt(s, inst);
         }
     }

@@ -177,9 +177,10 @@ struct Cx {
 }
 
 impl Cx {
+    /// The span of a pair without the whitespace and comments pest lets a rule swallow at its end.
     fn span(&self, p: &Pair<Rule>) -> Span {
         let s = p.as_span();
-        Span::new(self.file, s.start(), s.end())
+        Span::new(self.file, s.start(), s.start() + content_len(p.as_str()))
     }
 
     fn ident(&self, p: Pair<Rule>) -> Ident {
@@ -507,6 +508,37 @@ impl Cx {
             r => unreachable!("grammar produced {r:?} as a primary"),
         };
         Expr { kind, span }
+    }
+}
+
+/// The length of `text` once trailing whitespace and trailing comments are removed.
+fn content_len(text: &str) -> usize {
+    let mut t = text.trim_end();
+    loop {
+        let line_start = t.rfind('\n').map_or(0, |i| i + 1);
+        // A `//` on the last line that is not inside a string starts a comment.
+        let last = &t[line_start..];
+        let mut in_string = false;
+        let mut cut = None;
+        for (i, c) in last.char_indices() {
+            match c {
+                '"' => in_string = !in_string,
+                '/' if !in_string && last[i..].starts_with("//") => {
+                    cut = Some(line_start + i);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        match cut {
+            Some(c) if c > 0 => t = t[..c].trim_end(),
+            _ => break,
+        }
+    }
+    if t.is_empty() {
+        text.len()
+    } else {
+        t.len()
     }
 }
 
