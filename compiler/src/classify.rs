@@ -382,6 +382,14 @@ impl Cx<'_> {
             }
             ExprKind::Call { func, args } => {
                 let name = func.name.as_str();
+                if !(ELEMENTWISE.contains(&name) || VECTOR_MAPS.contains(&name) || name == "diag" || name == "pow") {
+                    let known: Vec<&str> = ELEMENTWISE.iter().chain(VECTOR_MAPS).chain(&["diag", "pow"]).copied().collect();
+                    let mut d = Diagnostic::error(UNSUPPORTED, format!("unknown function `{name}` in the recurrence"), func.span, "not a function hlac can fuse");
+                    if let Some(c) = crate::mixer::closest(name, known.iter().copied()) {
+                        d = d.with_hint(format!("did you mean `{c}`?"));
+                    }
+                    return Err(d.with_note(format!("available: {}", known.join(", "))));
+                }
                 let want = if name == "pow" { 2 } else { 1 };
                 if args.len() != want {
                     return Err(Diagnostic::error(
@@ -415,20 +423,16 @@ impl Cx<'_> {
                         }),
                         s => Err(Diagnostic::error(MALFORMED, format!("`{n}` applies to scalars and vectors, found a {}", self.describe(s)), args[0].span, "not a vector")),
                     },
-                    _ => {
-                        let known: Vec<&str> = ELEMENTWISE.iter().chain(VECTOR_MAPS).chain(&["diag", "pow"]).copied().collect();
-                        let mut d = Diagnostic::error(UNSUPPORTED, format!("unknown function `{name}` in the recurrence"), func.span, "not a function hlac can fuse");
-                        if let Some(c) = crate::mixer::closest(name, known.iter().copied()) {
-                            d = d.with_hint(format!("did you mean `{c}`?"));
-                        }
-                        Err(d.with_note(format!("available: {}", known.join(", "))))
-                    }
+                    _ => unreachable!("function names are checked above"),
                 }
             }
             ExprKind::Binary { op, lhs, rhs } => {
                 let a = self.ty(lhs)?;
                 let b = self.ty(rhs)?;
                 let dep = a.dep.max(b.dep);
+                if matches!(op, BinOp::Mul | BinOp::Div) && a.dep == Dep::State && b.dep == Dep::State {
+                    return Err(unsupported(e.span, "a product of the state with itself is not linear", "quadratic in the state"));
+                }
                 let mismatch = |what: &str| {
                     Diagnostic::error(
                         MALFORMED,
@@ -471,11 +475,8 @@ impl Cx<'_> {
                         ))
                     }
                 };
-                if dep == Dep::State && matches!(op, BinOp::Div) && b.dep == Dep::State {
+                if *op == BinOp::Div && b.dep == Dep::State {
                     return Err(unsupported(e.span, "dividing by the state makes the recurrence nonlinear", "nonlinear in the state"));
-                }
-                if *op == BinOp::Mul && a.dep == Dep::State && b.dep == Dep::State {
-                    return Err(unsupported(e.span, "a product of the state with itself is not linear", "quadratic in the state"));
                 }
                 Ok(Ty { shape: self.norm(shape), dep })
             }
