@@ -24,7 +24,8 @@ pub fn format_file(file: &File, text: &str) -> String {
         }
         p.leading(start, i == 0);
         p.item(item);
-        p.trailing(item.span().end as usize);
+        let limit = file.items.get(i + 1).map_or(text.len(), |next| next.span().start as usize);
+        p.trailing(item.span().end as usize, limit);
         p.out.push('\n');
     }
     p.leading(text.len(), file.items.is_empty());
@@ -87,11 +88,12 @@ impl Printer<'_> {
         }
     }
 
-    /// Appends a comment that follows byte `at` on the same source line.
-    fn trailing(&mut self, at: usize) {
+    /// Appends a comment that follows byte `at` on the same source line, before byte `limit` (where
+    /// the next statement starts: a comment after that belongs to the later statement).
+    fn trailing(&mut self, at: usize, limit: usize) {
         if let Some(c) = self.comments.get(self.next_comment) {
             let start = c.span.start as usize;
-            if start >= at && !self.text[at..start].contains('\n') {
+            if start >= at && start < limit && !self.text[at..start].contains('\n') {
                 self.out.push_str("  ");
                 self.out.push_str(&c.text);
                 self.next_comment += 1;
@@ -108,7 +110,8 @@ impl Printer<'_> {
             self.leading(span.start as usize, i == 0);
             self.pad();
             print(self, it);
-            self.trailing(span.end as usize);
+            let limit = items.get(i + 1).map_or(close, |next| span_of(next).start as usize);
+            self.trailing(span.end as usize, limit);
             self.out.push('\n');
         }
         self.leading(close, items.is_empty());
