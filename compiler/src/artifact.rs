@@ -34,11 +34,7 @@ pub fn manifest(model: &Model) -> Manifest {
     let layers = model
         .layers
         .iter()
-        .map(|(_, l)| LayerInfo {
-            index: l.index,
-            mixer: l.mixer.index(),
-            tensors: l.tensors.iter().map(|h| h.index()).collect(),
-        })
+        .map(|(_, l)| LayerInfo { index: l.index, mixer: l.mixer.index(), tensors: l.tensors.iter().map(|h| h.index()).collect() })
         .collect();
     let tensors = model
         .tensors

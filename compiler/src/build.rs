@@ -5,7 +5,10 @@
 
 use std::collections::HashMap;
 
-use hlac_grammar::ast::{Assign, Decl, DeclKind, ExprKind, Item, Model as AstModel, ModelStmt, PatternAtom, PatternSeq, StmtKind, Target as AstTarget, WeightRole};
+use hlac_grammar::ast::{
+    Assign, Decl, DeclKind, ExprKind, Item, Model as AstModel, ModelStmt, PatternAtom, PatternSeq, StmtKind, Target as AstTarget,
+    WeightRole,
+};
 use hlac_grammar::{Diagnostic, Span};
 
 use crate::classify::classify;
@@ -32,8 +35,9 @@ impl<'a> Decls<'a> {
             for item in &file.items {
                 let Item::Decl(d) = item else { continue };
                 if let Some(prev) = map.get(&d.name.name) {
-                    let mut diag = Diagnostic::error("E0201", format!("`{}` is declared twice", d.name.name), d.name.span, "declared again here")
-                        .with_label(prev.name.span, "first declared here");
+                    let mut diag =
+                        Diagnostic::error("E0201", format!("`{}` is declared twice", d.name.name), d.name.span, "declared again here")
+                            .with_label(prev.name.span, "first declared here");
                     if prev.name.span.file.0 == 0 {
                         diag = diag.with_hint(format!("the prelude declares `{}`; choose another name", d.name.name));
                     }
@@ -113,7 +117,8 @@ fn read_settings(assigns: &[Assign], schema: &[Setting], what: &str, diags: &mut
         };
         if let Some((_, prev)) = out.get(setting.name) {
             diags.push(
-                Diagnostic::error("E0205", format!("`{}` is set twice", a.name.name), a.name.span, "set again here").with_label(*prev, "first set here"),
+                Diagnostic::error("E0205", format!("`{}` is set twice", a.name.name), a.name.span, "set again here")
+                    .with_label(*prev, "first set here"),
             );
             continue;
         }
@@ -137,12 +142,14 @@ fn read_settings(assigns: &[Assign], schema: &[Setting], what: &str, diags: &mut
             }
             _ => match eval(&a.value, &Env::new()) {
                 Ok(v) => {
-                    let ok = match (setting.kind, &v) {
-                        (Kind::Int, Value::Int(_)) | (Kind::OptInt, Value::Int(_) | Value::None) => true,
-                        (Kind::Float, Value::Int(_) | Value::Float(_)) => true,
-                        (Kind::Bool, Value::Bool(_)) | (Kind::Str, Value::Str(_)) => true,
-                        _ => false,
-                    };
+                    let ok = matches!(
+                        (setting.kind, &v),
+                        (Kind::Int, Value::Int(_))
+                            | (Kind::OptInt, Value::Int(_) | Value::None)
+                            | (Kind::Float, Value::Int(_) | Value::Float(_))
+                            | (Kind::Bool, Value::Bool(_))
+                            | (Kind::Str, Value::Str(_))
+                    );
                     if ok {
                         Some(v)
                     } else {
@@ -229,10 +236,7 @@ fn expand(seq: &PatternSeq, out: &mut Vec<Slot>, diags: &mut Vec<Diagnostic>) ->
         };
         let mut once = Vec::new();
         match &term.atom {
-            PatternAtom::Mixer(id) => once.push(Slot {
-                name: id.name.clone(),
-                span: id.span,
-            }),
+            PatternAtom::Mixer(id) => once.push(Slot { name: id.name.clone(), span: id.span }),
             PatternAtom::Group(g) => {
                 if !expand(g, &mut once, diags) {
                     return false;
@@ -250,10 +254,7 @@ fn expand(seq: &PatternSeq, out: &mut Vec<Slot>, diags: &mut Vec<Diagnostic>) ->
             return false;
         }
         for _ in 0..times {
-            out.extend(once.iter().map(|s| Slot {
-                name: s.name.clone(),
-                span: s.span,
-            }));
+            out.extend(once.iter().map(|s| Slot { name: s.name.clone(), span: s.span }));
         }
     }
     true
@@ -303,13 +304,21 @@ pub fn build(loaded: &Loaded, decls: &Decls<'_>, diags: &mut Vec<Diagnostic>) ->
         };
         if kind.is_some() && decls.get(&name.name).is_some() {
             diags.push(
-                Diagnostic::error("E0201", format!("`{}` is already a declared mixer", name.name), name.span, "choose another name for this variant")
-                    .with_label(decl_name.span, "a variant of this"),
+                Diagnostic::error(
+                    "E0201",
+                    format!("`{}` is already a declared mixer", name.name),
+                    name.span,
+                    "choose another name for this variant",
+                )
+                .with_label(decl_name.span, "a variant of this"),
             );
             continue;
         }
         if let Some((_, _, prev)) = configured.get(&name.name) {
-            diags.push(Diagnostic::error("E0205", format!("mixer `{}` is configured twice", name.name), name.span, "configured again").with_label(*prev, "first here"));
+            diags.push(
+                Diagnostic::error("E0205", format!("mixer `{}` is configured twice", name.name), name.span, "configured again")
+                    .with_label(*prev, "first here"),
+            );
             continue;
         }
         configured.insert(name.name.clone(), (decl, assigns.as_slice(), *span));
@@ -374,7 +383,12 @@ pub fn build(loaded: &Loaded, decls: &Decls<'_>, diags: &mut Vec<Diagnostic>) ->
                     }
                 },
                 (None, DeclKind::Recurrence) => {
-                    diags.push(Diagnostic::error("E0502", format!("recurrence `{}` has no `state`", decl.name.name), decl.name.span, "add `state S[K = …, V = …]`"));
+                    diags.push(Diagnostic::error(
+                        "E0502",
+                        format!("recurrence `{}` has no `state`", decl.name.name),
+                        decl.name.span,
+                        "add `state S[K = …, V = …]`",
+                    ));
                     return None;
                 }
                 _ => None,
@@ -384,25 +398,31 @@ pub fn build(loaded: &Loaded, decls: &Decls<'_>, diags: &mut Vec<Diagnostic>) ->
                     let source = token_source(t);
                     if !instance.weights.iter().any(|w| w.name == source) {
                         diags.push(
-                            Diagnostic::error("E0502", format!("token `{}` is produced by `{source}`, which `{}` does not declare", t.name.name, decl.name.name), t.span, "no such weight")
-                                .with_hint(format!("declare `linear {source} [...]` or write `token {} from <weight>`", t.name.name)),
+                            Diagnostic::error(
+                                "E0502",
+                                format!("token `{}` is produced by `{source}`, which `{}` does not declare", t.name.name, decl.name.name),
+                                t.span,
+                                "no such weight",
+                            )
+                            .with_hint(format!("declare `linear {source} [...]` or write `token {} from <weight>`", t.name.name)),
                         );
                         return None;
                     }
                 }
             }
-            Some(mixers.alloc(Mixer {
-                name: slot.name.clone(),
-                instance,
-                class,
-            }))
+            Some(mixers.alloc(Mixer { name: slot.name.clone(), instance, class }))
         })();
         by_name.insert(slot.name.clone(), handle);
         layer_mixers.push(handle);
     }
     for (name, (_, _, span)) in &configured {
         if !by_name.contains_key(name) {
-            diags.push(Diagnostic::warning("W0001", format!("mixer `{name}` is configured but the pattern never uses it"), *span, "unused"));
+            diags.push(Diagnostic::warning(
+                "W0001",
+                format!("mixer `{name}` is configured but the pattern never uses it"),
+                *span,
+                "unused",
+            ));
         }
     }
     let target = target?;
@@ -442,7 +462,9 @@ fn read_model(model: &AstModel, diags: &mut Vec<Diagnostic>) -> Option<ModelPart
             }
             ModelStmt::Pattern { pattern: p, span } => {
                 if let Some((_, prev)) = pattern {
-                    diags.push(Diagnostic::error("E0205", "the pattern is given twice", *span, "second pattern").with_label(prev, "first pattern"));
+                    diags.push(
+                        Diagnostic::error("E0205", "the pattern is given twice", *span, "second pattern").with_label(prev, "first pattern"),
+                    );
                 } else {
                     pattern = Some((p, *span));
                 }
@@ -456,24 +478,38 @@ fn read_model(model: &AstModel, diags: &mut Vec<Diagnostic>) -> Option<ModelPart
         positive(&settings, "hidden_size", diags)
     } else {
         diags.push(
-            Diagnostic::error("E0206", format!("model `{}` does not set `hidden_size`", model.name.name), model.name.span, "missing hidden_size")
-                .with_hint("add `hidden_size = 1024`"),
+            Diagnostic::error(
+                "E0206",
+                format!("model `{}` does not set `hidden_size`", model.name.name),
+                model.name.span,
+                "missing hidden_size",
+            )
+            .with_hint("add `hidden_size = 1024`"),
         );
         None
     };
-    let vocab = if settings.contains_key("vocab_size") {
-        positive(&settings, "vocab_size", diags)
-    } else {
-        Some(32000)
-    };
+    let vocab = if settings.contains_key("vocab_size") { positive(&settings, "vocab_size", diags) } else { Some(32000) };
     if !bool_of(&settings, "elementwise_affine", true) {
         if let Some((_, span)) = settings.get("elementwise_affine") {
-            diags.push(Diagnostic::error("E0207", "norms without learned scales (elementwise_affine = false) are not supported", *span, "unsupported"));
+            diags.push(Diagnostic::error(
+                "E0207",
+                "norms without learned scales (elementwise_affine = false) are not supported",
+                *span,
+                "unsupported",
+            ));
         }
     }
     if let Some((Value::Str(act), span)) = mlp_settings.get("hidden_act") {
         if act != "swish" {
-            diags.push(Diagnostic::error("E0207", format!("hlac's MLP is SwiGLU; hidden_act `{act}` is not supported"), *span, "expected \"swish\"").with_hint("remove the setting or write hidden_act = \"swish\""));
+            diags.push(
+                Diagnostic::error(
+                    "E0207",
+                    format!("hlac's MLP is SwiGLU; hidden_act `{act}` is not supported"),
+                    *span,
+                    "expected \"swish\"",
+                )
+                .with_hint("remove the setting or write hidden_act = \"swish\""),
+            );
         }
     }
     let ratio = match mlp_settings.get("hidden_ratio") {
@@ -555,15 +591,23 @@ fn read_target(target: Option<&AstTarget>, diags: &mut Vec<Diagnostic>) -> Optio
     if device == Device::Cpu && dtype != DType::F32 && device_ok {
         if let Some((_, span)) = s.get("dtype") {
             diags.push(
-                Diagnostic::error("E0207", format!("the cpu target computes in f32; dtype {} is for GPU targets", dtype.name()), *span, "not available on cpu")
-                    .with_hint("write `dtype = f32`, or choose `device = sm_90`"),
+                Diagnostic::error(
+                    "E0207",
+                    format!("the cpu target computes in f32; dtype {} is for GPU targets", dtype.name()),
+                    *span,
+                    "not available on cpu",
+                )
+                .with_hint("write `dtype = f32`, or choose `device = sm_90`"),
             );
         }
     }
     let chunk_size = match int_of(&s, "chunk_size") {
         Some((c, _)) if [16, 32, 64, 128].contains(&c) => c as u64,
         Some((c, span)) => {
-            diags.push(Diagnostic::error("E0207", format!("chunk_size must be 16, 32, 64 or 128, found {c}"), span, "unsupported chunk size").with_hint("fla uses 64"));
+            diags.push(
+                Diagnostic::error("E0207", format!("chunk_size must be 16, 32, 64 or 128, found {c}"), span, "unsupported chunk size")
+                    .with_hint("fla uses 64"),
+            );
             64
         }
         None => 64,
@@ -579,17 +623,18 @@ fn read_target(target: Option<&AstTarget>, diags: &mut Vec<Diagnostic>) -> Optio
     if diags.iter().filter(|d| d.is_error()).count() > before {
         return None;
     }
-    Some(Target {
-        device,
-        dtype,
-        chunk_size,
-        mode,
-        seq_len,
-    })
+    Some(Target { device, dtype, chunk_size, mode, seq_len })
 }
 
 /// Lays out every tensor in fla's state-dict order.
-fn lay_out(name: String, config: Config, target: Target, mixers: crate::ir::Arena<Mixer>, layer_mixers: Vec<Handle<Mixer>>, diags: &mut Vec<Diagnostic>) -> Model {
+fn lay_out(
+    name: String,
+    config: Config,
+    target: Target,
+    mixers: crate::ir::Arena<Mixer>,
+    layer_mixers: Vec<Handle<Mixer>>,
+    diags: &mut Vec<Diagnostic>,
+) -> Model {
     let mut tensors = crate::ir::Arena::default();
     let mut globals = Vec::new();
     let h = config.hidden_size;
@@ -640,25 +685,13 @@ fn lay_out(name: String, config: Config, target: Target, mixers: crate::ir::Aren
         ts.push(tensor(&mut tensors, format!("{p}.mlp.gate_proj.weight"), vec![inter, h], Role::Linear));
         ts.push(tensor(&mut tensors, format!("{p}.mlp.up_proj.weight"), vec![inter, h], Role::Linear));
         ts.push(tensor(&mut tensors, format!("{p}.mlp.down_proj.weight"), vec![h, inter], Role::Linear));
-        layers.alloc(Layer {
-            index: i as u64,
-            mixer: mh,
-            tensors: ts,
-        });
+        layers.alloc(Layer { index: i as u64, mixer: mh, tensors: ts });
     }
     globals.push(tensor(&mut tensors, "model.norm.weight".into(), vec![h], Role::Norm));
     if !config.tie_word_embeddings {
         globals.push(tensor(&mut tensors, "lm_head.weight".into(), vec![config.vocab_size, h], Role::Linear));
     }
-    Model {
-        name,
-        config,
-        target,
-        mixers,
-        layers,
-        tensors,
-        globals,
-    }
+    Model { name, config, target, mixers, layers, tensors, globals }
 }
 
 /// Whether any statement of a declaration is math (used to tell recurrences without math apart).

@@ -165,12 +165,7 @@ struct Cx<'a> {
 pub fn classify(math: &Math) -> Result<RecurrenceClass, Vec<Diagnostic>> {
     let unit_k = math.key_axis.1 == 1;
     let unit_v = math.value_axis.1 == 1;
-    let mut cx = Cx {
-        math,
-        names: HashMap::new(),
-        unit_k,
-        unit_v,
-    };
+    let mut cx = Cx { math, names: HashMap::new(), unit_k, unit_v };
     let mut diags = Vec::new();
     cx.bind(&math.state.name, Shape::Mat(Axis::K, Axis::V), Dep::State);
     cx.bind(&math.key_axis.0, Shape::Scalar, Dep::Const);
@@ -230,17 +225,12 @@ pub fn classify(math: &Math) -> Result<RecurrenceClass, Vec<Diagnostic>> {
     cx.ty(output).map_err(|d| vec![d])?;
     let update_class = cx.update(update).map_err(|d| vec![d])?;
     let (query, scale) = cx.output(output).map_err(|d| vec![d])?;
-    Ok(RecurrenceClass {
-        query,
-        scale,
-        ..update_class
-    })
+    Ok(RecurrenceClass { query, scale, ..update_class })
 }
 
 fn unsupported(span: Span, message: impl Into<String>, label: impl Into<String>) -> Diagnostic {
-    Diagnostic::error(UNSUPPORTED, message, span, label).with_note(
-        "hlac supports S = D (I - beta k k^T)? S + beta? k v^T with D none, a scalar, or diag(vector over K), and o = c S^T q",
-    )
+    Diagnostic::error(UNSUPPORTED, message, span, label)
+        .with_note("hlac supports S = D (I - beta k k^T)? S + beta? k v^T with D none, a scalar, or diag(vector over K), and o = c S^T q")
 }
 
 /// Strips redundant parentheses.
@@ -384,7 +374,12 @@ impl Cx<'_> {
                 let name = func.name.as_str();
                 if !(ELEMENTWISE.contains(&name) || VECTOR_MAPS.contains(&name) || name == "diag" || name == "pow") {
                     let known: Vec<&str> = ELEMENTWISE.iter().chain(VECTOR_MAPS).chain(&["diag", "pow"]).copied().collect();
-                    let mut d = Diagnostic::error(UNSUPPORTED, format!("unknown function `{name}` in the recurrence"), func.span, "not a function hlac can fuse");
+                    let mut d = Diagnostic::error(
+                        UNSUPPORTED,
+                        format!("unknown function `{name}` in the recurrence"),
+                        func.span,
+                        "not a function hlac can fuse",
+                    );
                     if let Some(c) = crate::mixer::closest(name, known.iter().copied()) {
                         d = d.with_hint(format!("did you mean `{c}`?"));
                     }
@@ -402,13 +397,22 @@ impl Cx<'_> {
                 let tys: Vec<Ty> = args.iter().map(|a| self.ty(a)).collect::<Result<_, _>>()?;
                 let dep = tys.iter().map(|t| t.dep).max().unwrap_or(Dep::Const);
                 if dep == Dep::State {
-                    return Err(unsupported(e.span, format!("`{name}` of the state makes the recurrence nonlinear"), "nonlinear in the state"));
+                    return Err(unsupported(
+                        e.span,
+                        format!("`{name}` of the state makes the recurrence nonlinear"),
+                        "nonlinear in the state",
+                    ));
                 }
                 match name {
                     "diag" => match tys[0].shape {
                         Shape::Col(a) => Ok(Ty { shape: self.norm(Shape::Mat(a, a)), dep }),
                         Shape::Scalar => Ok(Ty { shape: Shape::Scalar, dep }),
-                        s => Err(Diagnostic::error(MALFORMED, format!("`diag` needs a vector, found a {}", self.describe(s)), args[0].span, "not a vector")),
+                        s => Err(Diagnostic::error(
+                            MALFORMED,
+                            format!("`diag` needs a vector, found a {}", self.describe(s)),
+                            args[0].span,
+                            "not a vector",
+                        )),
                     },
                     "pow" => {
                         if tys.iter().any(|t| t.shape != Shape::Scalar) {
@@ -417,11 +421,15 @@ impl Cx<'_> {
                         Ok(Ty { shape: Shape::Scalar, dep })
                     }
                     n if ELEMENTWISE.contains(&n) || VECTOR_MAPS.contains(&n) => match tys[0].shape {
-                        Shape::Scalar | Shape::Col(_) | Shape::Row(_) => Ok(Ty {
-                            shape: tys[0].shape,
-                            dep: if n == "rope" { Dep::Token.max(dep) } else { dep },
-                        }),
-                        s => Err(Diagnostic::error(MALFORMED, format!("`{n}` applies to scalars and vectors, found a {}", self.describe(s)), args[0].span, "not a vector")),
+                        Shape::Scalar | Shape::Col(_) | Shape::Row(_) => {
+                            Ok(Ty { shape: tys[0].shape, dep: if n == "rope" { Dep::Token.max(dep) } else { dep } })
+                        }
+                        s => Err(Diagnostic::error(
+                            MALFORMED,
+                            format!("`{n}` applies to scalars and vectors, found a {}", self.describe(s)),
+                            args[0].span,
+                            "not a vector",
+                        )),
                     },
                     _ => unreachable!("function names are checked above"),
                 }
@@ -549,7 +557,11 @@ impl Cx<'_> {
                     delta = Some(self.delta_factor(fe)?);
                 }
                 _ => {
-                    return Err(unsupported(fe.span, format!("a {} cannot multiply the state", self.describe(t.shape)), "unsupported transition factor"));
+                    return Err(unsupported(
+                        fe.span,
+                        format!("a {} cannot multiply the state", self.describe(t.shape)),
+                        "unsupported transition factor",
+                    ));
                 }
             }
         }
@@ -561,11 +573,7 @@ impl Cx<'_> {
                 "vector decay with the delta rule",
             ));
         }
-        let decay_text = if scalar_decay.is_empty() {
-            None
-        } else {
-            Some(product_text(&scalar_decay))
-        };
+        let decay_text = if scalar_decay.is_empty() { None } else { Some(product_text(&scalar_decay)) };
         let scalar_dep = scalar_decay.iter().map(|(f, _)| self.dep(f)).max().unwrap_or(Dep::Const);
         let decay = match (&vector_decay, &decay_text) {
             (Some(v), None) => {
@@ -624,11 +632,19 @@ impl Cx<'_> {
             } else if t.shape == Shape::Scalar {
                 coeff.push(f);
             } else {
-                return Err(unsupported(fe.span, format!("a {} cannot be part of the write term `k * v^T`", self.describe(t.shape)), "unexpected factor"));
+                return Err(unsupported(
+                    fe.span,
+                    format!("a {} cannot be part of the write term `k * v^T`", self.describe(t.shape)),
+                    "unexpected factor",
+                ));
             }
         }
         let Some(value) = value else {
-            return Err(unsupported(write.span, "the write term must be an outer product `k * v^T` (the value is the transposed factor)", "no `^T` factor"));
+            return Err(unsupported(
+                write.span,
+                "the write term must be an outer product `k * v^T` (the value is the transposed factor)",
+                "no `^T` factor",
+            ));
         };
         if key_parts.is_empty() {
             return Err(unsupported(write.span, "the write term has no key (a vector over K)", "no key"));
@@ -680,7 +696,11 @@ impl Cx<'_> {
                 });
             }
             if inputs.is_empty() {
-                return Err(unsupported(write.span, "the key must come from the token (a `token` input) or be `1 - decay`", "constant key"));
+                return Err(unsupported(
+                    write.span,
+                    "the key must come from the token (a `token` input) or be `1 - decay`",
+                    "constant key",
+                ));
             }
             KeySource::Input { inputs, expr: full_key }
         };
@@ -692,22 +712,18 @@ impl Cx<'_> {
         } else {
             Family::Decay
         };
-        Ok(RecurrenceClass {
-            decay,
-            delta_rule,
-            beta,
-            key,
-            value: text(&value),
-            query: None,
-            scale: None,
-            elementwise,
-            family,
-        })
+        Ok(RecurrenceClass { decay, delta_rule, beta, key, value: text(&value), query: None, scale: None, elementwise, family })
     }
 
     /// `(I - beta * k * k^T)`: returns beta's text and the key expression.
     fn delta_factor(&self, e: &Expr) -> Result<(Option<String>, Expr), Diagnostic> {
-        let not_delta = || unsupported(e.span, "a general matrix transition is not supported; the only matrix allowed is (I - beta * k * k^T)", "unsupported transition");
+        let not_delta = || {
+            unsupported(
+                e.span,
+                "a general matrix transition is not supported; the only matrix allowed is (I - beta * k * k^T)",
+                "unsupported transition",
+            )
+        };
         let ExprKind::Binary { op: BinOp::Sub, lhs, rhs } = &bare(e).kind else {
             return Err(not_delta());
         };
@@ -732,7 +748,11 @@ impl Cx<'_> {
             return Err(not_delta());
         };
         if text(&col) != text(&row) {
-            return Err(unsupported(rhs.span, "the delta correction must be beta * k * k^T with the same k on both sides", "different keys"));
+            return Err(unsupported(
+                rhs.span,
+                "the delta correction must be beta * k * k^T with the same k on both sides",
+                "different keys",
+            ));
         }
         let beta = if beta.is_empty() { None } else { Some(product_text(&beta)) };
         Ok((beta, col))
@@ -742,7 +762,8 @@ impl Cx<'_> {
     fn output(&self, e: &Expr) -> Result<(Option<String>, Option<String>), Diagnostic> {
         let mut fs = Vec::new();
         factors(e, &mut fs);
-        let bad = |span, msg: &str| unsupported(span, format!("the read-out must be `S^T * q` times a constant: {msg}"), "unsupported read-out");
+        let bad =
+            |span, msg: &str| unsupported(span, format!("the read-out must be `S^T * q` times a constant: {msg}"), "unsupported read-out");
         let Some(pos) = fs.iter().position(|(f, _)| match &f.kind {
             ExprKind::Transpose(x) => self.is_state(x),
             _ => self.is_state(f),

@@ -235,7 +235,7 @@ fn fla_of(d: &hlac_grammar::ast::Decl) -> Option<(String, String)> {
 pub fn compress(kinds: &[String]) -> String {
     let n = kinds.len();
     for period in 1..=n {
-        if n % period != 0 || kinds.chunks(period).any(|c| c != &kinds[..period]) {
+        if !n.is_multiple_of(period) || kinds.chunks(period).any(|c| c != &kinds[..period]) {
             continue;
         }
         let block = runs(&kinds[..period]);
@@ -306,7 +306,12 @@ pub fn export(model: &Model) -> Result<Json, ConfigError> {
         out.insert(k.clone(), v.to_json());
     }
     if let (Some(_), Some(attn)) = (linear, attention) {
-        let layers: Vec<Json> = model.layers.iter().filter(|(_, l)| model.mixers[l.mixer].instance.kind == DeclKind::Attention).map(|(_, l)| Json::from(l.index)).collect();
+        let layers: Vec<Json> = model
+            .layers
+            .iter()
+            .filter(|(_, l)| model.mixers[l.mixer].instance.kind == DeclKind::Attention)
+            .map(|(_, l)| Json::from(l.index))
+            .collect();
         let mut a = Map::new();
         a.insert("layers".into(), Json::Array(layers));
         for key in ATTN_KEYS {

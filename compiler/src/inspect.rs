@@ -120,7 +120,7 @@ pub fn report(model: &Model) -> Report {
                 let head_dim = int(inst.get("head_dim")).unwrap_or(1);
                 let kv_heads = int(inst.get("kv_heads")).unwrap_or(inst.heads);
                 kv = 2 * kv_heads * head_dim * act;
-                let mean_ctx = (t.seq_len + 1) / 2;
+                let mean_ctx = t.seq_len.div_ceil(2);
                 let ctx = int(inst.get("window_size")).map_or(mean_ctx, |w| w.min(mean_ctx));
                 flops += 4 * inst.heads * head_dim * ctx;
                 "attention"
@@ -168,7 +168,7 @@ pub fn grouped(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -213,7 +213,11 @@ impl Report {
             self.model, self.num_layers, self.hidden_size, self.vocab_size, self.device, self.dtype
         );
         let _ = writeln!(s);
-        let _ = writeln!(s, "{:>5}  {:<12} {:<10} {:<10} {:>14} {:>12} {:>10} {:>14}", "layer", "mixer", "kind", "family", "params", "state", "kv/token", "flops/token");
+        let _ = writeln!(
+            s,
+            "{:>5}  {:<12} {:<10} {:<10} {:>14} {:>12} {:>10} {:>14}",
+            "layer", "mixer", "kind", "family", "params", "state", "kv/token", "flops/token"
+        );
         for r in &self.layers {
             let _ = writeln!(
                 s,

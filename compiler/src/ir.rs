@@ -58,23 +58,12 @@ impl<T> Arena<T> {
     pub fn alloc(&mut self, value: T) -> Handle<T> {
         let index = u32::try_from(self.items.len()).unwrap_or_else(|_| unreachable!("more than 4 billion IR nodes"));
         self.items.push(value);
-        Handle {
-            index,
-            _marker: PhantomData,
-        }
+        Handle { index, _marker: PhantomData }
     }
 
     /// Every element with its handle, in allocation order.
     pub fn iter(&self) -> impl Iterator<Item = (Handle<T>, &T)> {
-        self.items.iter().enumerate().map(|(i, v)| {
-            (
-                Handle {
-                    index: i as u32,
-                    _marker: PhantomData,
-                },
-                v,
-            )
-        })
+        self.items.iter().enumerate().map(|(i, v)| (Handle { index: i as u32, _marker: PhantomData }, v))
     }
 
     /// Number of elements.

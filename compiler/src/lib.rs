@@ -68,11 +68,7 @@ fn compile_input(input: load::Input<'_>) -> Compilation {
     if diagnostics.iter().any(Diagnostic::is_error) {
         model = None;
     }
-    Compilation {
-        sources,
-        diagnostics,
-        model,
-    }
+    Compilation { sources, diagnostics, model }
 }
 
 /// Writes a file through a temporary file in the same directory and a rename, so readers never see

@@ -23,11 +23,7 @@ pub struct Loaded {
 impl Loaded {
     /// The root file's syntax tree.
     pub fn root_file(&self) -> &File {
-        self.files
-            .iter()
-            .find(|(id, _)| *id == self.root)
-            .map(|(_, f)| f)
-            .unwrap_or_else(|| unreachable!("the root file is always loaded"))
+        self.files.iter().find(|(id, _)| *id == self.root).map(|(_, f)| f).unwrap_or_else(|| unreachable!("the root file is always loaded"))
     }
 }
 
@@ -74,13 +70,7 @@ pub fn load(input: Input<'_>, sources: &mut SourceMap) -> (Option<Loaded>, Vec<D
         Input::Text { name, text, dir } => (name.to_string(), text.to_string(), dir.to_path_buf(), None),
     };
     let root = sources.add(root_name, root_text.clone());
-    let mut loader = Loader {
-        sources,
-        files: &mut files,
-        diags: &mut diags,
-        stack: Vec::new(),
-        done: Vec::new(),
-    };
+    let mut loader = Loader { sources, files: &mut files, diags: &mut diags, stack: Vec::new(), done: Vec::new() };
     let parsed = match hlac_grammar::parse(root, &root_text) {
         Ok(f) => f,
         Err(d) => {

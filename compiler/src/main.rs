@@ -206,7 +206,8 @@ fn run(command: Command, color: bool) -> Result<(), Failure> {
             model_of(&c, &spec)?;
             let Some(model) = &c.model else { return Err(Failure::Reported) };
             let out = out.unwrap_or_else(|| PathBuf::from("out").join(spec.file_stem().unwrap_or_default()));
-            hlac::artifact::write(model, &out).map_err(|e| Failure::Message(format!("cannot write the artifact {}: {e}", out.display())))?;
+            hlac::artifact::write(model, &out)
+                .map_err(|e| Failure::Message(format!("cannot write the artifact {}: {e}", out.display())))?;
             // Read the artifact back through the runtime: what we wrote must be what it accepts.
             let artifact = hlac_runtime::Artifact::open(&out).map_err(|e| Failure::Message(format!("this is a bug in hlac: {e}")))?;
             let r = hlac::inspect::report(model);
@@ -240,9 +241,11 @@ fn run(command: Command, color: bool) -> Result<(), Failure> {
         Command::Fmt { files, check } => fmt(&files, check, color),
         Command::Import { config, out, name } => {
             let text = std::fs::read_to_string(&config).map_err(|e| Failure::Message(format!("cannot read {}: {e}", config.display())))?;
-            let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Failure::Message(format!("{} is not valid JSON: {e}", config.display())))?;
+            let json: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| Failure::Message(format!("{} is not valid JSON: {e}", config.display())))?;
             let name = name.unwrap_or_else(|| model_name_from(&config));
-            let imported = hlac::hf::import_with_prelude(&json, &name).map_err(|e| Failure::Message(format!("cannot import {}: {e}", config.display())))?;
+            let imported = hlac::hf::import_with_prelude(&json, &name)
+                .map_err(|e| Failure::Message(format!("cannot import {}: {e}", config.display())))?;
             for w in &imported.warnings {
                 eprintln!("warning: {w}");
             }

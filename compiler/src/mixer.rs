@@ -29,11 +29,7 @@ pub fn param_decls(decl: &Decl, globals: &Env) -> Vec<ParamDecl> {
         if let StmtKind::Param { name, ty, default } = &s.kind {
             let default = eval(default, &env).unwrap_or(Value::None);
             env.insert(name.name.clone(), default.clone());
-            out.push(ParamDecl {
-                name: name.name.clone(),
-                ty: *ty,
-                default,
-            });
+            out.push(ParamDecl { name: name.name.clone(), ty: *ty, default });
         }
     }
     out
@@ -100,11 +96,7 @@ pub struct Instance {
 impl Instance {
     /// A parameter's or a `let`'s value.
     pub fn get(&self, name: &str) -> Option<&Value> {
-        self.params
-            .iter()
-            .chain(self.lets.iter())
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v)
+        self.params.iter().chain(self.lets.iter()).find(|(n, _)| n == name).map(|(_, v)| v)
     }
 }
 
@@ -157,7 +149,12 @@ pub fn instantiate(decl: &Decl, site: &UseSite<'_>, globals: &Env) -> Result<Ins
                             a.value.span,
                             format!("expected {}", type_ref_name(p.ty)),
                         )
-                        .with_note(format!("declared as `param {}: {}` in `{}`", p.name, type_ref_name(p.ty), decl.name.name)),
+                        .with_note(format!(
+                            "declared as `param {}: {}` in `{}`",
+                            p.name,
+                            type_ref_name(p.ty),
+                            decl.name.name
+                        )),
                     );
                     p.default.clone()
                 }
@@ -184,14 +181,7 @@ pub fn instantiate(decl: &Decl, site: &UseSite<'_>, globals: &Env) -> Result<Ins
         math: None,
         fla: None,
     };
-    let mut run = Run {
-        env,
-        site,
-        decl,
-        defs: HashMap::new(),
-        diags: Vec::new(),
-        heads_set: false,
-    };
+    let mut run = Run { env, site, decl, defs: HashMap::new(), diags: Vec::new(), heads_set: false };
     run.stmts(&decl.body, &mut inst);
     if run.diags.is_empty() && !run.heads_set {
         run.diags.push(Diagnostic::error(
@@ -267,17 +257,9 @@ impl Run<'_> {
                     l.message = "required here".into();
                 }
             }
-            let mut labels = vec![hlac_grammar::Label {
-                span: first.span,
-                message: "this setting".into(),
-                primary: true,
-            }];
+            let mut labels = vec![hlac_grammar::Label { span: first.span, message: "this setting".into(), primary: true }];
             for a in culprits.iter().skip(1) {
-                labels.push(hlac_grammar::Label {
-                    span: a.span,
-                    message: "and this one".into(),
-                    primary: false,
-                });
+                labels.push(hlac_grammar::Label { span: a.span, message: "and this one".into(), primary: false });
             }
             labels.append(&mut d.labels);
             d.labels = labels;
@@ -301,10 +283,7 @@ impl Run<'_> {
     fn stmt(&mut self, s: &Stmt, inst: &mut Instance) {
         match &s.kind {
             StmtKind::Param { .. } => {}
-            StmtKind::Fla {
-                model_type,
-                architecture,
-            } => inst.fla = Some((model_type.value.clone(), architecture.value.clone())),
+            StmtKind::Fla { model_type, architecture } => inst.fla = Some((model_type.value.clone(), architecture.value.clone())),
             StmtKind::Let { name, value } => {
                 if let Some(v) = self.value(value) {
                     self.env.insert(name.name.clone(), v.clone());
@@ -314,24 +293,20 @@ impl Run<'_> {
             StmtKind::Require { cond, message } => match self.value(cond) {
                 Some(Value::Bool(true)) | None => {}
                 Some(Value::Bool(false)) => {
-                    let d = Diagnostic::error(
-                        "E0301",
-                        format!("`{}`: {}", self.decl.name.name, message.value),
-                        cond.span,
-                        "",
-                    );
+                    let d = Diagnostic::error("E0301", format!("`{}`: {}", self.decl.name.name, message.value), cond.span, "");
                     self.blame(d, cond);
                 }
                 Some(v) => {
-                    let d = Diagnostic::error("E0601", format!("`require` needs a bool, found {} `{v}`", v.type_name()), cond.span, "not a bool");
+                    let d = Diagnostic::error(
+                        "E0601",
+                        format!("`require` needs a bool, found {} `{v}`", v.type_name()),
+                        cond.span,
+                        "not a bool",
+                    );
                     self.diags.push(d);
                 }
             },
-            StmtKind::If {
-                cond,
-                then_body,
-                else_body,
-            } => match self.value(cond) {
+            StmtKind::If { cond, then_body, else_body } => match self.value(cond) {
                 Some(Value::Bool(true)) => self.stmts(then_body, inst),
                 Some(Value::Bool(false)) => self.stmts(else_body, inst),
                 Some(v) => self.diags.push(Diagnostic::error(
@@ -348,13 +323,7 @@ impl Run<'_> {
                     self.heads_set = true;
                 }
             }
-            StmtKind::Weight {
-                role,
-                path,
-                shape,
-                bias,
-                shared,
-            } => {
+            StmtKind::Weight { role, path, shape, bias, shared } => {
                 let dims: Vec<Option<u64>> = shape.iter().map(|d| self.size(d, "a weight dimension")).collect();
                 let bias = match bias {
                     None => Some(false),
@@ -376,13 +345,7 @@ impl Run<'_> {
                             "declared again here",
                         ));
                     }
-                    inst.weights.push(WeightSpec {
-                        name: path.name.clone(),
-                        role: *role,
-                        shape: dims,
-                        bias,
-                        shared: *shared,
-                    });
+                    inst.weights.push(WeightSpec { name: path.name.clone(), role: *role, shape: dims, bias, shared: *shared });
                 }
             }
             StmtKind::State { name, key, value } => {
@@ -455,28 +418,17 @@ fn inline(e: &Expr, defs: &HashMap<String, Expr>) -> Expr {
         ExprKind::Name(n) => match defs.get(n) {
             Some(d) => {
                 return match d.kind {
-                    ExprKind::Binary { .. } | ExprKind::Unary { .. } => Expr {
-                        kind: ExprKind::Paren(Box::new(d.clone())),
-                        span: d.span,
-                    },
+                    ExprKind::Binary { .. } | ExprKind::Unary { .. } => Expr { kind: ExprKind::Paren(Box::new(d.clone())), span: d.span },
                     _ => d.clone(),
                 }
             }
             None => ExprKind::Name(n.clone()),
         },
-        ExprKind::Call { func, args } => ExprKind::Call {
-            func: func.clone(),
-            args: args.iter().map(|a| inline(a, defs)).collect(),
-        },
-        ExprKind::Unary { op, operand } => ExprKind::Unary {
-            op: *op,
-            operand: Box::new(inline(operand, defs)),
-        },
-        ExprKind::Binary { op, lhs, rhs } => ExprKind::Binary {
-            op: *op,
-            lhs: Box::new(inline(lhs, defs)),
-            rhs: Box::new(inline(rhs, defs)),
-        },
+        ExprKind::Call { func, args } => ExprKind::Call { func: func.clone(), args: args.iter().map(|a| inline(a, defs)).collect() },
+        ExprKind::Unary { op, operand } => ExprKind::Unary { op: *op, operand: Box::new(inline(operand, defs)) },
+        ExprKind::Binary { op, lhs, rhs } => {
+            ExprKind::Binary { op: *op, lhs: Box::new(inline(lhs, defs)), rhs: Box::new(inline(rhs, defs)) }
+        }
         ExprKind::Transpose(x) => ExprKind::Transpose(Box::new(inline(x, defs))),
         ExprKind::Paren(x) => ExprKind::Paren(Box::new(inline(x, defs))),
         other => other.clone(),

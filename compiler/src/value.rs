@@ -113,10 +113,7 @@ pub struct EvalError {
 }
 
 fn err<T>(span: Span, message: impl Into<String>) -> Result<T, EvalError> {
-    Err(EvalError {
-        span,
-        message: message.into(),
-    })
+    Err(EvalError { span, message: message.into() })
 }
 
 /// Names and their values.
@@ -226,10 +223,7 @@ fn binary(op: BinOp, lhs: &Expr, rhs: &Expr, env: &Env, span: Span) -> Result<Va
             }
             _ => {
                 let bad = if a.as_f64().is_none() { (lhs, &a) } else { (rhs, &b) };
-                err(
-                    bad.0.span,
-                    format!("`{}` needs numbers, found a {}", op.symbol(), bad.1.type_name()),
-                )
+                err(bad.0.span, format!("`{}` needs numbers, found a {}", op.symbol(), bad.1.type_name()))
             }
         },
     }

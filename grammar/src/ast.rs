@@ -320,10 +320,9 @@ impl ModelStmt {
     pub fn span(&self) -> Span {
         match self {
             ModelStmt::Assign(a) => a.span,
-            ModelStmt::Pattern { span, .. }
-            | ModelStmt::Mlp { span, .. }
-            | ModelStmt::Fla { span, .. }
-            | ModelStmt::Mixer { span, .. } => *span,
+            ModelStmt::Pattern { span, .. } | ModelStmt::Mlp { span, .. } | ModelStmt::Fla { span, .. } | ModelStmt::Mixer { span, .. } => {
+                *span
+            }
         }
     }
 }

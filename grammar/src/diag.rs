@@ -23,20 +23,12 @@ pub struct Span {
 impl Span {
     /// A span from byte offsets.
     pub fn new(file: FileId, start: usize, end: usize) -> Span {
-        Span {
-            file,
-            start: start as u32,
-            end: end as u32,
-        }
+        Span { file, start: start as u32, end: end as u32 }
     }
 
     /// The smallest span covering both (which must be in the same file).
     pub fn to(self, other: Span) -> Span {
-        Span {
-            file: self.file,
-            start: self.start.min(other.start),
-            end: self.end.max(other.end),
-        }
+        Span { file: self.file, start: self.start.min(other.start), end: self.end.max(other.end) }
     }
 }
 
@@ -62,25 +54,17 @@ impl SourceMap {
 
     /// The text of a file.
     pub fn text(&self, id: FileId) -> &str {
-        self.files
-            .get(id.0 as usize)
-            .map(|f| f.source().as_str())
-            .unwrap_or("")
+        self.files.get(id.0 as usize).map(|f| f.source().as_str()).unwrap_or("")
     }
 
     /// The name of a file as given to [`SourceMap::add`].
     pub fn name(&self, id: FileId) -> &str {
-        self.files
-            .get(id.0 as usize)
-            .map(|f| f.name().as_str())
-            .unwrap_or("")
+        self.files.get(id.0 as usize).map(|f| f.name().as_str()).unwrap_or("")
     }
 
     /// The text a span covers.
     pub fn slice(&self, span: Span) -> &str {
-        self.text(span.file)
-            .get(span.start as usize..span.end as usize)
-            .unwrap_or("")
+        self.text(span.file).get(span.start as usize..span.end as usize).unwrap_or("")
     }
 
     /// 1-based line and column of a span's start.
@@ -135,41 +119,24 @@ impl Diagnostic {
             severity: Severity::Error,
             code,
             message: message.into(),
-            labels: vec![Label {
-                span,
-                message: label.into(),
-                primary: true,
-            }],
+            labels: vec![Label { span, message: label.into(), primary: true }],
             notes: Vec::new(),
         }
     }
 
     /// A warning with a primary label.
     pub fn warning(code: &'static str, message: impl Into<String>, span: Span, label: impl Into<String>) -> Diagnostic {
-        Diagnostic {
-            severity: Severity::Warning,
-            ..Diagnostic::error(code, message, span, label)
-        }
+        Diagnostic { severity: Severity::Warning, ..Diagnostic::error(code, message, span, label) }
     }
 
     /// An error that points at no source text (e.g. a file that cannot be read).
     pub fn error_nowhere(code: &'static str, message: impl Into<String>) -> Diagnostic {
-        Diagnostic {
-            severity: Severity::Error,
-            code,
-            message: message.into(),
-            labels: Vec::new(),
-            notes: Vec::new(),
-        }
+        Diagnostic { severity: Severity::Error, code, message: message.into(), labels: Vec::new(), notes: Vec::new() }
     }
 
     /// Adds a secondary label.
     pub fn with_label(mut self, span: Span, message: impl Into<String>) -> Diagnostic {
-        self.labels.push(Label {
-            span,
-            message: message.into(),
-            primary: false,
-        });
+        self.labels.push(Label { span, message: message.into(), primary: false });
         self
     }
 
@@ -199,13 +166,8 @@ impl Diagnostic {
             .labels
             .iter()
             .map(|l| {
-                let style = if l.primary {
-                    cs::LabelStyle::Primary
-                } else {
-                    cs::LabelStyle::Secondary
-                };
-                cs::Label::new(style, l.span.file.0 as usize, l.span.start as usize..l.span.end as usize)
-                    .with_message(l.message.clone())
+                let style = if l.primary { cs::LabelStyle::Primary } else { cs::LabelStyle::Secondary };
+                cs::Label::new(style, l.span.file.0 as usize, l.span.start as usize..l.span.end as usize).with_message(l.message.clone())
             })
             .collect();
         cs::Diagnostic::new(severity)
@@ -218,11 +180,7 @@ impl Diagnostic {
 
 /// Renders diagnostics as text, in colour or not.
 pub fn render(diagnostics: &[Diagnostic], sources: &SourceMap, color: bool) -> String {
-    let mut buffer = if color {
-        termcolor::Buffer::ansi()
-    } else {
-        termcolor::Buffer::no_color()
-    };
+    let mut buffer = if color { termcolor::Buffer::ansi() } else { termcolor::Buffer::no_color() };
     let config = term::Config::default();
     for d in diagnostics {
         // Rendering only fails when a span points outside its file, which would be a bug in hlac;

@@ -10,13 +10,7 @@ use crate::ast::*;
 /// Formats a parsed file. `text` must be the source the file was parsed from (it is used to find
 /// blank lines and the positions of comments).
 pub fn format_file(file: &File, text: &str) -> String {
-    let mut p = Printer {
-        text,
-        comments: &file.comments,
-        next_comment: 0,
-        out: String::new(),
-        indent: 0,
-    };
+    let mut p = Printer { text, comments: &file.comments, next_comment: 0, out: String::new(), indent: 0 };
     for (i, item) in file.items.iter().enumerate() {
         let start = item.span().start as usize;
         if i > 0 {
@@ -206,13 +200,7 @@ impl Printer<'_> {
             StmtKind::Output { target, value } => {
                 let _ = write!(self.out, "output {} = {}", target.name, format_expr(value));
             }
-            StmtKind::Weight {
-                role,
-                path,
-                shape,
-                bias,
-                shared,
-            } => {
+            StmtKind::Weight { role, path, shape, bias, shared } => {
                 let role = match role {
                     WeightRole::Linear => "linear",
                     WeightRole::Norm => "norm",
@@ -222,20 +210,13 @@ impl Printer<'_> {
                 let dims: Vec<String> = shape.iter().map(format_expr).collect();
                 let b = match bias {
                     None => String::new(),
-                    Some(Expr {
-                        kind: ExprKind::Bool(true),
-                        ..
-                    }) => " bias".to_string(),
+                    Some(Expr { kind: ExprKind::Bool(true), .. }) => " bias".to_string(),
                     Some(cond) => format!(" bias({})", format_expr(cond)),
                 };
                 let s = if *shared { "shared " } else { "" };
                 let _ = write!(self.out, "{s}{role} {} [{}]{b}", path.name, dims.join(", "));
             }
-            StmtKind::If {
-                cond,
-                then_body,
-                else_body,
-            } => {
+            StmtKind::If { cond, then_body, else_body } => {
                 let _ = write!(self.out, "if {} ", format_expr(cond));
                 // The then-block closes at the `}` before `else` (or at the statement's end).
                 let then_close = if else_body.is_empty() {
@@ -253,10 +234,7 @@ impl Printer<'_> {
             StmtKind::Require { cond, message } => {
                 let _ = write!(self.out, "require {} else {}", format_expr(cond), quote(&message.value));
             }
-            StmtKind::Fla {
-                model_type,
-                architecture,
-            } => {
+            StmtKind::Fla { model_type, architecture } => {
                 let _ = write!(self.out, "fla {}, {}", quote(&model_type.value), quote(&architecture.value));
             }
         }
@@ -273,12 +251,7 @@ impl Printer<'_> {
                 self.out.push_str(if matches!(s, ModelStmt::Mlp { .. }) { "mlp " } else { "fla " });
                 self.lines(assigns, span.end as usize - 1, |a| a.span, |p, a| p.assign(a));
             }
-            ModelStmt::Mixer {
-                name,
-                kind,
-                assigns,
-                span,
-            } => {
+            ModelStmt::Mixer { name, kind, assigns, span } => {
                 let _ = write!(self.out, "mixer {}", name.name);
                 if let Some(k) = kind {
                     let _ = write!(self.out, " = {}", k.name);

@@ -28,23 +28,14 @@ pub fn parse(file: FileId, text: &str) -> Result<File, Diagnostic> {
         return Err(Diagnostic::error_nowhere("E0001", "empty parse"));
     };
     let cx = Cx { file };
-    let items = root
-        .into_inner()
-        .filter(|p| p.as_rule() != Rule::EOI)
-        .map(|p| cx.item(p))
-        .collect();
-    Ok(File {
-        items,
-        comments: scan_comments(file, text),
-    })
+    let items = root.into_inner().filter(|p| p.as_rule() != Rule::EOI).map(|p| cx.item(p)).collect();
+    Ok(File { items, comments: scan_comments(file, text) })
 }
 
 /// Parses a standalone expression (used by `hlac import` and tests).
 pub fn parse_expr(file: FileId, text: &str) -> Result<Expr, Diagnostic> {
     let mut pairs = HlaParser::parse(Rule::expr, text).map_err(|e| syntax_error(file, text, e))?;
-    let pair = pairs
-        .next()
-        .ok_or_else(|| Diagnostic::error_nowhere("E0001", "empty expression"))?;
+    let pair = pairs.next().ok_or_else(|| Diagnostic::error_nowhere("E0001", "empty expression"))?;
     if pair.as_span().end() != text.trim_end().len() {
         let at = pair.as_span().end();
         return Err(Diagnostic::error(
@@ -96,16 +87,8 @@ fn syntax_error(file: FileId, text: &str, e: pest::error::Error<Rule>) -> Diagno
             let mut expected: Vec<&str> = positives.iter().filter_map(|r| describe(*r)).collect();
             expected.sort_unstable();
             expected.dedup();
-            let what = if found.is_empty() {
-                "end of file".to_string()
-            } else {
-                format!("`{found}`")
-            };
-            let label = if expected.is_empty() {
-                "unexpected here".to_string()
-            } else {
-                format!("expected {}", join_or(&expected))
-            };
+            let what = if found.is_empty() { "end of file".to_string() } else { format!("`{found}`") };
+            let label = if expected.is_empty() { "unexpected here".to_string() } else { format!("expected {}", join_or(&expected)) };
             (format!("syntax error: unexpected {what}"), label)
         }
         ErrorVariant::CustomError { message } => (format!("syntax error: {message}"), String::new()),
@@ -184,10 +167,7 @@ impl Cx {
     }
 
     fn ident(&self, p: Pair<Rule>) -> Ident {
-        Ident {
-            name: p.as_str().to_string(),
-            span: self.span(&p),
-        }
+        Ident { name: p.as_str().to_string(), span: self.span(&p) }
     }
 
     fn string(&self, p: Pair<Rule>) -> StrLit {
@@ -204,11 +184,7 @@ impl Cx {
                 Item::Import(Import { path, span })
             }
             Rule::recurrence | Rule::attention => {
-                let kind = if p.as_rule() == Rule::recurrence {
-                    DeclKind::Recurrence
-                } else {
-                    DeclKind::Attention
-                };
+                let kind = if p.as_rule() == Rule::recurrence { DeclKind::Recurrence } else { DeclKind::Attention };
                 let mut inner = p.into_inner();
                 let name = self.ident(next(&mut inner));
                 let body = inner.map(|s| self.stmt(s)).collect();
@@ -220,10 +196,7 @@ impl Cx {
                 let body = inner.map(|s| self.model_stmt(s)).collect();
                 Item::Model(Model { name, body, span })
             }
-            Rule::target => Item::Target(Target {
-                assigns: p.into_inner().map(|a| self.assign(a)).collect(),
-                span,
-            }),
+            Rule::target => Item::Target(Target { assigns: p.into_inner().map(|a| self.assign(a)).collect(), span }),
             r => unreachable!("grammar produced {r:?} as an item"),
         }
     }
@@ -245,16 +218,9 @@ impl Cx {
                 };
                 let optional = ty_inner.next().is_some();
                 let default = self.expr(next(&mut inner));
-                StmtKind::Param {
-                    name,
-                    ty: TypeRef { scalar, optional },
-                    default,
-                }
+                StmtKind::Param { name, ty: TypeRef { scalar, optional }, default }
             }
-            Rule::let_stmt => StmtKind::Let {
-                name: self.ident(next(&mut inner)),
-                value: self.expr(next(&mut inner)),
-            },
+            Rule::let_stmt => StmtKind::Let { name: self.ident(next(&mut inner)), value: self.expr(next(&mut inner)) },
             Rule::heads_stmt => StmtKind::Heads(self.expr(next(&mut inner))),
             Rule::state_stmt => {
                 let name = self.ident(next(&mut inner));
@@ -264,18 +230,9 @@ impl Cx {
             }
             Rule::token_stmt => StmtKind::Token(inner.map(|t| self.token_decl(t)).collect()),
             Rule::head_stmt => StmtKind::Head(inner.map(|t| self.ident(t)).collect()),
-            Rule::def_stmt => StmtKind::Def {
-                name: self.ident(next(&mut inner)),
-                value: self.expr(next(&mut inner)),
-            },
-            Rule::update_stmt => StmtKind::Update {
-                target: self.ident(next(&mut inner)),
-                value: self.expr(next(&mut inner)),
-            },
-            Rule::output_stmt => StmtKind::Output {
-                target: self.ident(next(&mut inner)),
-                value: self.expr(next(&mut inner)),
-            },
+            Rule::def_stmt => StmtKind::Def { name: self.ident(next(&mut inner)), value: self.expr(next(&mut inner)) },
+            Rule::update_stmt => StmtKind::Update { target: self.ident(next(&mut inner)), value: self.expr(next(&mut inner)) },
+            Rule::output_stmt => StmtKind::Output { target: self.ident(next(&mut inner)), value: self.expr(next(&mut inner)) },
             Rule::weight_stmt => {
                 let mut role_pair = next(&mut inner);
                 let shared = role_pair.as_rule() == Rule::shared_flag;
@@ -295,43 +252,21 @@ impl Cx {
                     match q.as_rule() {
                         Rule::bias_flag => {
                             let span = self.span(&q);
-                            bias = Some(q.into_inner().next().map_or(
-                                Expr {
-                                    kind: ExprKind::Bool(true),
-                                    span,
-                                },
-                                |c| self.expr(c),
-                            ));
+                            bias = Some(q.into_inner().next().map_or(Expr { kind: ExprKind::Bool(true), span }, |c| self.expr(c)));
                         }
                         _ => shape.push(self.expr(q)),
                     }
                 }
-                StmtKind::Weight {
-                    role,
-                    path,
-                    shape,
-                    bias,
-                    shared,
-                }
+                StmtKind::Weight { role, path, shape, bias, shared }
             }
             Rule::if_stmt => {
                 let cond = self.expr(next(&mut inner));
                 let then_body = self.block(next(&mut inner));
                 let else_body = inner.next().map(|b| self.block(b)).unwrap_or_default();
-                StmtKind::If {
-                    cond,
-                    then_body,
-                    else_body,
-                }
+                StmtKind::If { cond, then_body, else_body }
             }
-            Rule::require_stmt => StmtKind::Require {
-                cond: self.expr(next(&mut inner)),
-                message: self.string(next(&mut inner)),
-            },
-            Rule::fla_stmt => StmtKind::Fla {
-                model_type: self.string(next(&mut inner)),
-                architecture: self.string(next(&mut inner)),
-            },
+            Rule::require_stmt => StmtKind::Require { cond: self.expr(next(&mut inner)), message: self.string(next(&mut inner)) },
+            Rule::fla_stmt => StmtKind::Fla { model_type: self.string(next(&mut inner)), architecture: self.string(next(&mut inner)) },
             r => unreachable!("grammar produced {r:?} as a statement"),
         };
         Stmt { kind, span }
@@ -343,10 +278,7 @@ impl Cx {
 
     fn state_dim(&self, p: Pair<Rule>) -> StateDim {
         let mut inner = p.into_inner();
-        StateDim {
-            name: self.ident(next(&mut inner)),
-            size: self.expr(next(&mut inner)),
-        }
+        StateDim { name: self.ident(next(&mut inner)), size: self.expr(next(&mut inner)) }
     }
 
     fn token_decl(&self, p: Pair<Rule>) -> TokenDecl {
@@ -364,18 +296,9 @@ impl Cx {
         let span = self.span(&p);
         match p.as_rule() {
             Rule::assign => ModelStmt::Assign(self.assign(p)),
-            Rule::pattern_stmt => ModelStmt::Pattern {
-                pattern: self.pattern_seq(first(p)),
-                span,
-            },
-            Rule::fla_block => ModelStmt::Fla {
-                assigns: p.into_inner().map(|a| self.assign(a)).collect(),
-                span,
-            },
-            Rule::mlp_stmt => ModelStmt::Mlp {
-                assigns: p.into_inner().map(|a| self.assign(a)).collect(),
-                span,
-            },
+            Rule::pattern_stmt => ModelStmt::Pattern { pattern: self.pattern_seq(first(p)), span },
+            Rule::fla_block => ModelStmt::Fla { assigns: p.into_inner().map(|a| self.assign(a)).collect(), span },
+            Rule::mlp_stmt => ModelStmt::Mlp { assigns: p.into_inner().map(|a| self.assign(a)).collect(), span },
             Rule::mixer_stmt => {
                 let mut name = None;
                 let mut kind = None;
@@ -387,12 +310,7 @@ impl Cx {
                         _ => assigns.push(self.assign(q)),
                     }
                 }
-                ModelStmt::Mixer {
-                    name: name.unwrap_or_else(|| unreachable!("mixer without a name")),
-                    kind,
-                    assigns,
-                    span,
-                }
+                ModelStmt::Mixer { name: name.unwrap_or_else(|| unreachable!("mixer without a name")), kind, assigns, span }
             }
             r => unreachable!("grammar produced {r:?} as a model statement"),
         }
@@ -401,19 +319,12 @@ impl Cx {
     fn assign(&self, p: Pair<Rule>) -> Assign {
         let span = self.span(&p);
         let mut inner = p.into_inner();
-        Assign {
-            name: self.ident(next(&mut inner)),
-            value: self.expr(next(&mut inner)),
-            span,
-        }
+        Assign { name: self.ident(next(&mut inner)), value: self.expr(next(&mut inner)), span }
     }
 
     fn pattern_seq(&self, p: Pair<Rule>) -> PatternSeq {
         let span = self.span(&p);
-        PatternSeq {
-            terms: p.into_inner().map(|t| self.pattern_term(t)).collect(),
-            span,
-        }
+        PatternSeq { terms: p.into_inner().map(|t| self.pattern_term(t)).collect(), span }
     }
 
     fn pattern_term(&self, p: Pair<Rule>) -> PatternTerm {
@@ -437,20 +348,11 @@ impl Cx {
             .map_prefix(|op, operand| {
                 let span = self.span(&op).to(operand.span);
                 let op = if op.as_rule() == Rule::neg { UnOp::Neg } else { UnOp::Not };
-                Expr {
-                    kind: ExprKind::Unary {
-                        op,
-                        operand: Box::new(operand),
-                    },
-                    span,
-                }
+                Expr { kind: ExprKind::Unary { op, operand: Box::new(operand) }, span }
             })
             .map_postfix(|operand, op| {
                 let span = operand.span.to(self.span(&op));
-                Expr {
-                    kind: ExprKind::Transpose(Box::new(operand)),
-                    span,
-                }
+                Expr { kind: ExprKind::Transpose(Box::new(operand)), span }
             })
             .map_infix(|lhs, op, rhs| {
                 let op = match op.as_rule() {
@@ -469,14 +371,7 @@ impl Cx {
                     _ => BinOp::Div,
                 };
                 let span = lhs.span.to(rhs.span);
-                Expr {
-                    kind: ExprKind::Binary {
-                        op,
-                        lhs: Box::new(lhs),
-                        rhs: Box::new(rhs),
-                    },
-                    span,
-                }
+                Expr { kind: ExprKind::Binary { op, lhs: Box::new(lhs), rhs: Box::new(rhs) }, span }
             })
             .parse(p.into_inner())
     }
@@ -500,10 +395,7 @@ impl Cx {
             Rule::call => {
                 let mut inner = p.into_inner();
                 let func = self.ident(next(&mut inner));
-                ExprKind::Call {
-                    func,
-                    args: inner.map(|a| self.expr(a)).collect(),
-                }
+                ExprKind::Call { func, args: inner.map(|a| self.expr(a)).collect() }
             }
             r => unreachable!("grammar produced {r:?} as a primary"),
         };
@@ -550,7 +442,10 @@ fn pratt() -> &'static PrattParser<Rule> {
             .op(Op::infix(Rule::or, Assoc::Left))
             .op(Op::infix(Rule::and, Assoc::Left))
             .op(Op::infix(Rule::eq, Assoc::Left) | Op::infix(Rule::ne, Assoc::Left))
-            .op(Op::infix(Rule::lt, Assoc::Left) | Op::infix(Rule::gt, Assoc::Left) | Op::infix(Rule::le, Assoc::Left) | Op::infix(Rule::ge, Assoc::Left))
+            .op(Op::infix(Rule::lt, Assoc::Left)
+                | Op::infix(Rule::gt, Assoc::Left)
+                | Op::infix(Rule::le, Assoc::Left)
+                | Op::infix(Rule::ge, Assoc::Left))
             .op(Op::infix(Rule::add, Assoc::Left) | Op::infix(Rule::sub, Assoc::Left))
             .op(Op::infix(Rule::mul, Assoc::Left) | Op::infix(Rule::div, Assoc::Left) | Op::infix(Rule::rem, Assoc::Left))
             .op(Op::prefix(Rule::neg) | Op::prefix(Rule::not))
@@ -560,14 +455,11 @@ fn pratt() -> &'static PrattParser<Rule> {
 
 fn first(p: Pair<Rule>) -> Pair<Rule> {
     let rule = p.as_rule();
-    p.into_inner()
-        .next()
-        .unwrap_or_else(|| unreachable!("grammar rule {rule:?} always has a child"))
+    p.into_inner().next().unwrap_or_else(|| unreachable!("grammar rule {rule:?} always has a child"))
 }
 
 fn next<'a>(it: &mut pest::iterators::Pairs<'a, Rule>) -> Pair<'a, Rule> {
-    it.next()
-        .unwrap_or_else(|| unreachable!("the grammar guarantees this child"))
+    it.next().unwrap_or_else(|| unreachable!("the grammar guarantees this child"))
 }
 
 /// Finds every comment, skipping string literals, for the formatter.
@@ -588,17 +480,11 @@ fn scan_comments(file: FileId, text: &str) -> Vec<Comment> {
             i += 1;
         } else if bytes[i..].starts_with(b"//") {
             let end = text[i..].find('\n').map_or(text.len(), |n| i + n);
-            out.push(Comment {
-                text: text[i..end].trim_end().to_string(),
-                span: Span::new(file, i, end),
-            });
+            out.push(Comment { text: text[i..end].trim_end().to_string(), span: Span::new(file, i, end) });
             i = end;
         } else if bytes[i..].starts_with(b"/*") {
             let end = text[i + 2..].find("*/").map_or(text.len(), |n| i + 2 + n + 2);
-            out.push(Comment {
-                text: text[i..end].to_string(),
-                span: Span::new(file, i, end),
-            });
+            out.push(Comment { text: text[i..end].to_string(), span: Span::new(file, i, end) });
             i = end;
         } else {
             i += 1;

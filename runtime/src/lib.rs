@@ -6,4 +6,6 @@
 
 mod manifest;
 
-pub use manifest::{Artifact, ArtifactError, LayerInfo, Manifest, MixerInfo, ModelInfo, TargetInfo, TensorInfo, FORMAT_VERSION, MANIFEST_FILE};
+pub use manifest::{
+    Artifact, ArtifactError, LayerInfo, Manifest, MixerInfo, ModelInfo, TargetInfo, TensorInfo, FORMAT_VERSION, MANIFEST_FILE,
+};

@@ -168,11 +168,7 @@ impl Artifact {
         if let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(&text) {
             if let Some(found) = map.get("format").and_then(serde_json::Value::as_u64) {
                 if found != u64::from(FORMAT_VERSION) {
-                    return Err(ArtifactError::Version {
-                        path,
-                        found: u32::try_from(found).unwrap_or(u32::MAX),
-                        expected: FORMAT_VERSION,
-                    });
+                    return Err(ArtifactError::Version { path, found: u32::try_from(found).unwrap_or(u32::MAX), expected: FORMAT_VERSION });
                 }
             }
         }

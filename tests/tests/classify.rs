@@ -55,7 +55,8 @@ fn the_six_mixers_classify_as_design_md_says() {
 #[test]
 fn parameters_change_the_class_where_the_math_says_so() {
     // DeltaNet without beta writes with strength 1, and allow_neg_eigval doubles beta.
-    let spec = "model m {\n  hidden_size = 256\n  pattern = DeltaNet\n  mixer DeltaNet {\n    num_heads = 4\n    use_beta = false\n  }\n}\n";
+    let spec =
+        "model m {\n  hidden_size = 256\n  pattern = DeltaNet\n  mixer DeltaNet {\n    num_heads = 4\n    use_beta = false\n  }\n}\n";
     let c = class_of(spec, "DeltaNet");
     assert!(c.delta_rule);
     assert_eq!(c.beta.as_deref(), Some("1"));

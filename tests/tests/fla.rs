@@ -12,10 +12,22 @@ fn fixture(name: &str) -> Value {
 
 /// Every stored config, plus the two pure models whose configs are derived from their hybrids.
 fn configs() -> Vec<(String, Value)> {
-    let mut out: Vec<(String, Value)> = ["delta-pure", "delta-r3", "gdn-pure", "gdn-r3", "gla-pure", "gla-r3", "hgrn-pure", "hgrn-r3", "hgrn2-r3", "retnet-r3", "transformer"]
-        .iter()
-        .map(|n| (n.to_string(), fixture(&format!("{n}.json"))))
-        .collect();
+    let mut out: Vec<(String, Value)> = [
+        "delta-pure",
+        "delta-r3",
+        "gdn-pure",
+        "gdn-r3",
+        "gla-pure",
+        "gla-r3",
+        "hgrn-pure",
+        "hgrn-r3",
+        "hgrn2-r3",
+        "retnet-r3",
+        "transformer",
+    ]
+    .iter()
+    .map(|n| (n.to_string(), fixture(&format!("{n}.json"))))
+    .collect();
     for (pure, hybrid) in [("hgrn2-pure", "hgrn2-r3"), ("retnet-pure", "retnet-r3")] {
         let mut c = fixture(&format!("{hybrid}.json"));
         c["attn"] = Value::Null;
@@ -53,7 +65,8 @@ fn imported_specs_are_pinned() {
 
 #[test]
 fn tensors_match_fla_state_dicts_in_name_shape_and_order() {
-    let shapes: BTreeMap<String, serde_json::Map<String, Value>> = serde_json::from_value(fixture("state_dict_shapes.json")).expect("shapes");
+    let shapes: BTreeMap<String, serde_json::Map<String, Value>> =
+        serde_json::from_value(fixture("state_dict_shapes.json")).expect("shapes");
     let configs = configs();
     assert_eq!(shapes.len(), configs.len(), "a config for every stored state dict");
     for (name, config) in configs {
@@ -61,10 +74,8 @@ fn tensors_match_fla_state_dicts_in_name_shape_and_order() {
         let c = compile_text(&imported.text);
         let model = c.model.unwrap_or_else(|| panic!("{name} does not check"));
         let ours: Vec<(String, Vec<u64>)> = model.tensors.iter().map(|(_, t)| (t.name.clone(), t.shape.clone())).collect();
-        let theirs: Vec<(String, Vec<u64>)> = shapes[&name]
-            .iter()
-            .map(|(k, v)| (k.clone(), serde_json::from_value(v.clone()).expect("shape")))
-            .collect();
+        let theirs: Vec<(String, Vec<u64>)> =
+            shapes[&name].iter().map(|(k, v)| (k.clone(), serde_json::from_value(v.clone()).expect("shape"))).collect();
         assert_eq!(ours, theirs, "{name}");
     }
 }
@@ -104,6 +115,6 @@ fn export_refuses_models_fla_cannot_express() {
     let text = "model m {\n  hidden_size = 256\n  pattern = GLA, GDN\n}\n";
     let c = compile_text(text);
     let model = c.model.expect("checks");
-    let err = hlac::hf::export(&model).err().expect("two linear mixers");
+    let err = hlac::hf::export(&model).expect_err("two linear mixers");
     assert!(err.to_string().contains("one linear mixer"), "{err}");
 }

@@ -35,14 +35,17 @@ fn specs_fall_in_the_papers_size_classes() {
 
 #[test]
 fn hybrid_specs_close_each_group_with_attention() {
-    for (ratio, attention_layers) in [("r3", vec![3, 7, 11, 15, 19, 23]), ("r6", vec![6, 13, 20, 23]), ("r12", vec![12, 23]), ("r24", vec![23]), ("pure", vec![])] {
+    for (ratio, attention_layers) in
+        [("r3", vec![3, 7, 11, 15, 19, 23]), ("r6", vec![6, 13, 20, 23]), ("r12", vec![12, 23]), ("r24", vec![23]), ("pure", vec![])]
+    {
         for mixer in ["gla", "hgrn", "hgrn2", "retnet", "deltanet", "gdn"] {
             for size in ["340m", "1.3b"] {
                 let path = std::path::PathBuf::from(format!("specs/{mixer}-{ratio}-{size}.hla"));
                 let c = compile_rel(&path);
                 let model = c.model.unwrap_or_else(|| panic!("{} does not check", path.display()));
                 assert_eq!(model.config.num_hidden_layers, 24);
-                let attn: Vec<u64> = model.layers.iter().filter(|(_, l)| model.mixers[l.mixer].class.is_none()).map(|(_, l)| l.index).collect();
+                let attn: Vec<u64> =
+                    model.layers.iter().filter(|(_, l)| model.mixers[l.mixer].class.is_none()).map(|(_, l)| l.index).collect();
                 assert_eq!(attn, attention_layers, "{}", path.display());
             }
         }
@@ -63,7 +66,8 @@ fn specs_are_canonically_formatted_and_formatting_is_idempotent() {
         };
         let once = hlac_grammar::fmt::format_file(&file, &text);
         assert_eq!(once, text, "{} is not in canonical layout (run hlac fmt)", path.display());
-        let again = hlac_grammar::fmt::format_file(&hlac_grammar::parse(hlac_grammar::FileId(0), &once).expect("formatted text parses"), &once);
+        let again =
+            hlac_grammar::fmt::format_file(&hlac_grammar::parse(hlac_grammar::FileId(0), &once).expect("formatted text parses"), &once);
         assert_eq!(again, once, "formatting {} twice changes it", path.display());
     }
 }
