@@ -57,6 +57,7 @@ fn specs_are_canonically_formatted_and_formatting_is_idempotent() {
     let mut files = hla_files("specs");
     files.extend(hla_files("specs/errors"));
     files.extend(hla_files("specs/errors/lib"));
+    files.extend(hla_files("examples"));
     files.push(hlac_tests::root().join("compiler/prelude/prelude.hla"));
     for path in files {
         let text = std::fs::read_to_string(&path).expect("readable");
@@ -80,4 +81,14 @@ fn fmt_canonicalises_messy_layout_and_keeps_comments() {
     insta::assert_snapshot!(once);
     let again = hlac_grammar::fmt::format_file(&hlac_grammar::parse(hlac_grammar::FileId(0), &once).expect("parses"), &once);
     assert_eq!(again, once);
+}
+
+#[test]
+fn examples_check() {
+    let examples = hla_files("examples");
+    assert!(!examples.is_empty());
+    for path in examples {
+        let c = compile_rel(&rel(&path));
+        assert!(!c.failed(), "{} does not check:\n{}", path.display(), c.render(false));
+    }
 }
