@@ -6,8 +6,7 @@
 use std::collections::HashMap;
 
 use hlac_grammar::ast::{
-    Assign, Decl, DeclKind, ExprKind, Item, Model as AstModel, ModelStmt, PatternAtom, PatternSeq, StmtKind, Target as AstTarget,
-    WeightRole,
+    Assign, Decl, DeclKind, ExprKind, Item, Model as AstModel, ModelStmt, PatternAtom, PatternSeq, Target as AstTarget, WeightRole,
 };
 use hlac_grammar::{Diagnostic, Span};
 
@@ -692,9 +691,4 @@ fn lay_out(
         globals.push(tensor(&mut tensors, "lm_head.weight".into(), vec![config.vocab_size, h], Role::Linear));
     }
     Model { name, config, target, mixers, layers, tensors, globals }
-}
-
-/// Whether any statement of a declaration is math (used to tell recurrences without math apart).
-pub fn has_math(decl: &Decl) -> bool {
-    decl.body.iter().any(|s| matches!(s.kind, StmtKind::State { .. }))
 }

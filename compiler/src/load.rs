@@ -69,7 +69,7 @@ pub fn load(input: Input<'_>, sources: &mut SourceMap) -> (Option<Loaded>, Vec<D
         },
         Input::Text { name, text, dir } => (name.to_string(), text.to_string(), dir.to_path_buf(), None),
     };
-    let root = sources.add(root_name, root_text.clone());
+    let root = sources.add(root_name.clone(), root_text.clone());
     let mut loader = Loader { sources, files: &mut files, diags: &mut diags, stack: Vec::new(), done: Vec::new() };
     let parsed = match hlac_grammar::parse(root, &root_text) {
         Ok(f) => f,
@@ -79,7 +79,13 @@ pub fn load(input: Input<'_>, sources: &mut SourceMap) -> (Option<Loaded>, Vec<D
         }
     };
     loader.stack.push(canonical.clone().unwrap_or_default());
-    loader.imports(&parsed, &dir, &dir);
+    // Diagnostics show import paths relative to the root as the user named it, not the directory
+    // the files were found in (which may be absolute).
+    let shown = match Path::new(&root_name).parent() {
+        Some(p) if !root_name.starts_with('<') => p.to_path_buf(),
+        _ => dir.clone(),
+    };
+    loader.imports(&parsed, &dir, &shown);
     files.push((root, parsed));
     (Some(Loaded { files, root }), diags)
 }
