@@ -4,6 +4,8 @@
 //! **Architecture invariant:** this crate never depends on the compiler or on LLVM; an application
 //! that links it gets only what it needs to run a compiled model.
 
+pub mod cpu;
+pub mod kir;
 mod manifest;
 
 pub use manifest::{

@@ -1,0 +1,959 @@
+//! Kernel IR → native code through Cranelift, at load time. Every tile lives in a per-thread
+//! scratch buffer at an offset fixed at compile time; every tile operation becomes a loop nest over
+//! its elements (f32, i64, or one byte per bool). Scalars stay in registers. `reshape` aliases its
+//! operand's storage (tiles are immutable), and a loop's results alias its carried storage.
+//! Transcendentals call small Rust functions registered with the JIT.
+//!
+//! The compiled function has the C signature `fn(args: *const u64, pid: *const i64, scratch: *mut u8)`:
+//! `args[2i]` is parameter `i` (an address or an integer) and `args[2i + 1]` the element count of a
+//! pointer parameter's buffer; `pid` holds the instance's grid coordinates. Every load and store is
+//! bounds-checked against that count: an access outside it is skipped and recorded in the first
+//! eight bytes of scratch (as 1 + the parameter index), which the launcher turns into an error —
+//! so a wrong kernel can never touch memory it was not given.
+
+use std::collections::HashMap;
+
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
+use cranelift_codegen::ir::{types, AbiParam, Block as ClBlock, FuncRef, InstBuilder, MemFlagsData, Type, Value as ClValue};
+use cranelift_codegen::settings::{self, Configurable};
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
+use cranelift_jit::{JITBuilder, JITModule};
+use cranelift_module::{default_libcall_names, FuncId, Linkage, Module};
+
+use crate::kir::{BinOp, Block, CmpOp, Const, DType, Op, Program, ReduceOp, Ty, UnOp, Value};
+
+/// Why a program could not be compiled for the CPU.
+#[derive(Debug, thiserror::Error)]
+pub enum CodegenError {
+    /// The program failed verification (a bug in hlac).
+    #[error(transparent)]
+    Invalid(#[from] crate::kir::verify::VerifyError),
+    /// The program uses something the CPU back end does not implement.
+    #[error("kernel `{kernel}`: {what} is not supported by the cpu back end")]
+    Unsupported {
+        /// The kernel.
+        kernel: String,
+        /// What.
+        what: String,
+    },
+    /// Cranelift refused the generated code (a bug in hlac).
+    #[error("this is a bug in hlac: Cranelift rejected kernel `{kernel}`: {message}")]
+    Cranelift {
+        /// The kernel.
+        kernel: String,
+        /// Cranelift's message.
+        message: String,
+    },
+}
+
+extern "C" fn hlac_expf(x: f32) -> f32 {
+    x.exp()
+}
+extern "C" fn hlac_logf(x: f32) -> f32 {
+    x.ln()
+}
+extern "C" fn hlac_log1pf(x: f32) -> f32 {
+    x.ln_1p()
+}
+extern "C" fn hlac_tanhf(x: f32) -> f32 {
+    x.tanh()
+}
+extern "C" fn hlac_powf(x: f32, y: f32) -> f32 {
+    x.powf(y)
+}
+
+const UNARY_LIBM: [(&str, extern "C" fn(f32) -> f32); 4] =
+    [("hlac_expf", hlac_expf), ("hlac_logf", hlac_logf), ("hlac_log1pf", hlac_log1pf), ("hlac_tanhf", hlac_tanhf)];
+
+/// A JIT module holding compiled kernels.
+pub struct Jit {
+    module: JITModule,
+    libm: HashMap<&'static str, FuncId>,
+}
+
+/// A compiled kernel: its entry point and scratch size.
+pub struct Compiled {
+    /// Address of the compiled function.
+    pub entry: *const u8,
+    /// Bytes of scratch each instance needs.
+    pub scratch_bytes: usize,
+}
+
+impl Jit {
+    /// A JIT for the host CPU.
+    pub fn new() -> Result<Jit, CodegenError> {
+        let fail = |message: String| CodegenError::Cranelift { kernel: String::new(), message };
+        let mut flags = settings::builder();
+        flags.set("use_colocated_libcalls", "false").map_err(|e| fail(e.to_string()))?;
+        flags.set("is_pic", "false").map_err(|e| fail(e.to_string()))?;
+        flags.set("opt_level", "speed").map_err(|e| fail(e.to_string()))?;
+        let isa = cranelift_native::builder()
+            .map_err(|e| fail(e.to_string()))?
+            .finish(settings::Flags::new(flags))
+            .map_err(|e| fail(e.to_string()))?;
+        let mut builder = JITBuilder::with_isa(isa, default_libcall_names());
+        for (name, f) in UNARY_LIBM {
+            builder.symbol(name, f as *const u8);
+        }
+        builder.symbol("hlac_powf", hlac_powf as *const u8);
+        let mut module = JITModule::new(builder);
+        let mut libm = HashMap::new();
+        for (name, arity) in UNARY_LIBM.iter().map(|(n, _)| (*n, 1)).chain([("hlac_powf", 2)]) {
+            let mut sig = module.make_signature();
+            for _ in 0..arity {
+                sig.params.push(AbiParam::new(types::F32));
+            }
+            sig.returns.push(AbiParam::new(types::F32));
+            let id = module.declare_function(name, Linkage::Import, &sig).map_err(|e| fail(e.to_string()))?;
+            libm.insert(name, id);
+        }
+        Ok(Jit { module, libm })
+    }
+
+    /// Compiles one verified program.
+    pub fn compile(&mut self, program: &Program) -> Result<Compiled, CodegenError> {
+        crate::kir::verify(program)?;
+        let fail = |message: String| CodegenError::Cranelift { kernel: program.name.clone(), message };
+        let ptr = self.module.target_config().pointer_type();
+        let mut sig = self.module.make_signature();
+        for _ in 0..3 {
+            sig.params.push(AbiParam::new(ptr));
+        }
+        let id = self.module.declare_anonymous_function(&sig).map_err(|e| fail(e.to_string()))?;
+        let mut ctx = self.module.make_context();
+        ctx.func.signature = sig;
+        let mut fctx = FunctionBuilderContext::new();
+        let scratch_bytes;
+        {
+            let mut fb = FunctionBuilder::new(&mut ctx.func, &mut fctx);
+            let mut funcs = HashMap::new();
+            for (name, fid) in &self.libm {
+                funcs.insert(*name, self.module.declare_func_in_func(*fid, fb.func));
+            }
+            let entry = fb.create_block();
+            fb.append_block_params_for_function_params(entry);
+            fb.switch_to_block(entry);
+            let params = fb.block_params(entry).to_vec();
+            let mut g = Gen {
+                p: program,
+                fb,
+                funcs,
+                args: params[0],
+                pid: params[1],
+                scratch: params[2],
+                slots: HashMap::new(),
+                scalars: HashMap::new(),
+                // The first 64 bytes hold the out-of-bounds error word.
+                next_slot: 64,
+            };
+            g.block(&program.body)?;
+            g.fb.ins().return_(&[]);
+            g.fb.seal_all_blocks();
+            scratch_bytes = g.next_slot as usize;
+            g.fb.finalize(self.module.target_config());
+        }
+        self.module.define_function(id, &mut ctx).map_err(|e| fail(format!("{e:?}")))?;
+        self.module.clear_context(&mut ctx);
+        self.module.finalize_definitions().map_err(|e| fail(e.to_string()))?;
+        Ok(Compiled { entry: self.module.get_finalized_function(id), scratch_bytes })
+    }
+}
+
+/// Computes one element of an elementwise result from its operands' elements.
+type ElemFn<'f, G> = dyn FnMut(&mut G, &[ClValue]) -> Result<ClValue, CodegenError> + 'f;
+/// The body of a loop nest: the flat index and the per-axis indices.
+type NestFn<'f, G> = dyn FnMut(&mut G, ClValue, &[ClValue]) -> Result<(), CodegenError> + 'f;
+
+/// A memory access through a pointer parameter.
+#[derive(Clone, Copy)]
+enum Access {
+    /// A load, with the value to use where it is masked off or out of bounds.
+    Load(ClValue),
+    /// A store of this value.
+    Store(ClValue),
+}
+
+/// How a scalar is held: an SSA value, or a variable (loop indices and carried scalars).
+#[derive(Clone, Copy)]
+enum Scalar {
+    Val(ClValue),
+    Var(Variable),
+}
+
+struct Gen<'a> {
+    p: &'a Program,
+    fb: FunctionBuilder<'a>,
+    funcs: HashMap<&'static str, FuncRef>,
+    args: ClValue,
+    pid: ClValue,
+    scratch: ClValue,
+    /// Scratch offset of every tile.
+    slots: HashMap<Value, u64>,
+    scalars: HashMap<Value, Scalar>,
+    next_slot: u64,
+}
+
+fn mem() -> MemFlagsData {
+    MemFlagsData::trusted()
+}
+
+impl Gen<'_> {
+    fn unsupported(&self, what: impl Into<String>) -> CodegenError {
+        CodegenError::Unsupported { kernel: self.p.name.clone(), what: what.into() }
+    }
+
+    fn cl_type(&self, d: DType) -> Result<Type, CodegenError> {
+        match d {
+            DType::F32 => Ok(types::F32),
+            DType::I64 => Ok(types::I64),
+            DType::Bool => Ok(types::I8),
+            other => Err(self.unsupported(format!("element type {}", other.name()))),
+        }
+    }
+
+    fn ty(&self, v: Value) -> &Ty {
+        self.p.ty(v)
+    }
+
+    fn alloc(&mut self, v: Value) -> u64 {
+        let ty = self.ty(v).clone();
+        let bytes = ty.numel() * self.elem_bytes(ty.dtype) as u64;
+        let at = self.next_slot;
+        // 64-byte alignment keeps every tile on its own cache lines.
+        self.next_slot += bytes.div_ceil(64) * 64;
+        self.slots.insert(v, at);
+        at
+    }
+
+    fn elem_bytes(&self, d: DType) -> i64 {
+        match d {
+            DType::Bool => 1,
+            DType::I64 => 8,
+            _ => 4,
+        }
+    }
+
+    /// Address of element `i` (an i64 value) of tile `v`.
+    fn addr(&mut self, v: Value, i: ClValue) -> ClValue {
+        let base = self.slots.get(&v).copied().unwrap_or(0) as i64;
+        let size = self.elem_bytes(self.ty(v).dtype);
+        let off = self.fb.ins().imul_imm_s(i, size);
+        let off = self.fb.ins().iadd_imm_s(off, base);
+        self.fb.ins().iadd(self.scratch, off)
+    }
+
+    fn read(&mut self, v: Value, i: ClValue) -> Result<ClValue, CodegenError> {
+        if self.ty(v).is_scalar() {
+            return self.scalar(v);
+        }
+        let t = self.cl_type(self.ty(v).dtype)?;
+        let a = self.addr(v, i);
+        Ok(self.fb.ins().load(t, mem(), a, 0))
+    }
+
+    fn write(&mut self, v: Value, i: ClValue, x: ClValue) {
+        let a = self.addr(v, i);
+        self.fb.ins().store(mem(), x, a, 0);
+    }
+
+    fn scalar(&mut self, v: Value) -> Result<ClValue, CodegenError> {
+        match self.scalars.get(&v) {
+            Some(Scalar::Val(x)) => Ok(*x),
+            Some(Scalar::Var(var)) => Ok(self.fb.use_var(*var)),
+            None => Err(CodegenError::Cranelift { kernel: self.p.name.clone(), message: format!("scalar {v} has no value") }),
+        }
+    }
+
+    /// Emits `for i in 0..n { body(i) }` with `n` a compile-time count.
+    fn repeat(&mut self, n: u64, mut body: impl FnMut(&mut Self, ClValue) -> Result<(), CodegenError>) -> Result<(), CodegenError> {
+        let lo = self.fb.ins().iconst(types::I64, 0);
+        let hi = self.fb.ins().iconst(types::I64, n as i64);
+        self.counted(lo, hi, 1, &mut body)
+    }
+
+    /// Emits a counted loop from `lo` to `hi` (exclusive) with a constant step.
+    fn counted(
+        &mut self,
+        lo: ClValue,
+        hi: ClValue,
+        step: i64,
+        body: &mut dyn FnMut(&mut Self, ClValue) -> Result<(), CodegenError>,
+    ) -> Result<(), CodegenError> {
+        let header = self.fb.create_block();
+        let inner = self.fb.create_block();
+        let exit = self.fb.create_block();
+        self.fb.append_block_param(header, types::I64);
+        self.fb.ins().jump(header, &[lo.into()]);
+        self.fb.switch_to_block(header);
+        let i = self.fb.block_params(header)[0];
+        let go = self.fb.ins().icmp(IntCC::SignedLessThan, i, hi);
+        self.fb.ins().brif(go, inner, &[], exit, &[]);
+        self.fb.switch_to_block(inner);
+        body(self, i)?;
+        let next = self.fb.ins().iadd_imm_s(i, step);
+        self.fb.ins().jump(header, &[next.into()]);
+        self.fb.switch_to_block(exit);
+        Ok(())
+    }
+
+    fn call(&mut self, name: &'static str, args: &[ClValue]) -> ClValue {
+        let f = self.funcs[name];
+        let call = self.fb.ins().call(f, args);
+        self.fb.inst_results(call)[0]
+    }
+
+    fn block(&mut self, b: &Block) -> Result<(), CodegenError> {
+        for inst in &b.insts {
+            self.inst(inst)?;
+        }
+        Ok(())
+    }
+
+    fn unary(&mut self, op: UnOp, d: DType, x: ClValue) -> Result<ClValue, CodegenError> {
+        Ok(match (op, d) {
+            (UnOp::Neg, DType::I64) => self.fb.ins().ineg(x),
+            (UnOp::Abs, DType::I64) => self.fb.ins().iabs(x),
+            (UnOp::Not, DType::Bool) => {
+                let one = self.fb.ins().iconst(types::I8, 1);
+                self.fb.ins().bxor(x, one)
+            }
+            (_, DType::F32) => match op {
+                UnOp::Neg => self.fb.ins().fneg(x),
+                UnOp::Abs => self.fb.ins().fabs(x),
+                UnOp::Sqrt => self.fb.ins().sqrt(x),
+                UnOp::Rsqrt => {
+                    let r = self.fb.ins().sqrt(x);
+                    let one = self.fb.ins().f32const(1.0);
+                    self.fb.ins().fdiv(one, r)
+                }
+                UnOp::Exp => self.call("hlac_expf", &[x]),
+                UnOp::Log => self.call("hlac_logf", &[x]),
+                UnOp::Tanh => self.call("hlac_tanhf", &[x]),
+                UnOp::Sigmoid => {
+                    let n = self.fb.ins().fneg(x);
+                    let e = self.call("hlac_expf", &[n]);
+                    let one = self.fb.ins().f32const(1.0);
+                    let d = self.fb.ins().fadd(one, e);
+                    self.fb.ins().fdiv(one, d)
+                }
+                UnOp::Silu => {
+                    let n = self.fb.ins().fneg(x);
+                    let e = self.call("hlac_expf", &[n]);
+                    let one = self.fb.ins().f32const(1.0);
+                    let d = self.fb.ins().fadd(one, e);
+                    self.fb.ins().fdiv(x, d)
+                }
+                // log σ(x) = min(x, 0) − log1p(e^{−|x|}) and softplus(x) = max(x, 0) + log1p(e^{−|x|}):
+                // both exact and overflow-free for any x.
+                UnOp::LogSigmoid | UnOp::Softplus => {
+                    let a = self.fb.ins().fabs(x);
+                    let n = self.fb.ins().fneg(a);
+                    let e = self.call("hlac_expf", &[n]);
+                    let l = self.call("hlac_log1pf", &[e]);
+                    let zero = self.fb.ins().f32const(0.0);
+                    if op == UnOp::LogSigmoid {
+                        let m = self.fb.ins().fmin(x, zero);
+                        self.fb.ins().fsub(m, l)
+                    } else {
+                        let m = self.fb.ins().fmax(x, zero);
+                        self.fb.ins().fadd(m, l)
+                    }
+                }
+                UnOp::Not => return Err(self.unsupported("`not` on floats")),
+            },
+            _ => return Err(self.unsupported(format!("{op:?} on {}", d.name()))),
+        })
+    }
+
+    fn binary(&mut self, op: BinOp, d: DType, a: ClValue, b: ClValue) -> Result<ClValue, CodegenError> {
+        let i = self.fb.ins();
+        Ok(match (d, op) {
+            (DType::F32, BinOp::Add) => i.fadd(a, b),
+            (DType::F32, BinOp::Sub) => i.fsub(a, b),
+            (DType::F32, BinOp::Mul) => i.fmul(a, b),
+            (DType::F32, BinOp::Div) => i.fdiv(a, b),
+            (DType::F32, BinOp::Max) => i.fmax(a, b),
+            (DType::F32, BinOp::Min) => i.fmin(a, b),
+            (DType::F32, BinOp::Pow) => self.call("hlac_powf", &[a, b]),
+            (DType::I64, BinOp::Add) => i.iadd(a, b),
+            (DType::I64, BinOp::Sub) => i.isub(a, b),
+            (DType::I64, BinOp::Mul) => i.imul(a, b),
+            (DType::I64, BinOp::Div) => i.sdiv(a, b),
+            (DType::I64, BinOp::Rem) => i.srem(a, b),
+            (DType::I64, BinOp::Max) => i.smax(a, b),
+            (DType::I64, BinOp::Min) => i.smin(a, b),
+            (DType::Bool, BinOp::And) => i.band(a, b),
+            (DType::Bool, BinOp::Or) => i.bor(a, b),
+            _ => return Err(self.unsupported(format!("{op:?} on {}", d.name()))),
+        })
+    }
+
+    fn compare(&mut self, op: CmpOp, d: DType, a: ClValue, b: ClValue) -> ClValue {
+        if d == DType::F32 {
+            let cc = match op {
+                CmpOp::Lt => FloatCC::LessThan,
+                CmpOp::Le => FloatCC::LessThanOrEqual,
+                CmpOp::Gt => FloatCC::GreaterThan,
+                CmpOp::Ge => FloatCC::GreaterThanOrEqual,
+                CmpOp::Eq => FloatCC::Equal,
+                CmpOp::Ne => FloatCC::NotEqual,
+            };
+            self.fb.ins().fcmp(cc, a, b)
+        } else {
+            let cc = match op {
+                CmpOp::Lt => IntCC::SignedLessThan,
+                CmpOp::Le => IntCC::SignedLessThanOrEqual,
+                CmpOp::Gt => IntCC::SignedGreaterThan,
+                CmpOp::Ge => IntCC::SignedGreaterThanOrEqual,
+                CmpOp::Eq => IntCC::Equal,
+                CmpOp::Ne => IntCC::NotEqual,
+            };
+            self.fb.ins().icmp(cc, a, b)
+        }
+    }
+
+    fn convert(&mut self, x: ClValue, from: DType, to: DType) -> Result<ClValue, CodegenError> {
+        let i = self.fb.ins();
+        Ok(match (from, to) {
+            (a, b) if a == b => x,
+            (DType::I64, DType::F32) => i.fcvt_from_sint(types::F32, x),
+            (DType::F32, DType::I64) => i.fcvt_to_sint_sat(types::I64, x),
+            (DType::Bool, DType::I64) => i.uextend(types::I64, x),
+            (DType::Bool, DType::F32) => {
+                let w = i.uextend(types::I64, x);
+                self.fb.ins().fcvt_from_sint(types::F32, w)
+            }
+            (DType::I64, DType::Bool) => i.icmp_imm_s(IntCC::NotEqual, x, 0),
+            (DType::F32, DType::Bool) => {
+                let z = i.f32const(0.0);
+                self.fb.ins().fcmp(FloatCC::NotEqual, x, z)
+            }
+            _ => return Err(self.unsupported(format!("cast from {} to {}", from.name(), to.name()))),
+        })
+    }
+
+    /// Emits an elementwise operation over `out` whose element `i` is `f(operands at i)`.
+    fn elementwise(&mut self, out: Value, operands: &[Value], f: &mut ElemFn<'_, Self>) -> Result<(), CodegenError> {
+        if self.ty(out).is_scalar() {
+            let xs: Vec<ClValue> = operands.iter().map(|o| self.scalar(*o)).collect::<Result<_, _>>()?;
+            let r = f(self, &xs)?;
+            self.scalars.insert(out, Scalar::Val(r));
+            return Ok(());
+        }
+        self.alloc(out);
+        let n = self.ty(out).numel();
+        self.repeat(n, |g, i| {
+            let xs: Vec<ClValue> = operands.iter().map(|o| g.read(*o, i)).collect::<Result<_, _>>()?;
+            let r = f(g, &xs)?;
+            g.write(out, i, r);
+            Ok(())
+        })
+    }
+
+    fn copy(&mut self, from: Value, to: Value) -> Result<(), CodegenError> {
+        if self.slots.get(&from) == self.slots.get(&to) {
+            return Ok(());
+        }
+        let n = self.ty(to).numel();
+        self.repeat(n, |g, i| {
+            let x = g.read(from, i)?;
+            g.write(to, i, x);
+            Ok(())
+        })
+    }
+
+    /// Row-major strides of a shape.
+    fn strides(shape: &[u32]) -> Vec<i64> {
+        let mut s = vec![1i64; shape.len()];
+        for k in (0..shape.len().saturating_sub(1)).rev() {
+            s[k] = s[k + 1] * i64::from(shape[k + 1]);
+        }
+        s
+    }
+
+    /// Emits nested loops over `shape`, calling `body` with the flat index and the per-axis indices.
+    fn nest(&mut self, shape: &[u32], body: &mut NestFn<'_, Self>) -> Result<(), CodegenError> {
+        self.nest_from(shape, &mut Vec::new(), body)
+    }
+
+    fn nest_from(&mut self, shape: &[u32], idx: &mut Vec<ClValue>, body: &mut NestFn<'_, Self>) -> Result<(), CodegenError> {
+        if idx.len() == shape.len() {
+            let strides = Self::strides(shape);
+            let mut flat = self.fb.ins().iconst(types::I64, 0);
+            for (k, i) in idx.iter().enumerate() {
+                let t = self.fb.ins().imul_imm_s(*i, strides[k]);
+                flat = self.fb.ins().iadd(flat, t);
+            }
+            let ids = idx.clone();
+            return body(self, flat, &ids);
+        }
+        let n = shape[idx.len()];
+        self.repeat(u64::from(n), |g, i| {
+            idx.push(i);
+            let r = g.nest_from(shape, idx, body);
+            idx.pop();
+            r
+        })
+    }
+
+    fn inst(&mut self, inst: &crate::kir::Inst) -> Result<(), CodegenError> {
+        let out = inst.results.first().copied();
+        let res = || out.ok_or_else(|| CodegenError::Unsupported { kernel: String::new(), what: "an instruction without a result".into() });
+        match &inst.op {
+            Op::ProgramId(a) => {
+                let x = self.fb.ins().load(types::I64, mem(), self.pid, i32::from(*a) * 8);
+                self.scalars.insert(res()?, Scalar::Val(x));
+            }
+            Op::Param(i) => {
+                let x = self.fb.ins().load(types::I64, mem(), self.args, (*i as i32) * 16);
+                self.scalars.insert(res()?, Scalar::Val(x));
+            }
+            Op::Const(c) => {
+                let x = match c {
+                    Const::Float(f) => self.fb.ins().f32const(*f as f32),
+                    Const::Int(i) => self.fb.ins().iconst(types::I64, *i),
+                    Const::Bool(b) => self.fb.ins().iconst(types::I8, i64::from(*b)),
+                };
+                self.scalars.insert(res()?, Scalar::Val(x));
+            }
+            Op::Iota(n) => {
+                let out = res()?;
+                self.alloc(out);
+                self.repeat(u64::from(*n), |g, i| {
+                    g.write(out, i, i);
+                    Ok(())
+                })?;
+            }
+            Op::Unary(op, a) => {
+                let d = self.ty(*a).dtype;
+                let (op, a) = (*op, *a);
+                self.elementwise(res()?, &[a], &mut |g, x| g.unary(op, d, x[0]))?;
+            }
+            Op::Binary(op, a, b) => {
+                let d = self.ty(*a).dtype;
+                let op = *op;
+                self.elementwise(res()?, &[*a, *b], &mut |g, x| g.binary(op, d, x[0], x[1]))?;
+            }
+            Op::Cmp(op, a, b) => {
+                let d = self.ty(*a).dtype;
+                let op = *op;
+                self.elementwise(res()?, &[*a, *b], &mut |g, x| Ok(g.compare(op, d, x[0], x[1])))?;
+            }
+            Op::Select { cond, then, otherwise } => {
+                self.elementwise(res()?, &[*cond, *then, *otherwise], &mut |g, x| Ok(g.fb.ins().select(x[0], x[1], x[2])))?;
+            }
+            Op::Cast(a, to) => {
+                let from = self.ty(*a).dtype;
+                let to = *to;
+                self.elementwise(res()?, &[*a], &mut |g, x| g.convert(x[0], from, to))?;
+            }
+            Op::Reshape(a) => {
+                let out = res()?;
+                if self.ty(*a).is_scalar() {
+                    // A scalar reshaped to [1] or [1, 1].
+                    let x = self.scalar(*a)?;
+                    self.alloc(out);
+                    let zero = self.fb.ins().iconst(types::I64, 0);
+                    self.write(out, zero, x);
+                } else if self.ty(out).is_scalar() {
+                    let zero = self.fb.ins().iconst(types::I64, 0);
+                    let x = self.read(*a, zero)?;
+                    self.scalars.insert(out, Scalar::Val(x));
+                } else {
+                    let at = self.slots.get(a).copied().unwrap_or(0);
+                    self.slots.insert(out, at);
+                }
+            }
+            Op::Broadcast(a) => {
+                let out = res()?;
+                let a = *a;
+                self.alloc(out);
+                let oshape = self.ty(out).shape.clone();
+                if self.ty(a).is_scalar() {
+                    let x = self.scalar(a)?;
+                    let n = self.ty(out).numel();
+                    self.repeat(n, |g, i| {
+                        g.write(out, i, x);
+                        Ok(())
+                    })?;
+                } else {
+                    let ishape = self.ty(a).shape.clone();
+                    let istr = Self::strides(&ishape);
+                    self.nest(&oshape, &mut |g, flat, idx| {
+                        let mut src = g.fb.ins().iconst(types::I64, 0);
+                        for (k, i) in idx.iter().enumerate() {
+                            if ishape[k] != 1 {
+                                let t = g.fb.ins().imul_imm_s(*i, istr[k]);
+                                src = g.fb.ins().iadd(src, t);
+                            }
+                        }
+                        let x = g.read(a, src)?;
+                        g.write(out, flat, x);
+                        Ok(())
+                    })?;
+                }
+            }
+            Op::Transpose(a) => {
+                let out = res()?;
+                let a = *a;
+                self.alloc(out);
+                let oshape = self.ty(out).shape.clone();
+                let rows_in = i64::from(oshape[0]);
+                self.nest(&oshape, &mut |g, flat, idx| {
+                    // out[i, j] = a[j, i]; a has shape [oshape[1], oshape[0]].
+                    let t = g.fb.ins().imul_imm_s(idx[1], rows_in);
+                    let src = g.fb.ins().iadd(t, idx[0]);
+                    let x = g.read(a, src)?;
+                    g.write(out, flat, x);
+                    Ok(())
+                })?;
+            }
+            Op::Load { ptr, offsets, mask, other } => {
+                let out = res()?;
+                let d = self.ty(out).dtype;
+                let t = self.cl_type(d)?;
+                let (offsets, mask, other, ptr) = (*offsets, *mask, *other, *ptr);
+                self.alloc(out);
+                let n = self.ty(out).numel();
+                self.repeat(n, |g, i| {
+                    let off = g.read(offsets, i)?;
+                    let fallback = match d {
+                        DType::F32 => g.fb.ins().f32const(other as f32),
+                        _ => g.fb.ins().iconst(t, other as i64),
+                    };
+                    let enabled = match mask {
+                        Some(m) => Some(g.read(m, i)?),
+                        None => None,
+                    };
+                    let x = g.guarded(ptr, off, enabled, d, Access::Load(fallback))?;
+                    if let Some(x) = x {
+                        g.write(out, i, x);
+                    }
+                    Ok(())
+                })?;
+            }
+            Op::Store { ptr, offsets, value, mask } => {
+                let d = self.ty(*value).dtype;
+                self.cl_type(d)?;
+                let (offsets, mask, value, ptr) = (*offsets, *mask, *value, *ptr);
+                let n = self.ty(value).numel();
+                self.repeat(n, |g, i| {
+                    let off = g.read(offsets, i)?;
+                    let x = g.read(value, i)?;
+                    let enabled = match mask {
+                        Some(m) => Some(g.read(m, i)?),
+                        None => None,
+                    };
+                    g.guarded(ptr, off, enabled, d, Access::Store(x))?;
+                    Ok(())
+                })?;
+            }
+            Op::Reduce(op, a, axis) => self.reduce(res()?, *op, *a, *axis)?,
+            Op::Scan { value, axis, reverse } => self.scan(res()?, *value, *axis, *reverse)?,
+            Op::Dot(a, b) => self.dot(res()?, *a, *b)?,
+            Op::TriInv(a) => self.tri_inv(res()?, *a)?,
+            Op::For { lo, hi, step, init, body } => self.for_loop(&inst.results, *lo, *hi, *step, init, body)?,
+            Op::Yield(_) => {}
+        }
+        Ok(())
+    }
+
+    /// A bounds-checked access to element `off` of pointer parameter `ptr`, done only where
+    /// `enabled` (a mask element) holds. Loads return the element, or the fallback where masked off
+    /// or out of bounds; an out-of-bounds access is recorded in the scratch error word.
+    fn guarded(
+        &mut self,
+        ptr: u32,
+        off: ClValue,
+        enabled: Option<ClValue>,
+        d: DType,
+        access: Access,
+    ) -> Result<Option<ClValue>, CodegenError> {
+        let t = self.cl_type(d)?;
+        let size = self.elem_bytes(d);
+        let base = self.fb.ins().load(types::I64, mem(), self.args, (ptr as i32) * 16);
+        let len = self.fb.ins().load(types::I64, mem(), self.args, (ptr as i32) * 16 + 8);
+        let join = self.fb.create_block();
+        let check = self.fb.create_block();
+        let ok = self.fb.create_block();
+        let oob = self.fb.create_block();
+        if let Access::Load(_) = access {
+            self.fb.append_block_param(join, t);
+        }
+        let fallback: Vec<cranelift_codegen::ir::BlockArg> = match access {
+            Access::Load(f) => vec![f.into()],
+            Access::Store(_) => Vec::new(),
+        };
+        match enabled {
+            Some(m) => {
+                self.fb.ins().brif(m, check, &[], join, &fallback);
+            }
+            None => {
+                self.fb.ins().jump(check, &[]);
+            }
+        }
+        self.fb.switch_to_block(check);
+        // Unsigned comparison: a negative offset is as out of bounds as one past the end.
+        let inside = self.fb.ins().icmp(IntCC::UnsignedLessThan, off, len);
+        self.fb.ins().brif(inside, ok, &[], oob, &[]);
+        self.fb.switch_to_block(oob);
+        let code = self.fb.ins().iconst(types::I64, i64::from(ptr) + 1);
+        self.fb.ins().store(mem(), code, self.scratch, 0);
+        self.fb.ins().jump(join, &fallback);
+        self.fb.switch_to_block(ok);
+        let b = self.fb.ins().imul_imm_s(off, size);
+        let a = self.fb.ins().iadd(base, b);
+        match access {
+            Access::Load(_) => {
+                let x = self.fb.ins().load(t, MemFlagsData::new(), a, 0);
+                self.fb.ins().jump(join, &[x.into()]);
+            }
+            Access::Store(x) => {
+                self.fb.ins().store(MemFlagsData::new(), x, a, 0);
+                self.fb.ins().jump(join, &[]);
+            }
+        }
+        self.fb.switch_to_block(join);
+        Ok(match access {
+            Access::Load(_) => Some(self.fb.block_params(join)[0]),
+            Access::Store(_) => None,
+        })
+    }
+
+    fn zero(&mut self, d: DType, op: ReduceOp) -> Result<ClValue, CodegenError> {
+        Ok(match (d, op) {
+            (DType::F32, ReduceOp::Sum) => self.fb.ins().f32const(0.0),
+            (DType::F32, ReduceOp::Max) => self.fb.ins().f32const(f32::NEG_INFINITY),
+            (DType::F32, ReduceOp::Min) => self.fb.ins().f32const(f32::INFINITY),
+            (DType::I64, ReduceOp::Sum) => self.fb.ins().iconst(types::I64, 0),
+            (DType::I64, ReduceOp::Max) => self.fb.ins().iconst(types::I64, i64::MIN),
+            (DType::I64, ReduceOp::Min) => self.fb.ins().iconst(types::I64, i64::MAX),
+            _ => return Err(self.unsupported(format!("reduction over {}", d.name()))),
+        })
+    }
+
+    fn combine(&mut self, d: DType, op: ReduceOp, a: ClValue, b: ClValue) -> Result<ClValue, CodegenError> {
+        let bop = match op {
+            ReduceOp::Sum => BinOp::Add,
+            ReduceOp::Max => BinOp::Max,
+            ReduceOp::Min => BinOp::Min,
+        };
+        self.binary(bop, d, a, b)
+    }
+
+    /// Shape split around `axis`: (outer, extent, inner) element counts.
+    fn split(shape: &[u32], axis: u8) -> (u64, u64, u64) {
+        let a = axis as usize;
+        let outer = shape[..a].iter().map(|&x| u64::from(x)).product();
+        let inner = shape[a + 1..].iter().map(|&x| u64::from(x)).product();
+        (outer, u64::from(shape[a]), inner)
+    }
+
+    fn reduce(&mut self, out: Value, op: ReduceOp, a: Value, axis: u8) -> Result<(), CodegenError> {
+        let d = self.ty(a).dtype;
+        let t = self.cl_type(d)?;
+        let (outer, extent, inner) = Self::split(&self.ty(a).shape.clone(), axis);
+        let scalar_out = self.ty(out).is_scalar();
+        if !scalar_out {
+            self.alloc(out);
+        }
+        let acc = self.fb.declare_var(t);
+        self.repeat(outer, |g, o| {
+            g.repeat(inner, |g, n| {
+                let z = g.zero(d, op)?;
+                g.fb.def_var(acc, z);
+                g.repeat(extent, |g, e| {
+                    // index = (o * extent + e) * inner + n
+                    let t1 = g.fb.ins().imul_imm_s(o, extent as i64);
+                    let t2 = g.fb.ins().iadd(t1, e);
+                    let t3 = g.fb.ins().imul_imm_s(t2, inner as i64);
+                    let idx = g.fb.ins().iadd(t3, n);
+                    let x = g.read(a, idx)?;
+                    let cur = g.fb.use_var(acc);
+                    let nv = g.combine(d, op, cur, x)?;
+                    g.fb.def_var(acc, nv);
+                    Ok(())
+                })?;
+                if !scalar_out {
+                    let t1 = g.fb.ins().imul_imm_s(o, inner as i64);
+                    let idx = g.fb.ins().iadd(t1, n);
+                    let v = g.fb.use_var(acc);
+                    g.write(out, idx, v);
+                }
+                Ok(())
+            })
+        })?;
+        if scalar_out {
+            let v = self.fb.use_var(acc);
+            self.scalars.insert(out, Scalar::Val(v));
+        }
+        Ok(())
+    }
+
+    fn scan(&mut self, out: Value, a: Value, axis: u8, reverse: bool) -> Result<(), CodegenError> {
+        let (outer, extent, inner) = Self::split(&self.ty(a).shape.clone(), axis);
+        self.alloc(out);
+        let acc = self.fb.declare_var(types::F32);
+        self.repeat(outer, |g, o| {
+            g.repeat(inner, |g, n| {
+                let z = g.fb.ins().f32const(0.0);
+                g.fb.def_var(acc, z);
+                g.repeat(extent, |g, e| {
+                    let e = if reverse {
+                        let last = g.fb.ins().iconst(types::I64, extent as i64 - 1);
+                        g.fb.ins().isub(last, e)
+                    } else {
+                        e
+                    };
+                    let t1 = g.fb.ins().imul_imm_s(o, extent as i64);
+                    let t2 = g.fb.ins().iadd(t1, e);
+                    let t3 = g.fb.ins().imul_imm_s(t2, inner as i64);
+                    let idx = g.fb.ins().iadd(t3, n);
+                    let x = g.read(a, idx)?;
+                    let cur = g.fb.use_var(acc);
+                    let nv = g.fb.ins().fadd(cur, x);
+                    g.fb.def_var(acc, nv);
+                    g.write(out, idx, nv);
+                    Ok(())
+                })
+            })
+        })
+    }
+
+    fn dot(&mut self, out: Value, a: Value, b: Value) -> Result<(), CodegenError> {
+        let (m, k) = (self.ty(a).shape[0], self.ty(a).shape[1]);
+        let n = self.ty(b).shape[1];
+        self.alloc(out);
+        let acc = self.fb.declare_var(types::F32);
+        self.repeat(u64::from(m), |g, i| {
+            g.repeat(u64::from(n), |g, j| {
+                let z = g.fb.ins().f32const(0.0);
+                g.fb.def_var(acc, z);
+                g.repeat(u64::from(k), |g, l| {
+                    let ia = g.fb.ins().imul_imm_s(i, i64::from(k));
+                    let ia = g.fb.ins().iadd(ia, l);
+                    let ib = g.fb.ins().imul_imm_s(l, i64::from(n));
+                    let ib = g.fb.ins().iadd(ib, j);
+                    let x = g.read(a, ia)?;
+                    let y = g.read(b, ib)?;
+                    let cur = g.fb.use_var(acc);
+                    let nv = g.fb.ins().fma(x, y, cur);
+                    g.fb.def_var(acc, nv);
+                    Ok(())
+                })?;
+                let io = g.fb.ins().imul_imm_s(i, i64::from(n));
+                let io = g.fb.ins().iadd(io, j);
+                let v = g.fb.use_var(acc);
+                g.write(out, io, v);
+                Ok(())
+            })
+        })
+    }
+
+    /// Forward substitution: T[i, j] = −(L[i, j] + Σ_{j<k<i} L[i, k] T[k, j]) for j < i, T[i, i] = 1.
+    fn tri_inv(&mut self, out: Value, a: Value) -> Result<(), CodegenError> {
+        let n = self.ty(a).shape[0];
+        self.alloc(out);
+        let acc = self.fb.declare_var(types::F32);
+        let nn = i64::from(n);
+        self.repeat(u64::from(n), |g, i| {
+            g.repeat(u64::from(n), |g, j| {
+                let here = g.fb.ins().imul_imm_s(i, nn);
+                let here = g.fb.ins().iadd(here, j);
+                let lower = g.fb.create_block();
+                let upper = g.fb.create_block();
+                let done = g.fb.create_block();
+                let below = g.fb.ins().icmp(IntCC::SignedLessThan, j, i);
+                g.fb.ins().brif(below, lower, &[], upper, &[]);
+                g.fb.switch_to_block(upper);
+                let eq = g.fb.ins().icmp(IntCC::Equal, i, j);
+                let one = g.fb.ins().f32const(1.0);
+                let zero = g.fb.ins().f32const(0.0);
+                let v = g.fb.ins().select(eq, one, zero);
+                g.write(out, here, v);
+                g.fb.ins().jump(done, &[]);
+                g.fb.switch_to_block(lower);
+                let lij = g.read(a, here)?;
+                g.fb.def_var(acc, lij);
+                let from = g.fb.ins().iadd_imm_s(j, 1);
+                g.counted(from, i, 1, &mut |g, k| {
+                    let ik = g.fb.ins().imul_imm_s(i, nn);
+                    let ik = g.fb.ins().iadd(ik, k);
+                    let kj = g.fb.ins().imul_imm_s(k, nn);
+                    let kj = g.fb.ins().iadd(kj, j);
+                    let l = g.read(a, ik)?;
+                    let t = g.read(out, kj)?;
+                    let cur = g.fb.use_var(acc);
+                    let nv = g.fb.ins().fma(l, t, cur);
+                    g.fb.def_var(acc, nv);
+                    Ok(())
+                })?;
+                let s = g.fb.use_var(acc);
+                let v = g.fb.ins().fneg(s);
+                g.write(out, here, v);
+                g.fb.ins().jump(done, &[]);
+                g.fb.switch_to_block(done);
+                Ok(())
+            })
+        })
+    }
+
+    fn for_loop(&mut self, results: &[Value], lo: Value, hi: Value, step: Value, init: &[Value], body: &Block) -> Result<(), CodegenError> {
+        let lo = self.scalar(lo)?;
+        let hi = self.scalar(hi)?;
+        let step = self.scalar(step)?;
+        // Carried tiles get storage of their own; carried scalars become variables.
+        for (k, arg) in body.args.iter().skip(1).enumerate() {
+            if self.ty(*arg).is_scalar() {
+                let t = self.cl_type(self.ty(*arg).dtype)?;
+                let var = self.fb.declare_var(t);
+                let x = self.scalar(init[k])?;
+                self.fb.def_var(var, x);
+                self.scalars.insert(*arg, Scalar::Var(var));
+                self.scalars.insert(results[k], Scalar::Var(var));
+            } else {
+                let at = self.alloc(*arg);
+                self.copy(init[k], *arg)?;
+                self.slots.insert(results[k], at);
+            }
+        }
+        let index = self.fb.declare_var(types::I64);
+        self.scalars.insert(body.args[0], Scalar::Var(index));
+        let header: ClBlock = self.fb.create_block();
+        let inner = self.fb.create_block();
+        let exit = self.fb.create_block();
+        self.fb.def_var(index, lo);
+        self.fb.ins().jump(header, &[]);
+        self.fb.switch_to_block(header);
+        let i = self.fb.use_var(index);
+        let go = self.fb.ins().icmp(IntCC::SignedLessThan, i, hi);
+        self.fb.ins().brif(go, inner, &[], exit, &[]);
+        self.fb.switch_to_block(inner);
+        self.block(body)?;
+        if let Some(crate::kir::Inst { op: Op::Yield(next), .. }) = body.insts.last() {
+            // Read every yielded scalar before writing any carried variable (a yield may swap them).
+            let mut scalar_next = Vec::new();
+            for (k, arg) in body.args.iter().skip(1).enumerate() {
+                if self.ty(*arg).is_scalar() {
+                    scalar_next.push((*arg, self.scalar(next[k])?));
+                }
+            }
+            for (k, arg) in body.args.iter().skip(1).enumerate() {
+                if !self.ty(*arg).is_scalar() {
+                    self.copy(next[k], *arg)?;
+                }
+            }
+            for (arg, x) in scalar_next {
+                if let Some(Scalar::Var(var)) = self.scalars.get(&arg).copied() {
+                    self.fb.def_var(var, x);
+                }
+            }
+        }
+        let i = self.fb.use_var(index);
+        let next = self.fb.ins().iadd(i, step);
+        self.fb.def_var(index, next);
+        self.fb.ins().jump(header, &[]);
+        self.fb.switch_to_block(exit);
+        Ok(())
+    }
+}

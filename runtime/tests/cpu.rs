@@ -1,0 +1,298 @@
+//! The CPU back end, op by op: each kernel-IR operation compiled through Cranelift and run, against
+//! the same computation done directly in f64, on seeded random inputs at awkward sizes.
+
+use hlac_runtime::cpu::{Arg, CpuModule, LaunchError};
+use hlac_runtime::kir::{verify, BinOp, Builder, CmpOp, DType, Program, UnOp};
+
+/// A small deterministic generator (SplitMix64).
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+    }
+    fn vec(&mut self, n: usize, scale: f64) -> Vec<f32> {
+        (0..n).map(|_| (self.next() * scale) as f32).collect()
+    }
+}
+
+fn run(p: Program, args: &mut [Arg<'_>], grid: &[u64]) -> Result<(), LaunchError> {
+    verify(&p).unwrap_or_else(|e| panic!("{e}\n{p}"));
+    let mut m = CpuModule::new().expect("jit");
+    let id = m.add(p).expect("compiles");
+    m.launch(id, args, grid)
+}
+
+fn close(a: &[f32], b: &[f64], tol: f64, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        let err = (f64::from(*x) - y).abs() / y.abs().max(1.0);
+        assert!(err <= tol, "{what}[{i}]: got {x}, want {y} (error {err:.2e})");
+    }
+}
+
+/// y = f(x) elementwise over a [rows, cols] tile.
+fn unary_kernel(op: UnOp, rows: u32, cols: u32) -> Program {
+    let mut b = Builder::new("unary", &["one"]);
+    let x = b.ptr("x", DType::F32, false);
+    let y = b.ptr("y", DType::F32, true);
+    let r = b.iota(rows);
+    let c = b.iota(cols);
+    let cols_v = b.i64(i64::from(cols));
+    let rc = b.col(r);
+    let rr = b.mul(rc, cols_v);
+    let cr = b.row(c);
+    let off = b.add(rr, cr);
+    let v = b.load(x, off, None, 0.0);
+    let w = b.unary(op, v);
+    b.store(y, off, w, None);
+    b.finish()
+}
+
+#[test]
+fn unary_operations_match_f64() {
+    let mut rng = Rng(1);
+    type Reference = fn(f64) -> f64;
+    let cases: [(UnOp, Reference); 10] = [
+        (UnOp::Neg, |x| -x),
+        (UnOp::Exp, f64::exp),
+        (UnOp::Abs, f64::abs),
+        (UnOp::Sigmoid, |x| 1.0 / (1.0 + (-x).exp())),
+        (UnOp::LogSigmoid, |x| -((-x).exp().ln_1p())),
+        (UnOp::Softplus, |x| x.exp().ln_1p()),
+        (UnOp::Silu, |x| x / (1.0 + (-x).exp())),
+        (UnOp::Tanh, f64::tanh),
+        (UnOp::Sqrt, |x| x.abs().sqrt()),
+        (UnOp::Log, |x| x.abs().ln()),
+    ];
+    for (op, f) in cases {
+        let (rows, cols) = (3u32, 50u32);
+        let mut x = rng.vec((rows * cols) as usize, 8.0);
+        if matches!(op, UnOp::Sqrt | UnOp::Log) {
+            x.iter_mut().for_each(|v| *v = v.abs() + 1e-3);
+        }
+        let mut y = vec![f32::NAN; x.len()];
+        run(unary_kernel(op, rows, cols), &mut [Arg::F32(&x), Arg::F32Mut(&mut y)], &[1]).expect("runs");
+        let want: Vec<f64> = x.iter().map(|v| f(f64::from(*v))).collect();
+        close(&y, &want, 2e-6, &format!("{op:?}"));
+    }
+    // Saturated inputs stay finite and exact where f64 says so.
+    let x = vec![-100.0f32, -30.0, 30.0, 100.0];
+    for op in [UnOp::LogSigmoid, UnOp::Softplus, UnOp::Sigmoid] {
+        let mut y = vec![f32::NAN; 4];
+        run(unary_kernel(op, 1, 4), &mut [Arg::F32(&x), Arg::F32Mut(&mut y)], &[1]).expect("runs");
+        assert!(y.iter().all(|v| v.is_finite()), "{op:?}: {y:?}");
+    }
+}
+
+#[test]
+fn broadcast_transpose_reduce_scan_dot_and_tri_inv_match_f64() {
+    let (m, k, n) = (5u32, 7u32, 3u32);
+    let mut rng = Rng(7);
+    let a = rng.vec((m * k) as usize, 1.0);
+    let bm = rng.vec((k * n) as usize, 1.0);
+    let mut b = Builder::new("mix", &["one"]);
+    let pa = b.ptr("a", DType::F32, false);
+    let pb = b.ptr("b", DType::F32, false);
+    let out = b.ptr("out", DType::F32, true);
+    let grid_off = |b: &mut Builder, rows: u32, cols: u32, base: i64| {
+        let r = b.iota(rows);
+        let c = b.iota(cols);
+        let cv = b.i64(i64::from(cols));
+        let rc = b.col(r);
+        let rr = b.mul(rc, cv);
+        let cr = b.row(c);
+        let o = b.add(rr, cr);
+        let base = b.i64(base);
+        b.add(o, base)
+    };
+    let oa = grid_off(&mut b, m, k, 0);
+    let ob = grid_off(&mut b, k, n, 0);
+    let ta = b.load(pa, oa, None, 0.0);
+    let tb = b.load(pb, ob, None, 0.0);
+    // dot, then transpose of the product, then row sums of the transpose, then a reverse cumsum.
+    let d = b.dot(ta, tb); // [m, n]
+    let od = grid_off(&mut b, m, n, 0);
+    b.store(out, od, d, None);
+    let t = b.transpose(d); // [n, m]
+    let ot = grid_off(&mut b, n, m, i64::from(m * n));
+    b.store(out, ot, t, None);
+    let s = b.sum(d, 0); // [n]
+    let sn = b.iota(n);
+    let base = b.i64(i64::from(2 * m * n));
+    let os = b.add(sn, base);
+    b.store(out, os, s, None);
+    let c = b.cumsum(d, 0, true); // reverse cumsum down the rows, [m, n]
+    let oc = grid_off(&mut b, m, n, i64::from(2 * m * n + n));
+    b.store(out, oc, c, None);
+    // A broadcast row added to every row.
+    let row = b.reshape(s, &[1, n]);
+    let br = b.add(d, row);
+    let ob2 = grid_off(&mut b, m, n, i64::from(3 * m * n + n));
+    b.store(out, ob2, br, None);
+    let p = b.finish();
+    let total = (4 * m * n + n) as usize;
+    let mut o = vec![f32::NAN; total];
+    run(p, &mut [Arg::F32(&a), Arg::F32(&bm), Arg::F32Mut(&mut o)], &[1]).expect("runs");
+
+    let (m, k, n) = (m as usize, k as usize, n as usize);
+    let mut want = vec![0.0f64; total];
+    let dot = |i: usize, j: usize| (0..k).map(|l| f64::from(a[i * k + l]) * f64::from(bm[l * n + j])).sum::<f64>();
+    for i in 0..m {
+        for j in 0..n {
+            want[i * n + j] = dot(i, j);
+            want[m * n + j * m + i] = dot(i, j);
+            want[2 * m * n + j] += dot(i, j);
+            want[2 * m * n + n + i * n + j] = (i..m).map(|r| dot(r, j)).sum();
+        }
+    }
+    for i in 0..m {
+        for j in 0..n {
+            want[3 * m * n + n + i * n + j] = dot(i, j) + want[2 * m * n + j];
+        }
+    }
+    close(&o, &want, 1e-5, "mix");
+}
+
+#[test]
+fn tri_inv_inverts_unit_lower_triangular_matrices() {
+    for size in [1u32, 3, 16, 33] {
+        let mut rng = Rng(u64::from(size));
+        let l = rng.vec((size * size) as usize, 0.5);
+        let mut b = Builder::new("tri", &["one"]);
+        let pl = b.ptr("l", DType::F32, false);
+        let out = b.ptr("t", DType::F32, true);
+        let r = b.iota(size);
+        let sv = b.i64(i64::from(size));
+        let rc = b.col(r);
+        let rr = b.mul(rc, sv);
+        let c = b.iota(size);
+        let cr = b.row(c);
+        let off = b.add(rr, cr);
+        let lt = b.load(pl, off, None, 0.0);
+        let t = b.tri_inv(lt);
+        b.store(out, off, t, None);
+        let mut t = vec![f32::NAN; l.len()];
+        run(b.finish(), &mut [Arg::F32(&l), Arg::F32Mut(&mut t)], &[1]).expect("runs");
+        // (I + strictly_lower(L)) · T must be the identity.
+        let s = size as usize;
+        for i in 0..s {
+            for j in 0..s {
+                let mut acc = 0.0f64;
+                for q in 0..s {
+                    let lhs = if i == q {
+                        1.0
+                    } else if q < i {
+                        f64::from(l[i * s + q])
+                    } else {
+                        0.0
+                    };
+                    acc += lhs * f64::from(t[q * s + j]);
+                }
+                let want = if i == j { 1.0 } else { 0.0 };
+                assert!((acc - want).abs() < 1e-4, "size {size}: ({i},{j}) = {acc}");
+            }
+        }
+    }
+}
+
+#[test]
+fn loops_carry_tiles_and_scalars_and_masks_guard_the_tail() {
+    // A running sum over chunks of 4 of a length-T vector, carried as a tile, plus a carried scalar
+    // counting the chunks; masked loads read zero past T.
+    for len in [1i64, 3, 4, 13] {
+        let mut rng = Rng(len as u64);
+        let x = rng.vec(len as usize, 1.0);
+        let mut b = Builder::new("chunks", &["one"]);
+        let px = b.ptr("x", DType::F32, false);
+        let out = b.ptr("out", DType::F32, true);
+        let t = b.int_param("T");
+        let zero_i = b.i64(0);
+        let four = b.i64(4);
+        let init = b.f32(0.0);
+        let init_tile = b.broadcast(init, &[4]);
+        let count0 = b.i64(0);
+        let res = b.for_loop(zero_i, t, four, &[init_tile, count0], |b, i, carried| {
+            let lanes = b.iota(4);
+            let idx = b.add(lanes, i);
+            let inside = b.cmp(CmpOp::Lt, idx, t);
+            let v = b.load(px, idx, Some(inside), 0.0);
+            let acc = b.add(carried[0], v);
+            let one = b.i64(1);
+            let count = b.binary(BinOp::Add, carried[1], one);
+            vec![acc, count]
+        });
+        let lanes = b.iota(4);
+        b.store(out, lanes, res[0], None);
+        let count = b.cast(res[1], DType::F32);
+        let at = b.i64(4);
+        let at = b.reshape(at, &[1]);
+        b.store(out, at, count, None);
+        let mut o = vec![f32::NAN; 5];
+        run(b.finish(), &mut [Arg::F32(&x), Arg::F32Mut(&mut o), Arg::Int(len)], &[1]).expect("runs");
+        let mut want = vec![0.0f64; 5];
+        for (i, v) in x.iter().enumerate() {
+            want[i % 4] += f64::from(*v);
+        }
+        want[4] = (len as f64 / 4.0).ceil();
+        close(&o, &want, 1e-6, &format!("len {len}"));
+    }
+}
+
+#[test]
+fn grid_instances_run_in_parallel_and_out_of_bounds_is_an_error() {
+    // Each instance writes its own row: out[pid, j] = pid * 10 + j.
+    let mut b = Builder::new("rows", &["rows"]);
+    let out = b.ptr("out", DType::F32, true);
+    let pid = b.program_id(0);
+    let j = b.iota(8);
+    let eight = b.i64(8);
+    let base = b.mul(pid, eight);
+    let off = b.add(j, base);
+    let ten = b.i64(10);
+    let v = b.mul(pid, ten);
+    let v = b.add(v, j);
+    let v = b.cast(v, DType::F32);
+    b.store(out, off, v, None);
+    let p = b.finish();
+    let mut m = CpuModule::new().expect("jit");
+    let id = m.add(p).expect("compiles");
+    let mut o = vec![0.0f32; 37 * 8];
+    m.launch(id, &mut [Arg::F32Mut(&mut o)], &[37]).expect("runs");
+    for r in 0..37 {
+        for j in 0..8 {
+            assert_eq!(o[r * 8 + j], (r * 10 + j) as f32);
+        }
+    }
+    // A buffer too small for the grid is caught, not written past.
+    let mut small = vec![0.0f32; 8 * 3];
+    let err = m.launch(id, &mut [Arg::F32Mut(&mut small)], &[4]).expect_err("out of bounds");
+    assert!(err.to_string().contains("out of bounds") && err.to_string().contains("`out`"), "{err}");
+    let err = m.launch(id, &mut [Arg::Int(3)], &[4]).expect_err("wrong kind");
+    assert!(err.to_string().contains("wrong kind"), "{err}");
+}
+
+#[test]
+fn the_verifier_rejects_ill_typed_programs() {
+    let mut b = Builder::new("bad", &["one"]);
+    let x = b.ptr("x", DType::F32, false);
+    let i = b.iota(4);
+    let v = b.load(x, i, None, 0.0);
+    // Storing through a read-only pointer.
+    b.store(x, i, v, None);
+    let err = verify(&b.finish()).expect_err("read-only store");
+    assert!(err.to_string().contains("not a writable pointer"), "{err}");
+
+    let mut b = Builder::new("bad2", &["one"]);
+    let a = b.iota(4);
+    let c = b.iota(5);
+    // Bypass the builder's broadcasting to create a shape mismatch.
+    let t = hlac_runtime::kir::Ty::tile(DType::I64, &[4]);
+    b.op(hlac_runtime::kir::Op::Binary(BinOp::Add, a, c), t);
+    let err = verify(&b.finish()).expect_err("shape mismatch");
+    assert!(err.to_string().contains("binary operand types"), "{err}");
+}
