@@ -104,6 +104,28 @@ pub struct RecurrenceClass {
     pub elementwise: bool,
     /// The chunked algorithm family the kernels use.
     pub family: Family,
+    /// The same terms as expressions over the recurrence's names, for lowering to kernels.
+    #[serde(skip)]
+    pub exprs: ClassExprs,
+}
+
+/// The terms of a classified recurrence as expressions (with every `def` inlined). Names in them
+/// are token inputs, per-head parameters, `head_index`, `lower_bound` and the state's axis names.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ClassExprs {
+    /// The decay α: a scalar expression, or the argument of `diag` (a vector over K); `None` when
+    /// there is no decay.
+    pub decay: Option<Expr>,
+    /// The delta rule's β.
+    pub beta: Option<Expr>,
+    /// The key (a vector over K), including any write strength when there is no delta rule.
+    pub key: Option<Expr>,
+    /// The value (a vector over V).
+    pub value: Option<Expr>,
+    /// The query.
+    pub query: Option<Expr>,
+    /// The read-out scale.
+    pub scale: Option<Expr>,
 }
 
 /// Which generic chunked algorithm runs a class.
@@ -224,8 +246,9 @@ pub fn classify(math: &Math) -> Result<RecurrenceClass, Vec<Diagnostic>> {
     }
     cx.ty(output).map_err(|d| vec![d])?;
     let update_class = cx.update(update).map_err(|d| vec![d])?;
-    let (query, scale) = cx.output(output).map_err(|d| vec![d])?;
-    Ok(RecurrenceClass { query, scale, ..update_class })
+    let (query, scale, query_expr, scale_expr) = cx.output(output).map_err(|d| vec![d])?;
+    let exprs = ClassExprs { query: query_expr, scale: scale_expr, ..update_class.exprs.clone() };
+    Ok(RecurrenceClass { query, scale, exprs, ..update_class })
 }
 
 fn unsupported(span: Span, message: impl Into<String>, label: impl Into<String>) -> Diagnostic {
@@ -273,6 +296,28 @@ fn factors(e: &Expr, out: &mut Vec<(Expr, bool)>) {
 
 fn text(e: &Expr) -> String {
     format_expr(e)
+}
+
+/// Rebuilds a product (with divisors) from its factors, left to right.
+fn product_expr(fs: &[&(Expr, bool)]) -> Option<Expr> {
+    let mut acc: Option<Expr> = None;
+    for (e, div) in fs {
+        let e = e.clone();
+        acc = Some(match acc {
+            None if *div => {
+                let one = Expr { kind: ExprKind::Number { text: "1".into(), value: 1.0, is_int: true }, span: e.span };
+                binary(BinOp::Div, one, e)
+            }
+            None => e,
+            Some(a) => binary(if *div { BinOp::Div } else { BinOp::Mul }, a, e),
+        });
+    }
+    acc
+}
+
+fn binary(op: BinOp, lhs: Expr, rhs: Expr) -> Expr {
+    let span = lhs.span.to(rhs.span);
+    Expr { kind: ExprKind::Binary { op, lhs: Box::new(lhs), rhs: Box::new(rhs) }, span }
 }
 
 fn product_text(fs: &[&(Expr, bool)]) -> String {
@@ -574,6 +619,10 @@ impl Cx<'_> {
             ));
         }
         let decay_text = if scalar_decay.is_empty() { None } else { Some(product_text(&scalar_decay)) };
+        let decay_expr = match (product_expr(&scalar_decay), &vector_decay) {
+            (Some(s), Some(v)) => Some(binary(BinOp::Mul, s, v.clone())),
+            (s, v) => s.or_else(|| v.clone()),
+        };
         let scalar_dep = scalar_decay.iter().map(|(f, _)| self.dep(f)).max().unwrap_or(Dep::Const);
         let decay = match (&vector_decay, &decay_text) {
             (Some(v), None) => {
@@ -673,6 +722,12 @@ impl Cx<'_> {
             // Without the delta rule a write strength is simply part of the key.
             None => (false, None),
         };
+        let key_expr =
+            if delta_rule { product_expr(&key_parts) } else { product_expr(&coeff.iter().chain(&key_parts).copied().collect::<Vec<_>>()) };
+        let beta_expr = match &delta {
+            Some(_) => product_expr(&coeff),
+            None => None,
+        };
         let full_key = if delta_rule || coeff_text.is_none() {
             key_text.clone()
         } else {
@@ -712,7 +767,15 @@ impl Cx<'_> {
         } else {
             Family::Decay
         };
-        Ok(RecurrenceClass { decay, delta_rule, beta, key, value: text(&value), query: None, scale: None, elementwise, family })
+        let exprs = ClassExprs {
+            decay: if decay == Decay::None { None } else { decay_expr },
+            beta: beta_expr,
+            key: key_expr,
+            value: Some(value.clone()),
+            query: None,
+            scale: None,
+        };
+        Ok(RecurrenceClass { decay, delta_rule, beta, key, value: text(&value), query: None, scale: None, elementwise, family, exprs })
     }
 
     /// `(I - beta * k * k^T)`: returns beta's text and the key expression.
@@ -759,7 +822,7 @@ impl Cx<'_> {
     }
 
     /// `S^T * q * c` (or the state itself when K = 1): returns the query and the scale.
-    fn output(&self, e: &Expr) -> Result<(Option<String>, Option<String>), Diagnostic> {
+    fn output(&self, e: &Expr) -> Result<(Option<String>, Option<String>, Option<Expr>, Option<Expr>), Diagnostic> {
         let mut fs = Vec::new();
         factors(e, &mut fs);
         let bad =
@@ -798,6 +861,8 @@ impl Cx<'_> {
         if !direct && query.is_empty() {
             return Err(bad(e.span, "there is no query"));
         }
+        let query_expr = product_expr(&query);
+        let scale_expr = product_expr(&scale);
         let query = if query.is_empty() { None } else { Some(product_text(&query)) };
         let scale = if scale.is_empty() {
             None
@@ -805,7 +870,7 @@ impl Cx<'_> {
             let t = product_text(&scale);
             Some(if t.starts_with(" / ") { format!("1{t}") } else { t })
         };
-        Ok((query, scale))
+        Ok((query, scale, query_expr, scale_expr))
     }
 }
 

@@ -17,6 +17,7 @@ pub mod hf;
 pub mod inspect;
 pub mod ir;
 pub mod load;
+pub mod lower;
 pub mod mixer;
 pub mod value;
 

@@ -26,7 +26,7 @@
 //!
 //! [`verify`] checks every invariant a back end relies on; back ends accept only verified programs.
 
-mod build;
+pub mod build;
 mod print;
 pub mod verify;
 
