@@ -3,7 +3,7 @@
 //! fresh seeded inputs at awkward lengths, packed into variable-length batches, with and without
 //! initial states. Tolerance: relative L2 error ≤ 1e-5 (f32 kernels against f64).
 
-use hlac::lower::{decay, Recurrence, Tiling};
+use hlac::lower::{chunk_forward, decay, Recurrence, Tiling};
 use hlac_runtime::cpu::{Arg, CpuModule};
 use hlac_tests::reference::linear::forward;
 use hlac_tests::reference::mixers;
@@ -35,7 +35,7 @@ fn run_forward(m: &hlac::ir::Mixer, tiling: Tiling, inputs: &[(&str, Vec<f32>)],
     let math = m.instance.math.as_ref().expect("a recurrence");
     let class = m.class.as_ref().expect("classified");
     let r = Recurrence { name: &m.name, class, math, heads: m.instance.heads };
-    let kernel = decay::forward(&r, tiling).expect("lowers");
+    let kernel = chunk_forward(&r, tiling).expect("lowers");
     let (k, v, h) = (math.key_axis.1 as usize, math.value_axis.1 as usize, m.instance.heads as usize);
     let total = *cu.last().unwrap_or(&0) as usize;
     let seqs = cu.len() - 1;
@@ -164,4 +164,160 @@ fn decay_forward_kernel_ir_is_pinned() {
     hlac_runtime::kir::verify(&kernel.program).expect("verifies");
     insta::assert_snapshot!("gla_chunk_fwd", kernel.program.to_string());
     let _ = T3::zeros(1, 1, 1);
+}
+
+const DELTANET: &str = "model m {\n  hidden_size = 64\n  pattern = DeltaNet\n  mixer DeltaNet {\n    num_heads = 4\n  }\n}\n";
+const GDN: &str = "model m {\n  hidden_size = 64\n  pattern = GDN\n  mixer GDN {\n    num_heads = 2\n    head_dim = 16\n  }\n}\n";
+
+fn check_delta(gated: bool, lengths: &[usize], chunk: u32, with_h0: bool, gate_scale: f64, seed: u64) {
+    let m = mixer(if gated { GDN } else { DELTANET });
+    let math = m.instance.math.as_ref().expect("math");
+    let (k, v, h) = (math.key_axis.1 as usize, math.value_axis.1 as usize, m.instance.heads as usize);
+    let (cu, cu64) = packing(lengths);
+    let total = *cu.last().unwrap_or(&0);
+    let mut rng = Rng::new(seed);
+    let q = rng.t3_normal(total, h, k);
+    let kk = rng.t3_normal(total, h, k);
+    let vv = rng.t3_normal(total, h, v);
+    let bb = rng.t3_normal(total, h, 1);
+    let a = rng.t3_normal(total, h, 1).map(|x| x * gate_scale);
+    let a_log = rng.vec(h, -1.0, 1.0);
+    let dt_bias = rng.vec(h, -1.0, 1.0);
+    let h0: Option<Vec<Vec<f64>>> = with_h0.then(|| (0..lengths.len() * h).map(|_| rng.normals(k * v)).collect());
+    let prepared =
+        if gated { mixers::gated_deltanet(&q, &kk, &vv, &a, &bb, &a_log, &dt_bias) } else { mixers::deltanet(&q, &kk, &vv, &bb) };
+    let (want_o, want_s) = forward(&prepared, h0.as_deref(), &cu);
+    let mut inputs = vec![("q", f32s(&q.data)), ("k", f32s(&kk.data)), ("v", f32s(&vv.data)), ("b", f32s(&bb.data))];
+    if gated {
+        inputs.extend([("a", f32s(&a.data)), ("A_log", f32s(&a_log)), ("dt_bias", f32s(&dt_bias))]);
+    }
+    let h0_flat = h0.as_ref().map(|s| f32s(&states_flat(s)));
+    let (o, ht) = run_forward(&m, Tiling { chunk, block_v: 16 }, &inputs, &cu64, h0_flat.as_deref());
+    assert!(o.iter().chain(&ht).all(|x| x.is_finite()), "non-finite output");
+    let (eo, es) = (rel_l2(&o, &want_o.data), rel_l2(&ht, &states_flat(&want_s)));
+    let what = if gated { "GDN" } else { "DeltaNet" };
+    assert!(eo <= 1e-5 && es <= 1e-5, "{what} lengths {lengths:?} chunk {chunk} h0 {with_h0}: output error {eo:.2e}, state error {es:.2e}");
+}
+
+#[test]
+fn deltanet_and_gdn_forward_match_reference_at_awkward_lengths() {
+    for gated in [false, true] {
+        for (i, t) in [1usize, 3, 50, 63, 64, 65].into_iter().enumerate() {
+            check_delta(gated, &[t], 64, i % 2 == 0, 1.0, 60 + i as u64);
+        }
+    }
+}
+
+#[test]
+fn deltanet_and_gdn_forward_on_packed_and_long_sequences() {
+    for gated in [false, true] {
+        check_delta(gated, &[3, 1, 65, 50, 64], 16, true, 1.0, 71);
+        check_delta(gated, &[783], 64, true, 1.0, 72);
+    }
+    check_delta(true, &[4096], 64, true, 1.0, 73);
+}
+
+#[test]
+fn gdn_forward_with_strong_gates_stays_finite() {
+    check_delta(true, &[130, 9], 64, true, 30.0, 74);
+}
+
+/// A recurrence fla does not have: RetNet's fixed per-head decay combined with the delta rule.
+const DECAYED_DELTA: &str = r#"
+recurrence DecayedDelta {
+  param num_heads: int = 2
+  heads = num_heads
+  state S[K = 16, V = 16]
+  token q[K], k[K], v[V], b
+  def gamma = 1 - pow(2, -5 - head_index)
+  def beta = sigmoid(b)
+  def kn = l2norm(k)
+  update S = gamma * (I - beta * kn * kn^T) * S + beta * kn * v^T
+  output o = S^T * l2norm(q) / sqrt(K)
+  linear q_proj [num_heads * 16, hidden_size]
+  linear k_proj [num_heads * 16, hidden_size]
+  linear v_proj [num_heads * 16, hidden_size]
+  linear b_proj [num_heads, hidden_size]
+}
+
+model m {
+  hidden_size = 64
+  pattern = DecayedDelta
+}
+"#;
+
+#[test]
+fn a_user_declared_recurrence_gets_kernels_that_match_the_reference() {
+    use hlac_tests::reference::linear::{GateT3, Prepared};
+    use hlac_tests::reference::ops::{l2_norm_t3, sigmoid};
+    let m = mixer(DECAYED_DELTA);
+    let (k, v, h) = (16, 16, 2);
+    for (seed, lengths) in [(81u64, vec![1usize, 64, 65]), (82, vec![783])] {
+        let (cu, cu64) = packing(&lengths);
+        let total = *cu.last().unwrap_or(&0);
+        let mut rng = Rng::new(seed);
+        let q = rng.t3_normal(total, h, k);
+        let kk = rng.t3_normal(total, h, k);
+        let vv = rng.t3_normal(total, h, v);
+        let bb = rng.t3_normal(total, h, 1);
+        let h0: Vec<Vec<f64>> = (0..lengths.len() * h).map(|_| rng.normals(k * v)).collect();
+        let prepared = Prepared {
+            q: l2_norm_t3(&q),
+            k: l2_norm_t3(&kk),
+            v: vv.clone(),
+            gate: GateT3::Scalar(T3::from_fn(total, h, 1, |_, head, _| mixers::retnet_log_gamma(head))),
+            beta: Some(bb.map(sigmoid)),
+            scale: 1.0 / (k as f64).sqrt(),
+        };
+        let (want_o, want_s) = forward(&prepared, Some(&h0), &cu);
+        let inputs = [("q", f32s(&q.data)), ("k", f32s(&kk.data)), ("v", f32s(&vv.data)), ("b", f32s(&bb.data))];
+        let (o, ht) = run_forward(&m, Tiling { chunk: 64, block_v: 16 }, &inputs, &cu64, Some(&f32s(&states_flat(&h0))));
+        let (eo, es) = (rel_l2(&o, &want_o.data), rel_l2(&ht, &states_flat(&want_s)));
+        assert!(eo <= 1e-5 && es <= 1e-5, "DecayedDelta {lengths:?}: output error {eo:.2e}, state error {es:.2e}");
+    }
+}
+
+#[test]
+fn hgrn_scan_matches_reference() {
+    let m = mixer("model m {\n  hidden_size = 48\n  pattern = HGRN\n}\n");
+    let math = m.instance.math.as_ref().expect("math");
+    let class = m.class.as_ref().expect("class");
+    let r = Recurrence { name: &m.name, class, math, heads: m.instance.heads };
+    let d = 48usize;
+    for (seed, lengths, block) in [(91u64, vec![1usize, 3, 50], 16u32), (92, vec![783, 64], 32)] {
+        let kernel = chunk_forward(&r, Tiling { chunk: 64, block_v: block }).expect("lowers");
+        let (cu, cu64) = packing(&lengths);
+        let total = *cu.last().unwrap_or(&0);
+        let mut rng = Rng::new(seed);
+        let i = rng.t3_normal(total, d, 1);
+        let f = rng.t3_normal(total, d, 1).map(|x| x * 3.0);
+        let lb = rng.vec(d, 0.0, 0.9);
+        let h0: Vec<Vec<f64>> = (0..lengths.len()).map(|_| rng.normals(d)).collect();
+        let (want_o, want_s) = mixers::hgrn(&i, &f, Some(&lb), Some(&h0), &cu);
+        let mut o = vec![f32::NAN; total * d];
+        let mut ht = vec![f32::NAN; lengths.len() * d];
+        let (i32s, f32s_, lb32, h032) = (f32s(&i.data), f32s(&f.data), f32s(&lb), f32s(&states_flat(&h0)));
+        let mut module = CpuModule::new().expect("jit");
+        let program = kernel.program.clone();
+        let id = module.add(kernel.program).unwrap_or_else(|e| panic!("{e}\n{program}"));
+        let mut args: Vec<Arg<'_>> = Vec::new();
+        let (mut o_slot, mut ht_slot) = (Some(&mut o[..]), Some(&mut ht[..]));
+        for p in &program.params {
+            args.push(match p.name.as_str() {
+                "i" => Arg::F32(&i32s),
+                "f" => Arg::F32(&f32s_),
+                "lower_bound" => Arg::F32(&lb32),
+                "o" => Arg::F32Mut(o_slot.take().expect("once")),
+                "ht" => Arg::F32Mut(ht_slot.take().expect("once")),
+                "h0" => Arg::F32(&h032),
+                "cu_seqlens" => Arg::I64(&cu64),
+                "use_h0" | "use_ht" => Arg::Int(1),
+                other => panic!("unexpected parameter {other}"),
+            });
+        }
+        module.launch(id, &mut args, &[lengths.len() as u64, (d as u64).div_ceil(u64::from(block))]).expect("runs");
+        drop(args);
+        let (eo, es) = (rel_l2(&o, &want_o.data), rel_l2(&ht, &states_flat(&want_s)));
+        assert!(eo <= 1e-5 && es <= 1e-5, "HGRN {lengths:?}: output error {eo:.2e}, state error {es:.2e}");
+    }
 }

@@ -14,19 +14,13 @@
 //! decay matrix, and no decay skips the exponentials. The gate activation, key, value, query and
 //! scale are the declaration's own expressions, compiled in by [`super::expr`].
 
-use hlac_runtime::kir::{BinOp, Builder, CmpOp, DType, Value};
+use hlac_runtime::kir::{Builder, CmpOp, Value};
 
-use super::expr::{self, Env};
+pub use super::chunk::load_scalar;
+use super::chunk::{used_names, Chunk, Scaffold};
+use super::expr;
 use super::{Kernel, LowerError, Recurrence, Tiling};
 use crate::classify::{Decay, Family};
-
-/// How the state's columns map onto an input: an input over V is read for this instance's value
-/// block only.
-enum Axis {
-    K,
-    V,
-    Scalar,
-}
 
 /// The chunked forward kernel with optional initial and final states.
 ///
@@ -38,222 +32,118 @@ pub fn forward(r: &Recurrence<'_>, tiling: Tiling) -> Result<Kernel, LowerError>
     if r.class.family != Family::Decay {
         return Err(r.error(format!("the decay-class forward does not apply to the {:?} family", r.class.family)));
     }
-    let (kd, vd, c, bv, heads) = (r.k(), r.v(), tiling.chunk, tiling.block_v, r.heads as i64);
-    if bv == 0 || vd % bv != 0 {
-        return Err(r.error(format!("block_v = {bv} does not divide V = {vd}")));
-    }
-    let ex = &r.class.exprs;
-    let (Some(key), Some(value)) = (&ex.key, &ex.value) else {
-        return Err(r.error("the class has no key or value expression"));
-    };
-    let query = ex.query.as_ref().ok_or_else(|| r.error("the read-out has no query"))?;
-    let mut used = Vec::new();
-    for e in [ex.decay.as_ref(), Some(key), Some(value), Some(query), ex.scale.as_ref()].into_iter().flatten() {
-        expr::names(e, &mut used);
-    }
-    let is_used = |n: &str| used.iter().any(|u| u == n);
-
-    let mut b = Builder::new(&format!("{}_chunk_fwd", r.name), &["sequences * heads", "value blocks"]);
-    let mut token_ptrs = Vec::new();
-    for t in r.math.tokens.iter().filter(|t| is_used(&t.name.name)) {
-        let axis = match &t.dim {
-            None => Axis::Scalar,
-            Some(d) if d.name == r.math.key_axis.0 => Axis::K,
-            Some(_) => Axis::V,
-        };
-        token_ptrs.push((t.name.name.clone(), b.ptr(&t.name.name, DType::F32, false), axis));
-    }
-    let head_ptrs: Vec<_> =
-        r.math.head_params.iter().filter(|p| is_used(&p.name)).map(|p| (p.name.clone(), b.ptr(&p.name, DType::F32, false))).collect();
-    let lb_ptr = is_used("lower_bound").then(|| b.ptr("lower_bound", DType::F32, false));
-    let o_ptr = b.ptr("o", DType::F32, true);
-    let h0_ptr = b.ptr("h0", DType::F32, false);
-    let ht_ptr = b.ptr("ht", DType::F32, true);
-    let cu_ptr = b.ptr("cu_seqlens", DType::I64, false);
-    let use_h0 = b.int_param("use_h0");
-    let use_ht = b.int_param("use_ht");
-
-    // Which (sequence, head, value block) this instance computes.
-    let pid0 = b.program_id(0);
-    let h_count = b.i64(heads);
-    let seq = b.binary(BinOp::Div, pid0, h_count);
-    let head = b.binary(BinOp::Rem, pid0, h_count);
-    let pid1 = b.program_id(1);
-    let bv_v = b.i64(i64::from(bv));
-    let v0 = b.mul(pid1, bv_v);
-    let one = b.i64(1);
-    let seq_next = b.add(seq, one);
-    let bos = load_scalar(&mut b, cu_ptr, seq);
-    let eos = load_scalar(&mut b, cu_ptr, seq_next);
-    let len = b.sub(eos, bos);
-
-    let k_cols = b.iota(kd);
-    let v_iota = b.iota(bv);
-    let v_cols = b.add(v_iota, v0);
-    // The state tile [K, block_v] of this (sequence, head).
-    let kv = b.i64(i64::from(kd) * i64::from(vd));
-    let sh = b.mul(seq, h_count);
-    let sh = b.add(sh, head);
-    let s_base = b.mul(sh, kv);
-    let vd_v = b.i64(i64::from(vd));
-    let kc = b.col(k_cols);
-    let krow = b.mul(kc, vd_v);
-    let vr = b.row(v_cols);
-    let s_off = b.add(krow, vr);
-    let s_off = b.add(s_off, s_base);
-    let zero_i = b.i64(0);
-    let has_h0 = b.cmp(CmpOp::Ne, use_h0, zero_i);
-    let s0 = b.load(h0_ptr, s_off, Some(has_h0), 0.0);
-
-    // Values that do not change across chunks.
-    let mut env = Env::new();
-    let k_size = b.f32(f64::from(kd));
-    let v_size = b.f32(f64::from(vd));
-    env.insert(r.math.key_axis.0.clone(), k_size);
-    env.insert(r.math.value_axis.0.clone(), v_size);
-    let head_f = b.cast(head, DType::F32);
-    env.insert("head_index".into(), head_f);
-    for (name, p) in &head_ptrs {
-        let x = load_scalar(&mut b, *p, head);
-        env.insert(name.clone(), x);
-    }
-    if let Some(p) = lb_ptr {
-        let kd_v = b.i64(i64::from(kd));
-        let base = b.mul(head, kd_v);
-        let off = b.add(k_cols, base);
-        let lb = b.load(p, off, None, 0.0);
-        let lb = b.row(lb);
-        env.insert("lower_bound".into(), lb);
-    }
-    let gated = !matches!(r.class.decay, Decay::None);
-    let vector_gate = matches!(r.class.decay, Decay::DataVector(_) | Decay::FixedVector(_));
-
-    let chunk = b.i64(i64::from(c));
+    let (mut b, sc) = Scaffold::new(r, tiling, "chunk_fwd", &used_names(r))?;
+    let zero = b.i64(0);
+    let chunk_len = b.i64(i64::from(sc.c));
     let mut failure = None;
-    let out = b.for_loop(zero_i, len, chunk, &[s0], |b, t0, carried| {
-        let s = carried[0];
-        let iota_c = b.iota(c);
-        let rows = b.add(iota_c, t0);
-        let valid = b.cmp(CmpOp::Lt, rows, len);
-        let valid_c = b.col(valid);
-        let tok = b.add(rows, bos);
-        let tok_c = b.col(tok);
-        let tok_h = b.mul(tok_c, h_count);
-        let tok_h = b.add(tok_h, head);
-        let mut env = env.clone();
-        for (name, p, axis) in &token_ptrs {
-            let (cols, width) = match axis {
-                Axis::K => (k_cols, kd),
-                Axis::V => (v_cols, vd),
-                Axis::Scalar => (b.iota(1), 1),
-            };
-            let w = b.i64(i64::from(width));
-            let base = b.mul(tok_h, w);
-            let cr = b.row(cols);
-            let off = b.add(base, cr);
-            let x = b.load(*p, off, Some(valid_c), 0.0);
-            env.insert(name.clone(), x);
-        }
-        let result = (|| -> Result<Vec<Value>, String> {
-            let zero = b.f32(0.0);
-            let mut q = expr::lower(b, query, &env)?;
-            if let Some(scale) = &ex.scale {
-                let s = expr::lower(b, scale, &env)?;
-                q = b.mul(q, s);
-            }
-            let q = b.broadcast(q, &[c, kd]);
-            let k = expr::lower(b, key, &env)?;
-            let k = b.broadcast(k, &[c, kd]);
-            let k = b.select(valid_c, k, zero);
-            let v = expr::lower(b, value, &env)?;
-            let v = b.broadcast(v, &[c, bv]);
-            let v = b.select(valid_c, v, zero);
-            let iota_i = b.iota(c);
-            let ii = b.col(iota_i);
-            let jj = b.row(iota_i);
-            let causal = b.cmp(CmpOp::Le, jj, ii);
-            let never = b.f32(-1e30);
-            let (o, k_state, decay_rows) = if gated {
-                let decay = ex.decay.as_ref().ok_or("a gated class without a decay expression")?;
-                let g = expr::log_of(b, decay, &env)?;
-                let gw = if vector_gate { kd } else { 1 };
-                let g = b.broadcast(g, &[c, gw]);
-                let g = b.select(valid_c, g, zero);
-                let lam = b.cumsum(g, 0, false);
-                let lam_end = b.sum(g, 0);
-                let lam_end = b.row(lam_end);
-                let e_lam = b.exp(lam);
-                let qg = b.mul(q, e_lam);
-                let o_inter = b.dot(qg, s);
-                let a = if vector_gate {
-                    let li = b.reshape(lam, &[c, 1, kd]);
-                    let lj = b.reshape(lam, &[1, c, kd]);
-                    let diff = b.sub(li, lj);
-                    let causal3 = b.reshape(causal, &[c, c, 1]);
-                    let diff = b.select(causal3, diff, never);
-                    let decay3 = b.exp(diff);
-                    let qi = b.reshape(q, &[c, 1, kd]);
-                    let kj = b.reshape(k, &[1, c, kd]);
-                    let qk = b.mul(qi, kj);
-                    let w = b.mul(qk, decay3);
-                    b.sum(w, 2)
-                } else {
-                    let kt = b.transpose(k);
-                    let qk = b.dot(q, kt);
-                    let lt = b.transpose(lam);
-                    let diff = b.sub(lam, lt);
-                    let diff = b.select(causal, diff, never);
-                    let dm = b.exp(diff);
-                    b.mul(qk, dm)
-                };
-                let o_intra = b.dot(a, v);
-                let o = b.add(o_inter, o_intra);
-                let to_end = b.sub(lam_end, lam);
-                let to_end = b.exp(to_end);
-                let k_state = b.mul(k, to_end);
-                let decay_rows = b.reshape(lam_end, &[gw, 1]);
-                let decay_rows = b.exp(decay_rows);
-                (o, k_state, Some(decay_rows))
-            } else {
-                let o_inter = b.dot(q, s);
-                let kt = b.transpose(k);
-                let qk = b.dot(q, kt);
-                let a = b.select(causal, qk, zero);
-                let o_intra = b.dot(a, v);
-                (b.add(o_inter, o_intra), k, None)
-            };
-            let vd_v = b.i64(i64::from(vd));
-            let o_base = b.mul(tok_h, vd_v);
-            let vr = b.row(v_cols);
-            let o_off = b.add(o_base, vr);
-            b.store(o_ptr, o_off, o, Some(valid_c));
-            let s = match decay_rows {
-                Some(d) => b.mul(s, d),
-                None => s,
-            };
-            let kt = b.transpose(k_state);
-            let upd = b.dot(kt, v);
-            Ok(vec![b.add(s, upd)])
-        })();
-        match result {
-            Ok(next) => next,
+    let out = b.for_loop(zero, sc.len, chunk_len, &[sc.s0], |b, t0, carried| {
+        let chunk = sc.chunk(b, t0);
+        match step(r, &sc, b, &chunk, carried[0]) {
+            Ok(next) => vec![next],
             Err(e) => {
                 failure = Some(e);
-                vec![s]
+                vec![carried[0]]
             }
         }
     });
     if let Some(e) = failure {
         return Err(r.error(e));
     }
-    let has_ht = b.cmp(CmpOp::Ne, use_ht, zero_i);
-    b.store(ht_ptr, s_off, out[0], Some(has_ht));
-    Ok(Kernel { program: b.finish(), grid: vec!["sequences * heads".into(), format!("{} / {bv}", vd)] })
+    let grid = vec!["sequences * heads".into(), format!("{} / {}", r.v(), sc.bv)];
+    Ok(Kernel { program: sc.finish(b, out[0]), grid })
 }
 
-/// Loads one element at a scalar offset.
-pub fn load_scalar(b: &mut Builder, ptr: hlac_runtime::kir::build::Ptr, offset: Value) -> Value {
-    let off = b.reshape(offset, &[1]);
-    let x = b.load(ptr, off, None, 0.0);
-    b.reshape(x, &[])
+/// One chunk: stores its output and returns the next state.
+fn step(r: &Recurrence<'_>, sc: &Scaffold, b: &mut Builder, chunk: &Chunk, s: Value) -> Result<Value, String> {
+    let ex = &r.class.exprs;
+    let (key, value) = (ex.key.as_ref().ok_or("no key expression")?, ex.value.as_ref().ok_or("no value expression")?);
+    let query = ex.query.as_ref().ok_or("the read-out has no query")?;
+    let (kd, c, bv, env, valid) = (sc.k, sc.c, sc.bv, &chunk.env, chunk.valid);
+    let zero = b.f32(0.0);
+    let mut q = expr::lower(b, query, env)?;
+    if let Some(scale) = &ex.scale {
+        let s = expr::lower(b, scale, env)?;
+        q = b.mul(q, s);
+    }
+    let q = b.broadcast(q, &[c, kd]);
+    let k = expr::lower(b, key, env)?;
+    let k = b.broadcast(k, &[c, kd]);
+    let k = b.select(valid, k, zero);
+    let v = expr::lower(b, value, env)?;
+    let v = b.broadcast(v, &[c, bv]);
+    let v = b.select(valid, v, zero);
+    let causal = causal_mask(b, c);
+    let never = b.f32(-1e30);
+    let Some(decay) = ex.decay.as_ref().filter(|_| !matches!(r.class.decay, Decay::None)) else {
+        // No decay: plain chunked linear attention.
+        let o_inter = b.dot(q, s);
+        let kt = b.transpose(k);
+        let qk = b.dot(q, kt);
+        let a = b.select(causal, qk, zero);
+        let o_intra = b.dot(a, v);
+        let o = b.add(o_inter, o_intra);
+        sc.store_output(b, chunk, o);
+        let upd = b.dot(kt, v);
+        return Ok(b.add(s, upd));
+    };
+    let vector = matches!(r.class.decay, Decay::DataVector(_) | Decay::FixedVector(_));
+    let gw = if vector { kd } else { 1 };
+    let g = expr::log_of(b, decay, env)?;
+    let g = b.broadcast(g, &[c, gw]);
+    let g = b.select(valid, g, zero);
+    let lam = b.cumsum(g, 0, false);
+    let lam_end = b.sum(g, 0);
+    let lam_end = b.row(lam_end);
+    let e_lam = b.exp(lam);
+    let qg = b.mul(q, e_lam);
+    let o_inter = b.dot(qg, s);
+    let a = if vector {
+        // A_ij = Σ_d q_id k_jd e^{λ_id − λ_jd}, exponents masked to j ≤ i before exponentiating.
+        let li = b.reshape(lam, &[c, 1, kd]);
+        let lj = b.reshape(lam, &[1, c, kd]);
+        let diff = b.sub(li, lj);
+        let causal3 = b.reshape(causal, &[c, c, 1]);
+        let diff = b.select(causal3, diff, never);
+        let decay3 = b.exp(diff);
+        let qi = b.reshape(q, &[c, 1, kd]);
+        let kj = b.reshape(k, &[1, c, kd]);
+        let qk = b.mul(qi, kj);
+        let w = b.mul(qk, decay3);
+        b.sum(w, 2)
+    } else {
+        let kt = b.transpose(k);
+        let qk = b.dot(q, kt);
+        let gamma = decay_matrix(b, lam, causal);
+        b.mul(qk, gamma)
+    };
+    let o_intra = b.dot(a, v);
+    let o = b.add(o_inter, o_intra);
+    sc.store_output(b, chunk, o);
+    let to_end = b.sub(lam_end, lam);
+    let to_end = b.exp(to_end);
+    let k_state = b.mul(k, to_end);
+    let decay_rows = b.reshape(lam_end, &[gw, 1]);
+    let decay_rows = b.exp(decay_rows);
+    let s = b.mul(s, decay_rows);
+    let kt = b.transpose(k_state);
+    let upd = b.dot(kt, v);
+    Ok(b.add(s, upd))
+}
+
+/// [C, C] bool: j ≤ i.
+pub fn causal_mask(b: &mut Builder, c: u32) -> Value {
+    let iota = b.iota(c);
+    let ii = b.col(iota);
+    let jj = b.row(iota);
+    b.cmp(CmpOp::Le, jj, ii)
+}
+
+/// Γ_ij = e^{λ_i − λ_j} for j ≤ i and 0 above the diagonal, from a [C, 1] cumulative log-gate;
+/// the exponent is masked before exponentiating so it is never positive.
+pub fn decay_matrix(b: &mut Builder, lam: Value, mask: Value) -> Value {
+    let never = b.f32(-1e30);
+    let lt = b.transpose(lam);
+    let diff = b.sub(lam, lt);
+    let diff = b.select(mask, diff, never);
+    b.exp(diff)
 }

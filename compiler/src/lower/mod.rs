@@ -3,8 +3,12 @@
 //! and queries a declaration states are compiled into the kernels ([`expr`]), so a recurrence a user
 //! declares gets its kernels with no new code. Stops at kernel IR; back ends take it from there.
 
+pub mod attention;
+pub mod chunk;
 pub mod decay;
+pub mod delta;
 pub mod expr;
+pub mod scan;
 
 use hlac_runtime::kir::Program;
 
@@ -66,4 +70,14 @@ pub struct Kernel {
     pub program: Program,
     /// How many instances run on each grid axis, as a description (`sequences * heads`, …).
     pub grid: Vec<String>,
+}
+
+/// The forward kernel of a recurrence, by its family (for the elementwise scan, `block_v` is the
+/// channel block and the grid is sequences × ⌈heads / block_v⌉).
+pub fn chunk_forward(r: &Recurrence<'_>, tiling: Tiling) -> Result<Kernel, LowerError> {
+    match r.class.family {
+        crate::classify::Family::Decay => decay::forward(r, tiling),
+        crate::classify::Family::Delta => delta::forward(r, tiling),
+        crate::classify::Family::Scan => scan::forward(r, tiling.block_v),
+    }
 }

@@ -1,0 +1,411 @@
+//! Causal softmax attention (fla's Attention layer): the flash-attention forward over packed
+//! variable-length sequences, and one decode step over a KV cache, lowered to kernel IR.
+//!
+//! Both kernels keep the online softmax of flash attention per row of queries: a running maximum
+//! m, a running normaliser l and an unnormalised output acc, updated per block of keys as
+//!
+//! ```text
+//! s = (q · scale) Kᵀ, masked to the visible keys     m' = max(m, rowmax s)
+//! p = e^{s − m'} (0 where not visible)               l' = e^{m − m'} l + rowsum p
+//! acc' = e^{m − m'} acc + p V                        o = acc / l,  lse = m + ln l
+//! ```
+//!
+//! so that no exponent is ever positive and the full score matrix never exists. Query head h reads
+//! kv head h / (heads / kv_heads) (GQA). A sliding window w lets query i see keys j with
+//! i − w < j ≤ i; key blocks wholly outside the window or past the diagonal are never visited.
+//! RoPE (non-interleaved halves, base θ, position = index within the sequence) is applied to q
+//! and k inside the kernels: the partner half is the same tensor loaded with its columns rotated
+//! by d/2, and cos/sin come from position × θ^(−2i/d), so no table is passed in.
+
+use hlac_runtime::kir::build::Ptr;
+use hlac_runtime::kir::{BinOp, Builder, CmpOp, DType, ReduceOp, UnOp, Value};
+
+use super::decay::load_scalar;
+use super::{Kernel, LowerError};
+
+/// The masked-off score: finite, so that `m − m'` stays a number (−∞ − −∞ would be NaN) while
+/// e^{−1e30 − m} is still exactly 0 for any real score m.
+const NEG: f64 = -1e30;
+
+/// What an attention layer computes (everything the kernels specialise on).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttnConfig {
+    /// The layer's name (prefix of the kernel names).
+    pub name: String,
+    /// Query heads H.
+    pub heads: u32,
+    /// Key/value heads H_kv (divides H; H_kv < H is grouped-query attention).
+    pub kv_heads: u32,
+    /// Query/key size per head d (even when RoPE is used).
+    pub head_dim: u32,
+    /// Value size per head.
+    pub value_dim: u32,
+    /// Sliding window w ≥ 1: query i sees keys j with i − w < j ≤ i (None = full causal).
+    pub window: Option<u32>,
+    /// RoPE base θ (None = no rotary embedding).
+    pub rope_theta: Option<f64>,
+    /// Score scale (fla: 1/√d).
+    pub scale: f64,
+}
+
+/// Static block sizes of the forward kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnTiling {
+    /// Queries per program instance.
+    pub block_q: u32,
+    /// Keys per step of the online softmax.
+    pub block_k: u32,
+}
+
+impl AttnConfig {
+    fn error(&self, reason: impl Into<String>) -> LowerError {
+        LowerError { mixer: self.name.clone(), reason: reason.into() }
+    }
+
+    /// Query heads per kv head, after checking that the sizes make sense.
+    fn check(&self) -> Result<u32, LowerError> {
+        if self.heads == 0 || self.kv_heads == 0 || self.heads % self.kv_heads != 0 {
+            return Err(self.error(format!("kv_heads = {} must be positive and divide heads = {}", self.kv_heads, self.heads)));
+        }
+        if self.head_dim == 0 || self.value_dim == 0 {
+            return Err(self.error("head_dim and value_dim must be positive"));
+        }
+        if self.rope_theta.is_some() && self.head_dim % 2 != 0 {
+            return Err(self.error(format!("RoPE rotates halves of the head, so head_dim = {} must be even", self.head_dim)));
+        }
+        if let Some(theta) = self.rope_theta {
+            if !(theta.is_finite() && theta > 0.0) {
+                return Err(self.error(format!("rope_theta = {theta} must be a positive number")));
+            }
+        }
+        if self.window == Some(0) {
+            return Err(self.error("a sliding window must be at least 1 token"));
+        }
+        if !self.scale.is_finite() {
+            return Err(self.error("the score scale must be finite"));
+        }
+        Ok(self.heads / self.kv_heads)
+    }
+}
+
+/// The forward kernel over packed sequences.
+///
+/// Parameters, in order: `q` (`[tokens, heads, head_dim]`), `k` (`[tokens, kv_heads, head_dim]`),
+/// `v` (`[tokens, kv_heads, value_dim]`), `o` (`[tokens, heads, value_dim]`), `lse`
+/// (`[tokens, heads]`: ln Σ_j e^{s_ij} of the scaled scores, for the backward), `cu_seqlens`
+/// (`[sequences + 1]`). Grid: sequences × heads, then ⌈max sequence length / block_q⌉ query
+/// blocks; blocks past a sequence's end store nothing.
+pub fn forward(cfg: &AttnConfig, tiling: AttnTiling) -> Result<Kernel, LowerError> {
+    let group = cfg.check()?;
+    let (d, dv, bq, bk) = (cfg.head_dim, cfg.value_dim, tiling.block_q, tiling.block_k);
+    if bq == 0 || bk == 0 {
+        return Err(cfg.error("block_q and block_k must be positive"));
+    }
+    let mut b = Builder::new(&format!("{}_attn_fwd", cfg.name), &["sequences * heads", "query blocks"]);
+    let q_ptr = b.ptr("q", DType::F32, false);
+    let k_ptr = b.ptr("k", DType::F32, false);
+    let v_ptr = b.ptr("v", DType::F32, false);
+    let o_ptr = b.ptr("o", DType::F32, true);
+    let lse_ptr = b.ptr("lse", DType::F32, true);
+    let cu_ptr = b.ptr("cu_seqlens", DType::I64, false);
+
+    // Which (sequence, head, query block) this instance computes.
+    let pid0 = b.program_id(0);
+    let heads = b.i64(i64::from(cfg.heads));
+    let seq = b.binary(BinOp::Div, pid0, heads);
+    let head = b.binary(BinOp::Rem, pid0, heads);
+    let group_v = b.i64(i64::from(group));
+    let kv_head = b.binary(BinOp::Div, head, group_v);
+    let one = b.i64(1);
+    let seq_next = b.add(seq, one);
+    let bos = load_scalar(&mut b, cu_ptr, seq);
+    let eos = load_scalar(&mut b, cu_ptr, seq_next);
+    let len = b.sub(eos, bos);
+    let pid1 = b.program_id(1);
+    let bq_v = b.i64(i64::from(bq));
+    let q0 = b.mul(pid1, bq_v);
+
+    // The query block: positions within the sequence, masked to the sequence.
+    let iota_q = b.iota(bq);
+    let rows = b.add(iota_q, q0);
+    let row_valid = b.cmp(CmpOp::Lt, rows, len);
+    let row_valid_c = b.col(row_valid);
+    let q_tokens = b.add(rows, bos);
+    let q = load_heads(&mut b, q_ptr, q_tokens, cfg.heads, head, d, row_valid_c, cfg.rope_theta.map(|t| (t, rows)));
+    let scale = b.f32(cfg.scale);
+    let q = b.mul(q, scale);
+
+    // Keys [lo, hi): from the window's start (or 0) up to the block's last query; an empty range
+    // for blocks past the end.
+    let bq_end = b.add(q0, bq_v);
+    let hi = b.binary(BinOp::Min, bq_end, len);
+    let zero_i = b.i64(0);
+    let lo = match cfg.window {
+        Some(w) => {
+            let reach = b.i64(i64::from(w) - 1);
+            let start = b.sub(q0, reach);
+            b.max(start, zero_i)
+        }
+        None => zero_i,
+    };
+    let past_end = b.cmp(CmpOp::Ge, q0, len);
+    let hi = b.select(past_end, lo, hi);
+
+    let init = softmax_init(&mut b, bq, dv);
+    let bk_v = b.i64(i64::from(bk));
+    let out = b.for_loop(lo, hi, bk_v, &init, |b, j0, state| {
+        let iota_k = b.iota(bk);
+        let cols = b.add(iota_k, j0);
+        let col_valid = b.cmp(CmpOp::Lt, cols, len);
+        let col_valid_c = b.col(col_valid);
+        let k_tokens = b.add(cols, bos);
+        let k = load_heads(b, k_ptr, k_tokens, cfg.kv_heads, kv_head, d, col_valid_c, cfg.rope_theta.map(|t| (t, cols)));
+        let v = load_heads(b, v_ptr, k_tokens, cfg.kv_heads, kv_head, dv, col_valid_c, None);
+        let kt = b.transpose(k);
+        let s = b.dot(q, kt);
+        // Visible: an existing key, causal, and inside the window.
+        let i = b.col(rows);
+        let j = b.row(cols);
+        let causal = b.cmp(CmpOp::Le, j, i);
+        let exists = b.row(col_valid);
+        let mut visible = b.binary(BinOp::And, causal, exists);
+        if let Some(w) = cfg.window {
+            let w_v = b.i64(i64::from(w));
+            let first = b.sub(i, w_v);
+            let inside = b.cmp(CmpOp::Gt, j, first);
+            visible = b.binary(BinOp::And, visible, inside);
+        }
+        softmax_step(b, state, s, visible, v)
+    });
+    let (o, lse) = softmax_finish(&mut b, &out);
+
+    let o_off = head_offsets(&mut b, q_tokens, cfg.heads, head, dv);
+    b.store(o_ptr, o_off, o, Some(row_valid_c));
+    let lse_off = b.mul(q_tokens, heads);
+    let lse_off = b.add(lse_off, head);
+    b.store(lse_ptr, lse_off, lse, Some(row_valid));
+    Ok(Kernel { program: b.finish(), grid: vec!["sequences * heads".into(), format!("ceil(max_len / {bq})")] })
+}
+
+/// One decode step: each sequence's new token attends over its cached keys and itself.
+///
+/// Parameters, in order: `q` (`[sequences, heads, head_dim]`), `k` (`[sequences, kv_heads,
+/// head_dim]`) and `v` (`[sequences, kv_heads, value_dim]`), the new token of every sequence;
+/// `k_cache` (`[sequences, max_len, kv_heads, head_dim]`, keys stored already rotated) and
+/// `v_cache` (`[sequences, max_len, kv_heads, value_dim]`); `lengths` (`[sequences]`: tokens
+/// cached so far, which is the new token's position); `o` (`[sequences, heads, value_dim]`); then
+/// the integer `max_len`. Grid: sequences × heads.
+///
+/// The kernel writes the new token's (rotated) key and value into slot `lengths[n]` of the cache;
+/// the caller then advances `lengths` by one. It never reads that slot (the new key is used from
+/// registers), so the one instance per kv head that writes it races with no reader. The caller
+/// keeps `lengths[n] < max_len`; a token at a full cache is attended to but not stored.
+pub fn decode(cfg: &AttnConfig, block_k: u32) -> Result<Kernel, LowerError> {
+    let group = cfg.check()?;
+    let (d, dv, bk) = (cfg.head_dim, cfg.value_dim, block_k);
+    if bk == 0 {
+        return Err(cfg.error("block_k must be positive"));
+    }
+    let mut b = Builder::new(&format!("{}_attn_decode", cfg.name), &["sequences * heads"]);
+    let q_ptr = b.ptr("q", DType::F32, false);
+    let k_ptr = b.ptr("k", DType::F32, false);
+    let v_ptr = b.ptr("v", DType::F32, false);
+    let kc_ptr = b.ptr("k_cache", DType::F32, true);
+    let vc_ptr = b.ptr("v_cache", DType::F32, true);
+    let len_ptr = b.ptr("lengths", DType::I64, false);
+    let o_ptr = b.ptr("o", DType::F32, true);
+    let max_len = b.int_param("max_len");
+
+    let pid0 = b.program_id(0);
+    let heads = b.i64(i64::from(cfg.heads));
+    let seq = b.binary(BinOp::Div, pid0, heads);
+    let head = b.binary(BinOp::Rem, pid0, heads);
+    let group_v = b.i64(i64::from(group));
+    let kv_head = b.binary(BinOp::Div, head, group_v);
+    let pos = load_scalar(&mut b, len_ptr, seq);
+    let pos_row = b.reshape(pos, &[1]);
+    let seq_row = b.reshape(seq, &[1]);
+    let always = b.bool(true);
+    let rope = cfg.rope_theta.map(|t| (t, pos_row));
+
+    // The new token, as one-row tiles; "token" here is the sequence's row in q, k, v.
+    let q = load_heads(&mut b, q_ptr, seq_row, cfg.heads, head, d, always, rope);
+    let scale = b.f32(cfg.scale);
+    let q = b.mul(q, scale);
+    let k_new = load_heads(&mut b, k_ptr, seq_row, cfg.kv_heads, kv_head, d, always, rope);
+    let v_new = load_heads(&mut b, v_ptr, seq_row, cfg.kv_heads, kv_head, dv, always, None);
+
+    // Cache slots are numbered seq · max_len + position, as if the cache were [slots, kv_heads, ·].
+    let seq_base = b.mul(seq, max_len);
+    let slot = b.add(pos_row, seq_base);
+    let zero_i = b.i64(0);
+    let head_in_group = b.binary(BinOp::Rem, head, group_v);
+    let first_of_group = b.cmp(CmpOp::Eq, head_in_group, zero_i);
+    let fits = b.cmp(CmpOp::Lt, pos, max_len);
+    let writer = b.binary(BinOp::And, first_of_group, fits);
+    let k_slot = head_offsets(&mut b, slot, cfg.kv_heads, kv_head, d);
+    b.store(kc_ptr, k_slot, k_new, Some(writer));
+    let v_slot = head_offsets(&mut b, slot, cfg.kv_heads, kv_head, dv);
+    b.store(vc_ptr, v_slot, v_new, Some(writer));
+
+    // Cached keys [lo, pos), then the new key itself.
+    let lo = match cfg.window {
+        Some(w) => {
+            let reach = b.i64(i64::from(w) - 1);
+            let start = b.sub(pos, reach);
+            b.max(start, zero_i)
+        }
+        None => zero_i,
+    };
+    let init = softmax_init(&mut b, 1, dv);
+    let bk_v = b.i64(i64::from(bk));
+    let cached = b.for_loop(lo, pos, bk_v, &init, |b, j0, state| {
+        let iota_k = b.iota(bk);
+        let cols = b.add(iota_k, j0);
+        let valid = b.cmp(CmpOp::Lt, cols, pos);
+        let valid_c = b.col(valid);
+        let slots = b.add(cols, seq_base);
+        let k = load_heads(b, kc_ptr, slots, cfg.kv_heads, kv_head, d, valid_c, None);
+        let v = load_heads(b, vc_ptr, slots, cfg.kv_heads, kv_head, dv, valid_c, None);
+        let kt = b.transpose(k);
+        let s = b.dot(q, kt);
+        let visible = b.row(valid);
+        softmax_step(b, state, s, visible, v)
+    });
+    let kt_new = b.transpose(k_new);
+    let s_new = b.dot(q, kt_new);
+    let all = b.broadcast(always, &[1, 1]);
+    let last = softmax_step(&mut b, &cached, s_new, all, v_new);
+    let (o, _lse) = softmax_finish(&mut b, &last);
+    let o_off = head_offsets(&mut b, seq_row, cfg.heads, head, dv);
+    b.store(o_ptr, o_off, o, None);
+    Ok(Kernel { program: b.finish(), grid: vec!["sequences * heads".into()] })
+}
+
+/// Element offsets `[n, width]` of head `head` of the given rows of a `[rows, heads, width]` tensor.
+fn head_offsets(b: &mut Builder, rows: Value, heads: u32, head: Value, width: u32) -> Value {
+    let cols = b.iota(width);
+    head_offsets_at(b, rows, heads, head, width, cols)
+}
+
+/// Like [`head_offsets`], reading the columns in the order `cols` gives.
+fn head_offsets_at(b: &mut Builder, rows: Value, heads: u32, head: Value, width: u32, cols: Value) -> Value {
+    let heads_v = b.i64(i64::from(heads));
+    let width_v = b.i64(i64::from(width));
+    let r = b.col(rows);
+    let rh = b.mul(r, heads_v);
+    let rh = b.add(rh, head);
+    let base = b.mul(rh, width_v);
+    let c = b.row(cols);
+    b.add(base, c)
+}
+
+/// Loads head `head` of the given rows (`[n, width]`, zero where `mask` is off), rotated by RoPE at
+/// `(θ, positions)` when given.
+#[allow(clippy::too_many_arguments)]
+fn load_heads(
+    b: &mut Builder,
+    ptr: Ptr,
+    rows: Value,
+    heads: u32,
+    head: Value,
+    width: u32,
+    mask: Value,
+    rope: Option<(f64, Value)>,
+) -> Value {
+    let off = head_offsets(b, rows, heads, head, width);
+    let x = b.load(ptr, off, Some(mask), 0.0);
+    let Some((theta, positions)) = rope else {
+        return x;
+    };
+    // The partner of column c is column (c + d/2) mod d: the other half of its rotation pair.
+    let half = b.i64(i64::from(width / 2));
+    let width_v = b.i64(i64::from(width));
+    let cols = b.iota(width);
+    let shifted = b.add(cols, half);
+    let partner_cols = b.binary(BinOp::Rem, shifted, width_v);
+    let partner_off = head_offsets_at(b, rows, heads, head, width, partner_cols);
+    let partner = b.load(ptr, partner_off, Some(mask), 0.0);
+    rope_rotate(b, x, partner, positions, width, theta)
+}
+
+/// RoPE on non-interleaved halves: for pair i (columns i and i + d/2) at angle a = pos · θ^(−2i/d),
+/// x_i ← x_i cos a − x_{i+d/2} sin a and x_{i+d/2} ← x_{i+d/2} cos a + x_i sin a.
+fn rope_rotate(b: &mut Builder, x: Value, partner: Value, positions: Value, d: u32, theta: f64) -> Value {
+    let cols = b.iota(d);
+    let half = b.i64(i64::from(d / 2));
+    let pair = b.binary(BinOp::Rem, cols, half);
+    let pair = b.cast(pair, DType::F32);
+    // θ^(−2i/d) by pow rather than e^{−2i/d · ln θ}: with d a power of two the exponent is exact,
+    // and pow rounds the result once, where exp would also amplify the rounding of ln θ.
+    let step = b.f32(-2.0 / f64::from(d));
+    let exponent = b.mul(pair, step);
+    let theta_v = b.f32(theta);
+    let inv_freq = b.binary(BinOp::Pow, theta_v, exponent);
+    let pos = b.cast(positions, DType::F32);
+    let pos = b.col(pos);
+    let inv_freq = b.row(inv_freq);
+    let angle = b.mul(pos, inv_freq);
+    let cos = b.unary(UnOp::Cos, angle);
+    let sin = b.unary(UnOp::Sin, angle);
+    // The first half takes −partner·sin, the second +partner·sin.
+    let first_half = b.cmp(CmpOp::Lt, cols, half);
+    let minus = b.f32(-1.0);
+    let plus = b.f32(1.0);
+    let sign = b.select(first_half, minus, plus);
+    let sign = b.row(sign);
+    let xc = b.mul(x, cos);
+    let ps = b.mul(partner, sin);
+    let ps = b.mul(ps, sign);
+    b.add(xc, ps)
+}
+
+/// The online softmax's initial state for `rows` queries: m = NEG, l = 0, acc = 0.
+fn softmax_init(b: &mut Builder, rows: u32, dv: u32) -> Vec<Value> {
+    let neg = b.f32(NEG);
+    let zero = b.f32(0.0);
+    let m = b.broadcast(neg, &[rows]);
+    let l = b.broadcast(zero, &[rows]);
+    let acc = b.broadcast(zero, &[rows, dv]);
+    vec![m, l, acc]
+}
+
+/// One block of keys: scores `s` `[rows, keys]` (already scaled), `visible` (bool, broadcastable to
+/// `s`), values `v` `[keys, dv]`; returns the next (m, l, acc).
+fn softmax_step(b: &mut Builder, state: &[Value], s: Value, visible: Value, v: Value) -> Vec<Value> {
+    let (m, l, acc) = (state[0], state[1], state[2]);
+    let neg = b.f32(NEG);
+    let zero = b.f32(0.0);
+    let s = b.select(visible, s, neg);
+    let block_max = b.reduce(ReduceOp::Max, s, 1);
+    let m_new = b.max(m, block_max);
+    let shift = b.sub(m, m_new);
+    let alpha = b.exp(shift);
+    let m_col = b.col(m_new);
+    let centred = b.sub(s, m_col);
+    let p = b.exp(centred);
+    // Explicitly zero, not e^{NEG − m'}: while no key has been visible yet m' is NEG too.
+    let p = b.select(visible, p, zero);
+    let l_scaled = b.mul(l, alpha);
+    let p_sum = b.sum(p, 1);
+    let l_new = b.add(l_scaled, p_sum);
+    let alpha_col = b.col(alpha);
+    let acc_scaled = b.mul(acc, alpha_col);
+    let pv = b.dot(p, v);
+    let acc_new = b.add(acc_scaled, pv);
+    vec![m_new, l_new, acc_new]
+}
+
+/// o = acc / l and lse = m + ln l; rows that saw no key (only past a sequence's end) divide by 1.
+fn softmax_finish(b: &mut Builder, state: &[Value]) -> (Value, Value) {
+    let (m, l, acc) = (state[0], state[1], state[2]);
+    let zero = b.f32(0.0);
+    let one = b.f32(1.0);
+    let seen = b.cmp(CmpOp::Gt, l, zero);
+    let l = b.select(seen, l, one);
+    let l_col = b.col(l);
+    let o = b.div(acc, l_col);
+    let log_l = b.unary(UnOp::Log, l);
+    let lse = b.add(m, log_l);
+    (o, lse)
+}

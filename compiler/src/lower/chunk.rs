@@ -1,0 +1,212 @@
+//! The scaffolding every chunked recurrence kernel shares: its parameters (the token inputs the
+//! declaration's expressions use, per-head parameters, `lower_bound`, the output, initial and final
+//! states, `cu_seqlens`), the decomposition of the grid into (sequence, head, value block), the
+//! state tile's offsets, and per-chunk masked loads of the token inputs. The class-specific math
+//! lives in [`super::decay`] and [`super::delta`].
+
+use hlac_runtime::kir::build::Ptr;
+use hlac_runtime::kir::{BinOp, Builder, CmpOp, DType, Value};
+
+use super::expr::{self, Env};
+use super::{LowerError, Recurrence, Tiling};
+
+/// How an input's columns map onto the state: an input over V is read for this instance's value
+/// block only.
+#[derive(Clone, Copy)]
+enum Axis {
+    K,
+    V,
+    Scalar,
+}
+
+/// What every chunked recurrence kernel shares, built into a [`Builder`] by [`Scaffold::new`].
+pub struct Scaffold {
+    /// Names bound for the whole program (sizes, head parameters, `head_index`, `lower_bound`).
+    pub env: Env,
+    tokens: Vec<(String, Ptr, Axis)>,
+    /// The output pointer.
+    pub o: Ptr,
+    ht: Ptr,
+    use_ht: Value,
+    /// Heads as an i64 scalar.
+    pub h_count: Value,
+    /// This instance's head.
+    pub head: Value,
+    /// First token of this instance's sequence.
+    pub bos: Value,
+    /// Its length.
+    pub len: Value,
+    /// 0..K.
+    pub k_cols: Value,
+    /// This instance's value columns.
+    pub v_cols: Value,
+    /// Offsets of this instance's [K, block_v] state tile in `h0`/`ht`.
+    pub s_off: Value,
+    /// The initial state tile (zeros unless `use_h0`).
+    pub s0: Value,
+    /// Sizes.
+    pub k: u32,
+    /// Value size.
+    pub v: u32,
+    /// Chunk length.
+    pub c: u32,
+    /// Value block.
+    pub bv: u32,
+}
+
+/// One chunk's inputs.
+pub struct Chunk {
+    /// Names bound for this chunk: the static ones plus every token input ([C, D] tiles).
+    pub env: Env,
+    /// [C, 1] rows inside the sequence.
+    pub valid: Value,
+    /// [C, 1] token·heads + head, the row index into [tokens, heads, …] tensors.
+    pub row: Value,
+}
+
+impl Scaffold {
+    /// Declares the parameters and computes everything that does not change across chunks.
+    /// `used` lists the names the class's expressions mention.
+    pub fn new(r: &Recurrence<'_>, tiling: Tiling, kernel: &str, used: &[String]) -> Result<(Builder, Scaffold), LowerError> {
+        let (k, v, c, bv, heads) = (r.k(), r.v(), tiling.chunk, tiling.block_v, r.heads as i64);
+        if bv == 0 || v % bv != 0 {
+            return Err(r.error(format!("block_v = {bv} does not divide V = {v}")));
+        }
+        let is_used = |n: &str| used.iter().any(|u| u == n);
+        let mut b = Builder::new(&format!("{}_{kernel}", r.name), &["sequences * heads", "value blocks"]);
+        let mut tokens = Vec::new();
+        for t in r.math.tokens.iter().filter(|t| is_used(&t.name.name)) {
+            let axis = match &t.dim {
+                None => Axis::Scalar,
+                Some(d) if d.name == r.math.key_axis.0 => Axis::K,
+                Some(_) => Axis::V,
+            };
+            tokens.push((t.name.name.clone(), b.ptr(&t.name.name, DType::F32, false), axis));
+        }
+        let head_ptrs: Vec<_> =
+            r.math.head_params.iter().filter(|p| is_used(&p.name)).map(|p| (p.name.clone(), b.ptr(&p.name, DType::F32, false))).collect();
+        let lb_ptr = is_used("lower_bound").then(|| b.ptr("lower_bound", DType::F32, false));
+        let o = b.ptr("o", DType::F32, true);
+        let h0 = b.ptr("h0", DType::F32, false);
+        let ht = b.ptr("ht", DType::F32, true);
+        let cu = b.ptr("cu_seqlens", DType::I64, false);
+        let use_h0 = b.int_param("use_h0");
+        let use_ht = b.int_param("use_ht");
+
+        // Which (sequence, head, value block) this instance computes.
+        let pid0 = b.program_id(0);
+        let h_count = b.i64(heads);
+        let seq = b.binary(BinOp::Div, pid0, h_count);
+        let head = b.binary(BinOp::Rem, pid0, h_count);
+        let pid1 = b.program_id(1);
+        let bv_v = b.i64(i64::from(bv));
+        let v0 = b.mul(pid1, bv_v);
+        let one = b.i64(1);
+        let seq_next = b.add(seq, one);
+        let bos = load_scalar(&mut b, cu, seq);
+        let eos = load_scalar(&mut b, cu, seq_next);
+        let len = b.sub(eos, bos);
+
+        let k_cols = b.iota(k);
+        let v_iota = b.iota(bv);
+        let v_cols = b.add(v_iota, v0);
+        let kv = b.i64(i64::from(k) * i64::from(v));
+        let sh = b.mul(seq, h_count);
+        let sh = b.add(sh, head);
+        let s_base = b.mul(sh, kv);
+        let v_size = b.i64(i64::from(v));
+        let kc = b.col(k_cols);
+        let krow = b.mul(kc, v_size);
+        let vr = b.row(v_cols);
+        let s_off = b.add(krow, vr);
+        let s_off = b.add(s_off, s_base);
+        let zero = b.i64(0);
+        let has_h0 = b.cmp(CmpOp::Ne, use_h0, zero);
+        let s0 = b.load(h0, s_off, Some(has_h0), 0.0);
+
+        let mut env = Env::new();
+        let kf = b.f32(f64::from(k));
+        let vf = b.f32(f64::from(v));
+        env.insert(r.math.key_axis.0.clone(), kf);
+        env.insert(r.math.value_axis.0.clone(), vf);
+        let head_f = b.cast(head, DType::F32);
+        env.insert("head_index".into(), head_f);
+        for (name, p) in &head_ptrs {
+            let x = load_scalar(&mut b, *p, head);
+            env.insert(name.clone(), x);
+        }
+        if let Some(p) = lb_ptr {
+            let k_size = b.i64(i64::from(k));
+            let base = b.mul(head, k_size);
+            let off = b.add(k_cols, base);
+            let lb = b.load(p, off, None, 0.0);
+            let lb = b.row(lb);
+            env.insert("lower_bound".into(), lb);
+        }
+        Ok((b, Scaffold { env, tokens, o, ht, use_ht, h_count, head, bos, len, k_cols, v_cols, s_off, s0, k, v, c, bv }))
+    }
+
+    /// Loads the token inputs of the chunk starting at `t0` (zero past the sequence's end).
+    pub fn chunk(&self, b: &mut Builder, t0: Value) -> Chunk {
+        let iota_c = b.iota(self.c);
+        let rows = b.add(iota_c, t0);
+        let valid = b.cmp(CmpOp::Lt, rows, self.len);
+        let valid = b.col(valid);
+        let tok = b.add(rows, self.bos);
+        let tok = b.col(tok);
+        let row = b.mul(tok, self.h_count);
+        let row = b.add(row, self.head);
+        let mut env = self.env.clone();
+        for (name, p, axis) in &self.tokens {
+            let (cols, width) = match axis {
+                Axis::K => (self.k_cols, self.k),
+                Axis::V => (self.v_cols, self.v),
+                Axis::Scalar => (b.iota(1), 1),
+            };
+            let w = b.i64(i64::from(width));
+            let base = b.mul(row, w);
+            let cr = b.row(cols);
+            let off = b.add(base, cr);
+            let x = b.load(*p, off, Some(valid), 0.0);
+            env.insert(name.clone(), x);
+        }
+        Chunk { env, valid, row }
+    }
+
+    /// Stores a [C, block_v] output tile for the chunk's valid rows.
+    pub fn store_output(&self, b: &mut Builder, chunk: &Chunk, o: Value) {
+        let v_size = b.i64(i64::from(self.v));
+        let base = b.mul(chunk.row, v_size);
+        let vr = b.row(self.v_cols);
+        let off = b.add(base, vr);
+        b.store(self.o, off, o, Some(chunk.valid));
+    }
+
+    /// Stores the final state (when `use_ht`) and returns the finished program.
+    pub fn finish(&self, mut b: Builder, s: Value) -> hlac_runtime::kir::Program {
+        let zero = b.i64(0);
+        let has_ht = b.cmp(CmpOp::Ne, self.use_ht, zero);
+        b.store(self.ht, self.s_off, s, Some(has_ht));
+        b.finish()
+    }
+}
+
+/// Every name the class's expressions mention.
+pub fn used_names(r: &Recurrence<'_>) -> Vec<String> {
+    let ex = &r.class.exprs;
+    let mut used = Vec::new();
+    for e in [ex.decay.as_ref(), ex.beta.as_ref(), ex.key.as_ref(), ex.value.as_ref(), ex.query.as_ref(), ex.scale.as_ref()]
+        .into_iter()
+        .flatten()
+    {
+        expr::names(e, &mut used);
+    }
+    used
+}
+
+/// Loads one element at a scalar offset.
+pub fn load_scalar(b: &mut Builder, ptr: Ptr, offset: Value) -> Value {
+    let off = b.reshape(offset, &[1]);
+    let x = b.load(ptr, off, None, 0.0);
+    b.reshape(x, &[])
+}

@@ -1,0 +1,140 @@
+//! The delta class (DeltaNet, Gated DeltaNet and any declared S ← α (I − β k kᵀ) S + β k vᵀ): the
+//! chunked WY/UT forward of algorithms.md §2.1, per (sequence, head, block of value columns), over
+//! packed variable-length sequences. Per chunk, with λ = cumsum log α (α scalar; zero past the
+//! sequence's end, as are k, v and β there, so those rows change nothing):
+//!
+//! ```text
+//! L  = (Diag(β) K Kᵀ ⊙ Γ)_<      T = (I + L)⁻¹      (tri_inv)
+//! U  = T Diag(β) V               W = T Diag(β ⊙ e^λ) K
+//! Δ  = U − W S                   A = s (Q Kᵀ ⊙ Γ)_≤
+//! O  = s Diag(e^λ) Q S + A Δ     S ← e^Λ S + (Diag(e^{Λ−λ}) K)ᵀ Δ
+//! ```
+//!
+//! Every exponent inside the masks is ≤ 0. DeltaNet (no decay) drops the exponentials.
+
+use hlac_runtime::kir::{Builder, CmpOp, Value};
+
+use super::chunk::{used_names, Chunk, Scaffold};
+use super::decay::{causal_mask, decay_matrix};
+use super::expr;
+use super::{Kernel, LowerError, Recurrence, Tiling};
+use crate::classify::{Decay, Family};
+
+/// The chunked forward kernel; parameters, layout and grid as in [`super::decay::forward`].
+pub fn forward(r: &Recurrence<'_>, tiling: Tiling) -> Result<Kernel, LowerError> {
+    if r.class.family != Family::Delta {
+        return Err(r.error(format!("the delta-class forward does not apply to the {:?} family", r.class.family)));
+    }
+    let (mut b, sc) = Scaffold::new(r, tiling, "chunk_fwd", &used_names(r))?;
+    let zero = b.i64(0);
+    let chunk_len = b.i64(i64::from(sc.c));
+    let mut failure = None;
+    let out = b.for_loop(zero, sc.len, chunk_len, &[sc.s0], |b, t0, carried| {
+        let chunk = sc.chunk(b, t0);
+        match step(r, &sc, b, &chunk, carried[0]) {
+            Ok(next) => vec![next],
+            Err(e) => {
+                failure = Some(e);
+                vec![carried[0]]
+            }
+        }
+    });
+    if let Some(e) = failure {
+        return Err(r.error(e));
+    }
+    let grid = vec!["sequences * heads".into(), format!("{} / {}", r.v(), sc.bv)];
+    Ok(Kernel { program: sc.finish(b, out[0]), grid })
+}
+
+fn step(r: &Recurrence<'_>, sc: &Scaffold, b: &mut Builder, chunk: &Chunk, s: Value) -> Result<Value, String> {
+    let ex = &r.class.exprs;
+    let key = ex.key.as_ref().ok_or("no key expression")?;
+    let value = ex.value.as_ref().ok_or("no value expression")?;
+    let query = ex.query.as_ref().ok_or("the read-out has no query")?;
+    let (kd, c, bv, env, valid) = (sc.k, sc.c, sc.bv, &chunk.env, chunk.valid);
+    let zero = b.f32(0.0);
+    let mut q = expr::lower(b, query, env)?;
+    if let Some(scale) = &ex.scale {
+        let s = expr::lower(b, scale, env)?;
+        q = b.mul(q, s);
+    }
+    let q = b.broadcast(q, &[c, kd]);
+    let k = expr::lower(b, key, env)?;
+    let k = b.broadcast(k, &[c, kd]);
+    let k = b.select(valid, k, zero);
+    let v = expr::lower(b, value, env)?;
+    let v = b.broadcast(v, &[c, bv]);
+    let v = b.select(valid, v, zero);
+    let beta = match &ex.beta {
+        Some(e) => expr::lower(b, e, env)?,
+        None => b.f32(1.0),
+    };
+    let beta = b.broadcast(beta, &[c, 1]);
+    let beta = b.select(valid, beta, zero);
+
+    let causal = causal_mask(b, c);
+    let iota = b.iota(c);
+    let ii = b.col(iota);
+    let jj = b.row(iota);
+    let strict = b.cmp(CmpOp::Lt, jj, ii);
+    // Γ and the row factors e^λ, e^{Λ−λ}, e^Λ (all ones without decay).
+    let decay = ex.decay.as_ref().filter(|_| !matches!(r.class.decay, Decay::None));
+    let (gamma_le, gamma_lt, e_lam, to_end, e_total) = match decay {
+        Some(d) => {
+            let g = expr::log_of(b, d, env)?;
+            let g = b.broadcast(g, &[c, 1]);
+            let g = b.select(valid, g, zero);
+            let lam = b.cumsum(g, 0, false);
+            let total = b.sum(g, 0);
+            let total = b.reshape(total, &[1, 1]);
+            let gamma_le = decay_matrix(b, lam, causal);
+            let gamma_lt = decay_matrix(b, lam, strict);
+            let e_lam = b.exp(lam);
+            let rest = b.sub(total, lam);
+            let to_end = b.exp(rest);
+            let e_total = b.exp(total);
+            (gamma_le, gamma_lt, Some(e_lam), Some(to_end), Some(e_total))
+        }
+        None => {
+            let one = b.f32(1.0);
+            let gamma_le = b.select(causal, one, zero);
+            let gamma_lt = b.select(strict, one, zero);
+            (gamma_le, gamma_lt, None, None, None)
+        }
+    };
+    // The UT transform of the chunk.
+    let kt = b.transpose(k);
+    let kk = b.dot(k, kt);
+    let bkk = b.mul(kk, beta);
+    let l = b.mul(bkk, gamma_lt);
+    let t = b.tri_inv(l);
+    let bv_rows = b.mul(v, beta);
+    let u = b.dot(t, bv_rows);
+    let bk = b.mul(k, beta);
+    let bk = match e_lam {
+        Some(e) => b.mul(bk, e),
+        None => bk,
+    };
+    let w = b.dot(t, bk);
+    let ws = b.dot(w, s);
+    let delta = b.sub(u, ws);
+    // Output: inter-chunk from the old state, intra-chunk through Δ.
+    let qg = match e_lam {
+        Some(e) => b.mul(q, e),
+        None => q,
+    };
+    let o_inter = b.dot(qg, s);
+    let qk = b.dot(q, kt);
+    let a = b.mul(qk, gamma_le);
+    let o_intra = b.dot(a, delta);
+    let o = b.add(o_inter, o_intra);
+    sc.store_output(b, chunk, o);
+    // State update.
+    let (s, k_state) = match (e_total, to_end) {
+        (Some(total), Some(rest)) => (b.mul(s, total), b.mul(k, rest)),
+        _ => (s, k),
+    };
+    let kst = b.transpose(k_state);
+    let upd = b.dot(kst, delta);
+    Ok(b.add(s, upd))
+}

@@ -1,0 +1,126 @@
+//! The elementwise class (HGRN, and any declared recurrence whose state is one number per head):
+//! h_t = α_t ⊙ h_{t−1} + k_t ⊙ v_t, o_t = h_t, with every head an independent channel
+//! (algorithms.md §3). One program per (sequence, block of channels) walks the tokens in order
+//! with the gate activation, key and value fused in — a single memory-bound pass. The channel
+//! block is the vector width; no matrix products are involved.
+
+use hlac_runtime::kir::{Builder, CmpOp, DType};
+
+use super::chunk::{load_scalar, used_names};
+use super::expr::{self, Env};
+use super::{Kernel, LowerError, Recurrence};
+use crate::classify::{Decay, Family};
+
+/// The scan kernel. Parameters: the token inputs the expressions use (`[tokens, heads]`), the
+/// per-head parameters and `lower_bound` (`[heads]`), `o` (`[tokens, heads]`), `h0`/`ht`
+/// (`[sequences, heads]`), `cu_seqlens`, and the integers `use_h0`, `use_ht`.
+/// Grid: sequences, ⌈heads / block⌉.
+pub fn forward(r: &Recurrence<'_>, block: u32) -> Result<Kernel, LowerError> {
+    if r.class.family != Family::Scan {
+        return Err(r.error(format!("the elementwise scan does not apply to the {:?} family", r.class.family)));
+    }
+    let ex = &r.class.exprs;
+    let (key, value) = match (&ex.key, &ex.value) {
+        (Some(k), Some(v)) => (k, v),
+        _ => return Err(r.error("the class has no key or value expression")),
+    };
+    let used = used_names(r);
+    let is_used = |n: &str| used.iter().any(|u| u == n);
+    let heads = r.heads as i64;
+    let mut b = Builder::new(&format!("{}_scan_fwd", r.name), &["sequences", "channel blocks"]);
+    let tokens: Vec<_> = r
+        .math
+        .tokens
+        .iter()
+        .filter(|t| is_used(&t.name.name))
+        .map(|t| (t.name.name.clone(), b.ptr(&t.name.name, DType::F32, false)))
+        .collect();
+    let per_head: Vec<_> = r
+        .math
+        .head_params
+        .iter()
+        .map(|p| p.name.clone())
+        .chain(is_used("lower_bound").then(|| "lower_bound".to_string()))
+        .filter(|n| is_used(n))
+        .map(|n| {
+            let p = b.ptr(&n, DType::F32, false);
+            (n, p)
+        })
+        .collect();
+    let o = b.ptr("o", DType::F32, true);
+    let h0 = b.ptr("h0", DType::F32, false);
+    let ht = b.ptr("ht", DType::F32, true);
+    let cu = b.ptr("cu_seqlens", DType::I64, false);
+    let use_h0 = b.int_param("use_h0");
+    let use_ht = b.int_param("use_ht");
+
+    let seq = b.program_id(0);
+    let blk = b.program_id(1);
+    let bw = b.i64(i64::from(block));
+    let c0 = b.mul(blk, bw);
+    let lanes = b.iota(block);
+    let channels = b.add(lanes, c0);
+    let h_count = b.i64(heads);
+    let inside = b.cmp(CmpOp::Lt, channels, h_count);
+    let one = b.i64(1);
+    let next = b.add(seq, one);
+    let bos = load_scalar(&mut b, cu, seq);
+    let eos = load_scalar(&mut b, cu, next);
+    let zero = b.i64(0);
+    let has_h0 = b.cmp(CmpOp::Ne, use_h0, zero);
+    let state_base = b.mul(seq, h_count);
+    let state_off = b.add(channels, state_base);
+    let h0_mask = b.binary(hlac_runtime::kir::BinOp::And, inside, has_h0);
+    let h_init = b.load(h0, state_off, Some(h0_mask), 0.0);
+
+    let mut env = Env::new();
+    let kf = b.f32(1.0);
+    env.insert(r.math.key_axis.0.clone(), kf);
+    env.insert(r.math.value_axis.0.clone(), kf);
+    let head_f = b.cast(channels, DType::F32);
+    env.insert("head_index".into(), head_f);
+    for (name, p) in &per_head {
+        let x = b.load(*p, channels, Some(inside), 0.0);
+        env.insert(name.clone(), x);
+    }
+    let mut failure = None;
+    let out = b.for_loop(bos, eos, one, &[h_init], |b, t, carried| {
+        let row = b.mul(t, h_count);
+        let off = b.add(channels, row);
+        let mut env = env.clone();
+        for (name, p) in &tokens {
+            let x = b.load(*p, off, Some(inside), 0.0);
+            env.insert(name.clone(), x);
+        }
+        let step = (|| -> Result<_, String> {
+            let k = expr::lower(b, key, &env)?;
+            let v = expr::lower(b, value, &env)?;
+            let x = b.mul(k, v);
+            let h = match ex.decay.as_ref().filter(|_| !matches!(r.class.decay, Decay::None)) {
+                Some(d) => {
+                    let a = expr::lower(b, d, &env)?;
+                    let ah = b.mul(a, carried[0]);
+                    b.add(ah, x)
+                }
+                None => b.add(carried[0], x),
+            };
+            let h = b.broadcast(h, &[block]);
+            b.store(o, off, h, Some(inside));
+            Ok(h)
+        })();
+        match step {
+            Ok(h) => vec![h],
+            Err(e) => {
+                failure = Some(e);
+                vec![carried[0]]
+            }
+        }
+    });
+    if let Some(e) = failure {
+        return Err(r.error(e));
+    }
+    let has_ht = b.cmp(CmpOp::Ne, use_ht, zero);
+    let ht_mask = b.binary(hlac_runtime::kir::BinOp::And, inside, has_ht);
+    b.store(ht, state_off, out[0], Some(ht_mask));
+    Ok(Kernel { program: b.finish(), grid: vec!["sequences".into(), format!("ceil(heads / {block})")] })
+}
