@@ -321,3 +321,117 @@ fn hgrn_scan_matches_reference() {
         assert!(eo <= 1e-5 && es <= 1e-5, "HGRN {lengths:?}: output error {eo:.2e}, state error {es:.2e}");
     }
 }
+
+/// An input of a decode test: per token (packed [tokens, heads, dim]) or per head.
+enum Input {
+    Token(T3),
+    Head(Vec<f64>),
+}
+
+/// Runs the decode kernel token by token over `batch` sequences of `len` tokens each (packed
+/// sequence-major), starting from `h0`; returns the outputs in packed order and the final states.
+fn decode_steps(m: &hlac::ir::Mixer, inputs: &[(&str, Input)], batch: usize, len: usize, h0: &[f64]) -> (Vec<f32>, Vec<f32>) {
+    let math = m.instance.math.as_ref().expect("math");
+    let class = m.class.as_ref().expect("class");
+    let r = Recurrence { name: &m.name, class, math, heads: m.instance.heads };
+    let kernel = hlac::lower::decode::decode(&r, 16).expect("lowers");
+    let (v, h) = (math.value_axis.1 as usize, m.instance.heads as usize);
+    let mut module = CpuModule::new().expect("jit");
+    let program = kernel.program.clone();
+    let id = module.add(kernel.program).unwrap_or_else(|e| panic!("{e}\n{program}"));
+    let mut state = f32s(h0);
+    let mut out = vec![f32::NAN; batch * len * h * v];
+    for t in 0..len {
+        let step: Vec<(&str, Vec<f32>)> = inputs
+            .iter()
+            .map(|(name, x)| match x {
+                Input::Token(x) => {
+                    let rows: Vec<f64> = (0..batch).flat_map(|s| x.row(s * len + t).to_vec()).collect();
+                    (*name, f32s(&rows))
+                }
+                Input::Head(p) => (*name, f32s(p)),
+            })
+            .collect();
+        let mut o = vec![f32::NAN; batch * h * v];
+        {
+            let (mut o_slot, mut s_slot) = (Some(&mut o[..]), Some(&mut state[..]));
+            let mut args: Vec<Arg<'_>> = Vec::new();
+            for p in &program.params {
+                args.push(match p.name.as_str() {
+                    "o" => Arg::F32Mut(o_slot.take().expect("once")),
+                    "state" => Arg::F32Mut(s_slot.take().expect("once")),
+                    name => Arg::F32(&step.iter().find(|(n, _)| *n == name).unwrap_or_else(|| panic!("no input `{name}`")).1),
+                });
+            }
+            module.launch(id, &mut args, &[(batch * h) as u64, (v / 16) as u64]).expect("runs");
+        }
+        for s in 0..batch {
+            let dst = (s * len + t) * h * v;
+            out[dst..dst + h * v].copy_from_slice(&o[s * h * v..(s + 1) * h * v]);
+        }
+    }
+    (out, state)
+}
+
+#[test]
+fn decode_step_by_step_equals_the_reference_and_the_chunked_forward() {
+    let (batch, len) = (3usize, 9usize);
+    let cu: Vec<usize> = (0..=batch).map(|s| s * len).collect();
+    let cu64: Vec<i64> = cu.iter().map(|&x| x as i64).collect();
+    for (spec, what) in [(GLA, "GLA"), (HGRN2, "HGRN2"), (DELTANET, "DeltaNet"), (GDN, "GDN"), (DECAYED_DELTA, "DecayedDelta")] {
+        let m = mixer(spec);
+        let math = m.instance.math.as_ref().expect("math");
+        let (k, v, h) = (math.key_axis.1 as usize, math.value_axis.1 as usize, m.instance.heads as usize);
+        let total = batch * len;
+        let mut rng = Rng::new(100 + k as u64 + v as u64 + h as u64);
+        let mut tensors: Vec<(&str, Input)> = Vec::new();
+        for t in &math.tokens {
+            let dim = match &t.dim {
+                None => 1,
+                Some(d) if d.name == math.key_axis.0 => k,
+                Some(_) => v,
+            };
+            tensors.push((Box::leak(t.name.name.clone().into_boxed_str()), Input::Token(rng.t3_normal(total, h, dim))));
+        }
+        for p in &math.head_params {
+            tensors.push((Box::leak(p.name.clone().into_boxed_str()), Input::Head(rng.vec(h, -1.0, 1.0))));
+        }
+        if what == "HGRN2" {
+            tensors.push(("lower_bound", Input::Head(rng.vec(h * k, 0.0, 0.9))));
+        }
+        let h0: Vec<f64> = rng.normals(batch * h * k * v);
+        let (o, s) = decode_steps(&m, &tensors, batch, len, &h0);
+        // The chunked forward on the same packed sequences.
+        let flat: Vec<(&str, Vec<f32>)> = tensors
+            .iter()
+            .map(|(n, x)| match x {
+                Input::Token(t) => (*n, f32s(&t.data)),
+                Input::Head(p) => (*n, f32s(p)),
+            })
+            .collect();
+        let (fo, fs) = run_forward(&m, Tiling { chunk: 16, block_v: 16 }, &flat, &cu64, Some(&f32s(&h0)));
+        let as_f64 = |x: &[f32]| x.iter().map(|v| f64::from(*v)).collect::<Vec<f64>>();
+        let (eo, es) = (rel_l2(&o, &as_f64(&fo)), rel_l2(&s, &as_f64(&fs)));
+        assert!(eo <= 1e-5 && es <= 1e-5, "{what}: decode vs forward: output error {eo:.2e}, state error {es:.2e}");
+        // And the reference, for the mixers it models directly.
+        let get = |name: &str| match tensors.iter().find(|(n, _)| *n == name).map(|(_, x)| x) {
+            Some(Input::Token(t)) => t.clone(),
+            _ => panic!("no token input {name}"),
+        };
+        let head = |name: &str| match tensors.iter().find(|(n, _)| *n == name).map(|(_, x)| x) {
+            Some(Input::Head(p)) => p.clone(),
+            _ => panic!("no head input {name}"),
+        };
+        let prepared = match what {
+            "GLA" => mixers::gla(&get("q"), &get("k"), &get("v"), &get("gk")),
+            "HGRN2" => mixers::hgrn2(&get("q"), &get("f"), &get("i"), Some(&head("lower_bound"))),
+            "DeltaNet" => mixers::deltanet(&get("q"), &get("k"), &get("v"), &get("b")),
+            "GDN" => mixers::gated_deltanet(&get("q"), &get("k"), &get("v"), &get("a"), &get("b"), &head("A_log"), &head("dt_bias")),
+            _ => continue,
+        };
+        let h0s: Vec<Vec<f64>> = h0.chunks(k * v).map(<[f64]>::to_vec).collect();
+        let (want_o, want_s) = forward(&prepared, Some(&h0s), &cu);
+        let (eo, es) = (rel_l2(&o, &want_o.data), rel_l2(&s, &states_flat(&want_s)));
+        assert!(eo <= 1e-5 && es <= 1e-5, "{what}: decode vs reference: output error {eo:.2e}, state error {es:.2e}");
+    }
+}

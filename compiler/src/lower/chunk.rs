@@ -19,11 +19,82 @@ enum Axis {
     Scalar,
 }
 
+/// The inputs a recurrence's expressions read: token inputs, per-head parameters and
+/// `lower_bound`, declared as kernel parameters in that order.
+pub struct Inputs {
+    tokens: Vec<(String, Ptr, Axis)>,
+    head_params: Vec<(String, Ptr)>,
+    lower_bound: Option<Ptr>,
+}
+
+impl Inputs {
+    /// Declares a pointer parameter for every input `used` mentions.
+    pub fn declare(b: &mut Builder, r: &Recurrence<'_>, used: &[String]) -> Inputs {
+        let is_used = |n: &str| used.iter().any(|u| u == n);
+        let mut tokens = Vec::new();
+        for t in r.math.tokens.iter().filter(|t| is_used(&t.name.name)) {
+            let axis = match &t.dim {
+                None => Axis::Scalar,
+                Some(d) if d.name == r.math.key_axis.0 => Axis::K,
+                Some(_) => Axis::V,
+            };
+            tokens.push((t.name.name.clone(), b.ptr(&t.name.name, DType::F32, false), axis));
+        }
+        let head_params =
+            r.math.head_params.iter().filter(|p| is_used(&p.name)).map(|p| (p.name.clone(), b.ptr(&p.name, DType::F32, false))).collect();
+        let lower_bound = is_used("lower_bound").then(|| b.ptr("lower_bound", DType::F32, false));
+        Inputs { tokens, head_params, lower_bound }
+    }
+
+    /// Binds what is fixed for a head: the axis sizes, `head_index`, per-head parameters and the
+    /// head's `lower_bound` row ([1, K]).
+    pub fn bind_head(&self, b: &mut Builder, r: &Recurrence<'_>, head: Value, k_cols: Value) -> Env {
+        let mut env = Env::new();
+        let kf = b.f32(f64::from(r.k()));
+        let vf = b.f32(f64::from(r.v()));
+        env.insert(r.math.key_axis.0.clone(), kf);
+        env.insert(r.math.value_axis.0.clone(), vf);
+        let head_f = b.cast(head, DType::F32);
+        env.insert("head_index".into(), head_f);
+        for (name, p) in &self.head_params {
+            let x = load_scalar(b, *p, head);
+            env.insert(name.clone(), x);
+        }
+        if let Some(p) = self.lower_bound {
+            let k_size = b.i64(i64::from(r.k()));
+            let base = b.mul(head, k_size);
+            let off = b.add(k_cols, base);
+            let lb = b.load(p, off, None, 0.0);
+            let lb = b.row(lb);
+            env.insert("lower_bound".into(), lb);
+        }
+        env
+    }
+
+    /// Loads every token input for the rows `row` ([R, 1] token·heads + head) where `valid`; an
+    /// input over V reads the columns `v_cols` only.
+    pub fn load_rows(&self, b: &mut Builder, r: &Recurrence<'_>, env: &mut Env, row: Value, valid: Value, k_cols: Value, v_cols: Value) {
+        for (name, p, axis) in &self.tokens {
+            let (cols, width) = match axis {
+                Axis::K => (k_cols, r.k()),
+                Axis::V => (v_cols, r.v()),
+                Axis::Scalar => (b.iota(1), 1),
+            };
+            let w = b.i64(i64::from(width));
+            let base = b.mul(row, w);
+            let cr = b.row(cols);
+            let off = b.add(base, cr);
+            let x = b.load(*p, off, Some(valid), 0.0);
+            env.insert(name.clone(), x);
+        }
+    }
+}
+
 /// What every chunked recurrence kernel shares, built into a [`Builder`] by [`Scaffold::new`].
 pub struct Scaffold {
     /// Names bound for the whole program (sizes, head parameters, `head_index`, `lower_bound`).
     pub env: Env,
-    tokens: Vec<(String, Ptr, Axis)>,
+    inputs: Inputs,
     /// The output pointer.
     pub o: Ptr,
     ht: Ptr,
@@ -72,20 +143,8 @@ impl Scaffold {
         if bv == 0 || v % bv != 0 {
             return Err(r.error(format!("block_v = {bv} does not divide V = {v}")));
         }
-        let is_used = |n: &str| used.iter().any(|u| u == n);
         let mut b = Builder::new(&format!("{}_{kernel}", r.name), &["sequences * heads", "value blocks"]);
-        let mut tokens = Vec::new();
-        for t in r.math.tokens.iter().filter(|t| is_used(&t.name.name)) {
-            let axis = match &t.dim {
-                None => Axis::Scalar,
-                Some(d) if d.name == r.math.key_axis.0 => Axis::K,
-                Some(_) => Axis::V,
-            };
-            tokens.push((t.name.name.clone(), b.ptr(&t.name.name, DType::F32, false), axis));
-        }
-        let head_ptrs: Vec<_> =
-            r.math.head_params.iter().filter(|p| is_used(&p.name)).map(|p| (p.name.clone(), b.ptr(&p.name, DType::F32, false))).collect();
-        let lb_ptr = is_used("lower_bound").then(|| b.ptr("lower_bound", DType::F32, false));
+        let inputs = Inputs::declare(&mut b, r, used);
         let o = b.ptr("o", DType::F32, true);
         let h0 = b.ptr("h0", DType::F32, false);
         let ht = b.ptr("ht", DType::F32, true);
@@ -124,30 +183,12 @@ impl Scaffold {
         let has_h0 = b.cmp(CmpOp::Ne, use_h0, zero);
         let s0 = b.load(h0, s_off, Some(has_h0), 0.0);
 
-        let mut env = Env::new();
-        let kf = b.f32(f64::from(k));
-        let vf = b.f32(f64::from(v));
-        env.insert(r.math.key_axis.0.clone(), kf);
-        env.insert(r.math.value_axis.0.clone(), vf);
-        let head_f = b.cast(head, DType::F32);
-        env.insert("head_index".into(), head_f);
-        for (name, p) in &head_ptrs {
-            let x = load_scalar(&mut b, *p, head);
-            env.insert(name.clone(), x);
-        }
-        if let Some(p) = lb_ptr {
-            let k_size = b.i64(i64::from(k));
-            let base = b.mul(head, k_size);
-            let off = b.add(k_cols, base);
-            let lb = b.load(p, off, None, 0.0);
-            let lb = b.row(lb);
-            env.insert("lower_bound".into(), lb);
-        }
-        Ok((b, Scaffold { env, tokens, o, ht, use_ht, h_count, head, bos, len, k_cols, v_cols, s_off, s0, k, v, c, bv }))
+        let env = inputs.bind_head(&mut b, r, head, k_cols);
+        Ok((b, Scaffold { env, inputs, o, ht, use_ht, h_count, head, bos, len, k_cols, v_cols, s_off, s0, k, v, c, bv }))
     }
 
     /// Loads the token inputs of the chunk starting at `t0` (zero past the sequence's end).
-    pub fn chunk(&self, b: &mut Builder, t0: Value) -> Chunk {
+    pub fn chunk(&self, b: &mut Builder, r: &Recurrence<'_>, t0: Value) -> Chunk {
         let iota_c = b.iota(self.c);
         let rows = b.add(iota_c, t0);
         let valid = b.cmp(CmpOp::Lt, rows, self.len);
@@ -157,19 +198,7 @@ impl Scaffold {
         let row = b.mul(tok, self.h_count);
         let row = b.add(row, self.head);
         let mut env = self.env.clone();
-        for (name, p, axis) in &self.tokens {
-            let (cols, width) = match axis {
-                Axis::K => (self.k_cols, self.k),
-                Axis::V => (self.v_cols, self.v),
-                Axis::Scalar => (b.iota(1), 1),
-            };
-            let w = b.i64(i64::from(width));
-            let base = b.mul(row, w);
-            let cr = b.row(cols);
-            let off = b.add(base, cr);
-            let x = b.load(*p, off, Some(valid), 0.0);
-            env.insert(name.clone(), x);
-        }
+        self.inputs.load_rows(b, r, &mut env, row, valid, self.k_cols, self.v_cols);
         Chunk { env, valid, row }
     }
 

@@ -37,7 +37,7 @@ pub fn forward(r: &Recurrence<'_>, tiling: Tiling) -> Result<Kernel, LowerError>
     let chunk_len = b.i64(i64::from(sc.c));
     let mut failure = None;
     let out = b.for_loop(zero, sc.len, chunk_len, &[sc.s0], |b, t0, carried| {
-        let chunk = sc.chunk(b, t0);
+        let chunk = sc.chunk(b, r, t0);
         match step(r, &sc, b, &chunk, carried[0]) {
             Ok(next) => vec![next],
             Err(e) => {

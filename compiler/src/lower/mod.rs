@@ -6,8 +6,10 @@
 pub mod attention;
 pub mod chunk;
 pub mod decay;
+pub mod decode;
 pub mod delta;
 pub mod expr;
+pub mod pieces;
 pub mod scan;
 
 use hlac_runtime::kir::Program;
