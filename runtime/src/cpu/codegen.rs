@@ -58,12 +58,24 @@ extern "C" fn hlac_log1pf(x: f32) -> f32 {
 extern "C" fn hlac_tanhf(x: f32) -> f32 {
     x.tanh()
 }
+extern "C" fn hlac_sinf(x: f32) -> f32 {
+    x.sin()
+}
+extern "C" fn hlac_cosf(x: f32) -> f32 {
+    x.cos()
+}
 extern "C" fn hlac_powf(x: f32, y: f32) -> f32 {
     x.powf(y)
 }
 
-const UNARY_LIBM: [(&str, extern "C" fn(f32) -> f32); 4] =
-    [("hlac_expf", hlac_expf), ("hlac_logf", hlac_logf), ("hlac_log1pf", hlac_log1pf), ("hlac_tanhf", hlac_tanhf)];
+const UNARY_LIBM: [(&str, extern "C" fn(f32) -> f32); 6] = [
+    ("hlac_expf", hlac_expf),
+    ("hlac_logf", hlac_logf),
+    ("hlac_log1pf", hlac_log1pf),
+    ("hlac_tanhf", hlac_tanhf),
+    ("hlac_sinf", hlac_sinf),
+    ("hlac_cosf", hlac_cosf),
+];
 
 /// A JIT module holding compiled kernels.
 pub struct Jit {
@@ -329,6 +341,8 @@ impl Gen<'_> {
                 UnOp::Exp => self.call("hlac_expf", &[x]),
                 UnOp::Log => self.call("hlac_logf", &[x]),
                 UnOp::Tanh => self.call("hlac_tanhf", &[x]),
+                UnOp::Sin => self.call("hlac_sinf", &[x]),
+                UnOp::Cos => self.call("hlac_cosf", &[x]),
                 UnOp::Sigmoid => {
                     let n = self.fb.ins().fneg(x);
                     let e = self.call("hlac_expf", &[n]);

@@ -164,6 +164,10 @@ pub enum UnOp {
     Silu,
     /// tanh x
     Tanh,
+    /// sin x (radians; RoPE's rotation angles)
+    Sin,
+    /// cos x (radians)
+    Cos,
     /// ¬x for bools
     Not,
 }
