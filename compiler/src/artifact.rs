@@ -1,15 +1,18 @@
 //! Writes the artifact of `hlac build`: a directory holding `manifest.json` (the runtime's
-//! [`hlac_runtime::Manifest`], made from the model IR). It is written to a temporary directory
-//! beside the destination and renamed into place, so a failed build never leaves half an artifact.
+//! [`hlac_runtime::Manifest`], made from the model IR) and `kernels/<name>.kir.json`, the kernel-IR
+//! program of every kernel (the CPU runtime compiles them with Cranelift when it loads the
+//! artifact). It is written to a temporary directory beside the destination and renamed into
+//! place, so a failed build never leaves half an artifact.
 
 use std::path::Path;
 
-use hlac_runtime::{LayerInfo, Manifest, MixerInfo, ModelInfo, TargetInfo, TensorInfo, FORMAT_VERSION, MANIFEST_FILE};
+use hlac_runtime::{KernelInfo, LayerInfo, Manifest, MixerInfo, ModelInfo, TargetInfo, TensorInfo, FORMAT_VERSION, MANIFEST_FILE};
 
 use crate::ir::{Mode, Model, Role};
+use crate::lower::ModelKernel;
 
-/// The manifest describing a model.
-pub fn manifest(model: &Model) -> Manifest {
+/// The manifest describing a model and its kernels.
+pub fn manifest(model: &Model, kernels: &[ModelKernel]) -> Manifest {
     let c = &model.config;
     let mixers = model
         .mixers
@@ -72,7 +75,22 @@ pub fn manifest(model: &Model) -> Manifest {
         mixers,
         layers,
         tensors,
+        kernels: kernels
+            .iter()
+            .map(|k| KernelInfo {
+                name: k.name.clone(),
+                mixer: k.mixer,
+                role: k.role.to_string(),
+                file: kernel_file(&k.name),
+                grid: k.kernel.grid.clone(),
+            })
+            .collect(),
     }
+}
+
+/// Where a kernel's program is stored, relative to the artifact.
+fn kernel_file(name: &str) -> String {
+    format!("kernels/{name}.kir.json")
 }
 
 fn role_name(r: Role) -> &'static str {
@@ -87,8 +105,8 @@ fn role_name(r: Role) -> &'static str {
 }
 
 /// Writes the artifact directory `out` atomically (temporary directory, then rename).
-pub fn write(model: &Model, out: &Path) -> std::io::Result<()> {
-    let m = manifest(model);
+pub fn write(model: &Model, kernels: &[ModelKernel], out: &Path) -> std::io::Result<()> {
+    let m = manifest(model, kernels);
     let json = serde_json::to_string_pretty(&m).map_err(std::io::Error::other)?;
     let parent = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -103,6 +121,11 @@ pub fn write(model: &Model, out: &Path) -> std::io::Result<()> {
     std::fs::create_dir(&tmp)?;
     let result = (|| {
         std::fs::write(tmp.join(MANIFEST_FILE), json + "\n")?;
+        std::fs::create_dir(tmp.join("kernels"))?;
+        for k in kernels {
+            let program = serde_json::to_string(&k.kernel.program).map_err(std::io::Error::other)?;
+            std::fs::write(tmp.join(kernel_file(&k.name)), program)?;
+        }
         if out.exists() {
             // A directory cannot be renamed over a non-empty one: move the old artifact aside first.
             let old = parent.join(format!(".{name}.old-{}", std::process::id()));

@@ -38,6 +38,8 @@ enum Stage {
     Ir,
     /// The artifact manifest (JSON).
     Manifest,
+    /// The kernel-IR programs.
+    Kir,
 }
 
 #[derive(Subcommand)]
@@ -161,8 +163,17 @@ fn emit(c: &Compilation, spec: &Path, stage: Stage) -> Result<(), Failure> {
         }
         Stage::Manifest => {
             if let Some(m) = &c.model {
-                let json = serde_json::to_string_pretty(&hlac::artifact::manifest(m)).map_err(|e| Failure::Message(e.to_string()))?;
+                let kernels = hlac::lower::model_kernels(m).map_err(|e| Failure::Message(e.to_string()))?;
+                let json =
+                    serde_json::to_string_pretty(&hlac::artifact::manifest(m, &kernels)).map_err(|e| Failure::Message(e.to_string()))?;
                 println!("{json}");
+            }
+        }
+        Stage::Kir => {
+            if let Some(m) = &c.model {
+                for k in hlac::lower::model_kernels(m).map_err(|e| Failure::Message(e.to_string()))? {
+                    println!("{}", k.kernel.program);
+                }
             }
         }
     }
@@ -206,17 +217,19 @@ fn run(command: Command, color: bool) -> Result<(), Failure> {
             model_of(&c, &spec)?;
             let Some(model) = &c.model else { return Err(Failure::Reported) };
             let out = out.unwrap_or_else(|| PathBuf::from("out").join(spec.file_stem().unwrap_or_default()));
-            hlac::artifact::write(model, &out)
+            let kernels = hlac::lower::model_kernels(model).map_err(|e| Failure::Message(e.to_string()))?;
+            hlac::artifact::write(model, &kernels, &out)
                 .map_err(|e| Failure::Message(format!("cannot write the artifact {}: {e}", out.display())))?;
             // Read the artifact back through the runtime: what we wrote must be what it accepts.
             let artifact = hlac_runtime::Artifact::open(&out).map_err(|e| Failure::Message(format!("this is a bug in hlac: {e}")))?;
             let r = hlac::inspect::report(model);
             eprintln!(
-                "built {} -> {}: {} layers, {} tensors, {} parameters, target {} {}",
+                "built {} -> {}: {} layers, {} tensors, {} kernels, {} parameters, target {} {}",
                 model.name,
                 out.display(),
                 artifact.manifest.layers.len(),
                 artifact.manifest.tensors.len(),
+                artifact.manifest.kernels.len(),
                 hlac::inspect::grouped(r.params_total),
                 model.target.device.name(),
                 model.target.dtype.name()

@@ -9,5 +9,5 @@ pub mod kir;
 mod manifest;
 
 pub use manifest::{
-    Artifact, ArtifactError, LayerInfo, Manifest, MixerInfo, ModelInfo, TargetInfo, TensorInfo, FORMAT_VERSION, MANIFEST_FILE,
+    Artifact, ArtifactError, KernelInfo, LayerInfo, Manifest, MixerInfo, ModelInfo, TargetInfo, TensorInfo, FORMAT_VERSION, MANIFEST_FILE,
 };

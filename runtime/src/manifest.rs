@@ -92,6 +92,21 @@ pub struct TensorInfo {
     pub role: String,
 }
 
+/// A compiled kernel stored in the artifact.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KernelInfo {
+    /// The kernel's name (unique in the artifact).
+    pub name: String,
+    /// Index into [`Manifest::mixers`] of the mixer it belongs to.
+    pub mixer: usize,
+    /// What it computes: `chunk_fwd`, `scan_fwd` or `decode`.
+    pub role: String,
+    /// Its kernel-IR program, relative to the artifact directory (JSON).
+    pub file: String,
+    /// How many instances run on each grid axis.
+    pub grid: Vec<String>,
+}
+
 /// The whole manifest.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -109,6 +124,9 @@ pub struct Manifest {
     pub layers: Vec<LayerInfo>,
     /// Every parameter tensor in fla's state-dict order.
     pub tensors: Vec<TensorInfo>,
+    /// The kernels the model runs.
+    #[serde(default)]
+    pub kernels: Vec<KernelInfo>,
 }
 
 /// Why an artifact cannot be used.
@@ -140,6 +158,16 @@ pub enum ArtifactError {
         /// What this runtime reads.
         expected: u32,
     },
+    /// A kernel file is missing, unreadable or invalid.
+    #[error("kernel `{kernel}` in {path}: {reason}")]
+    Kernel {
+        /// The artifact's manifest.
+        path: PathBuf,
+        /// The kernel.
+        kernel: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// The manifest contradicts itself.
     #[error("{path} is inconsistent: {reason}")]
     Inconsistent {
@@ -157,6 +185,8 @@ pub struct Artifact {
     pub dir: PathBuf,
     /// Its manifest.
     pub manifest: Manifest,
+    /// The kernel programs, in the order of [`Manifest::kernels`], each verified.
+    pub programs: Vec<crate::kir::Program>,
 }
 
 impl Artifact {
@@ -173,8 +203,18 @@ impl Artifact {
             }
         }
         let manifest: Manifest = serde_json::from_str(&text).map_err(|source| ArtifactError::Parse { path: path.clone(), source })?;
-        manifest.validate().map_err(|reason| ArtifactError::Inconsistent { path, reason })?;
-        Ok(Artifact { dir: dir.to_path_buf(), manifest })
+        manifest.validate().map_err(|reason| ArtifactError::Inconsistent { path: path.clone(), reason })?;
+        let mut programs = Vec::with_capacity(manifest.kernels.len());
+        for k in &manifest.kernels {
+            let fail = |reason: String| ArtifactError::Kernel { path: path.clone(), kernel: k.name.clone(), reason };
+            let file = dir.join(&k.file);
+            let text = std::fs::read_to_string(&file).map_err(|e| fail(format!("cannot read {}: {e}", file.display())))?;
+            let program: crate::kir::Program =
+                serde_json::from_str(&text).map_err(|e| fail(format!("{} is not a kernel program: {e}", file.display())))?;
+            crate::kir::verify(&program).map_err(|e| fail(e.to_string()))?;
+            programs.push(program);
+        }
+        Ok(Artifact { dir: dir.to_path_buf(), manifest, programs })
     }
 }
 
@@ -225,6 +265,19 @@ impl Manifest {
         for want in ["model.embeddings.weight", "model.norm.weight"] {
             if !names.contains(want) {
                 return Err(format!("tensor `{want}` is missing"));
+            }
+        }
+        let mut kernel_names = HashSet::new();
+        for k in &self.kernels {
+            if !kernel_names.insert(k.name.as_str()) {
+                return Err(format!("kernel `{}` appears twice", k.name));
+            }
+            if k.mixer >= self.mixers.len() {
+                return Err(format!("kernel `{}` refers to mixer {} of {}", k.name, k.mixer, self.mixers.len()));
+            }
+            // Kernel files live inside the artifact.
+            if k.file.contains("..") || k.file.starts_with('/') {
+                return Err(format!("kernel `{}` has file `{}` outside the artifact", k.name, k.file));
             }
         }
         if !self.model.tie_word_embeddings && !names.contains("lm_head.weight") {

@@ -81,6 +81,7 @@ fn states_flat(states: &[Vec<f64>]) -> Vec<f64> {
 }
 
 const GLA: &str = "model m {\n  hidden_size = 64\n  pattern = GLA\n  mixer GLA {\n    num_heads = 2\n  }\n}\n";
+const RETNET: &str = "model m {\n  hidden_size = 64\n  pattern = RetNet\n  mixer RetNet {\n    num_heads = 4\n  }\n}\n";
 const HGRN2: &str = "model m {\n  hidden_size = 64\n  pattern = HGRN2\n  mixer HGRN2 {\n    expand_ratio = 16\n  }\n}\n";
 
 fn check_gla(lengths: &[usize], chunk: u32, with_h0: bool, gate_scale: f64, seed: u64) {
@@ -353,6 +354,7 @@ fn decode_steps(m: &hlac::ir::Mixer, inputs: &[(&str, Input)], batch: usize, len
             })
             .collect();
         let mut o = vec![f32::NAN; batch * h * v];
+        let positions = vec![t as i64; batch];
         {
             let (mut o_slot, mut s_slot) = (Some(&mut o[..]), Some(&mut state[..]));
             let mut args: Vec<Arg<'_>> = Vec::new();
@@ -360,6 +362,7 @@ fn decode_steps(m: &hlac::ir::Mixer, inputs: &[(&str, Input)], batch: usize, len
                 args.push(match p.name.as_str() {
                     "o" => Arg::F32Mut(o_slot.take().expect("once")),
                     "state" => Arg::F32Mut(s_slot.take().expect("once")),
+                    "positions" => Arg::I64(&positions),
                     name => Arg::F32(&step.iter().find(|(n, _)| *n == name).unwrap_or_else(|| panic!("no input `{name}`")).1),
                 });
             }
@@ -378,7 +381,9 @@ fn decode_step_by_step_equals_the_reference_and_the_chunked_forward() {
     let (batch, len) = (3usize, 9usize);
     let cu: Vec<usize> = (0..=batch).map(|s| s * len).collect();
     let cu64: Vec<i64> = cu.iter().map(|&x| x as i64).collect();
-    for (spec, what) in [(GLA, "GLA"), (HGRN2, "HGRN2"), (DELTANET, "DeltaNet"), (GDN, "GDN"), (DECAYED_DELTA, "DecayedDelta")] {
+    for (spec, what) in
+        [(GLA, "GLA"), (HGRN2, "HGRN2"), (RETNET, "RetNet"), (DELTANET, "DeltaNet"), (GDN, "GDN"), (DECAYED_DELTA, "DecayedDelta")]
+    {
         let m = mixer(spec);
         let math = m.instance.math.as_ref().expect("math");
         let (k, v, h) = (math.key_axis.1 as usize, math.value_axis.1 as usize, m.instance.heads as usize);
@@ -424,6 +429,7 @@ fn decode_step_by_step_equals_the_reference_and_the_chunked_forward() {
         };
         let prepared = match what {
             "GLA" => mixers::gla(&get("q"), &get("k"), &get("v"), &get("gk")),
+            "RetNet" => mixers::retnet(&get("q"), &get("k"), &get("v"), &hlac_tests::reference::positions(&cu)),
             "HGRN2" => mixers::hgrn2(&get("q"), &get("f"), &get("i"), Some(&head("lower_bound"))),
             "DeltaNet" => mixers::deltanet(&get("q"), &get("k"), &get("v"), &get("b")),
             "GDN" => mixers::gated_deltanet(&get("q"), &get("k"), &get("v"), &get("a"), &get("b"), &head("A_log"), &head("dt_bias")),
@@ -433,5 +439,55 @@ fn decode_step_by_step_equals_the_reference_and_the_chunked_forward() {
         let (want_o, want_s) = forward(&prepared, Some(&h0s), &cu);
         let (eo, es) = (rel_l2(&o, &want_o.data), rel_l2(&s, &states_flat(&want_s)));
         assert!(eo <= 1e-5 && es <= 1e-5, "{what}: decode vs reference: output error {eo:.2e}, state error {es:.2e}");
+    }
+}
+
+#[test]
+fn retnet_forward_with_rotary_embeddings_matches_reference() {
+    let m = mixer(RETNET);
+    let math = m.instance.math.as_ref().expect("math");
+    let (k, v, h) = (math.key_axis.1 as usize, math.value_axis.1 as usize, m.instance.heads as usize);
+    assert_eq!((k, v, h), (16, 32, 4));
+    for (seed, lengths) in [(111u64, vec![1usize, 3, 64, 65]), (112, vec![783])] {
+        let (cu, cu64) = packing(&lengths);
+        let total = *cu.last().unwrap_or(&0);
+        let mut rng = Rng::new(seed);
+        let q = rng.t3_normal(total, h, k);
+        let kk = rng.t3_normal(total, h, k);
+        let vv = rng.t3_normal(total, h, v);
+        let h0: Vec<Vec<f64>> = (0..lengths.len() * h).map(|_| rng.normals(k * v)).collect();
+        let (want_o, want_s) = forward(&mixers::retnet(&q, &kk, &vv, &hlac_tests::reference::positions(&cu)), Some(&h0), &cu);
+        let inputs = [("q", f32s(&q.data)), ("k", f32s(&kk.data)), ("v", f32s(&vv.data))];
+        let (o, ht) = run_forward(&m, Tiling { chunk: 64, block_v: 16 }, &inputs, &cu64, Some(&f32s(&states_flat(&h0))));
+        let (eo, es) = (rel_l2(&o, &want_o.data), rel_l2(&ht, &states_flat(&want_s)));
+        assert!(eo <= 1e-5 && es <= 1e-5, "RetNet {lengths:?}: output error {eo:.2e}, state error {es:.2e}");
+    }
+}
+
+#[test]
+fn every_prelude_mixers_kernels_are_pinned_and_compile() {
+    for (mixer_spec, name) in [
+        ("GLA {\n    num_heads = 2\n  }", "gla"),
+        ("HGRN {\n    expand_ratio = 1\n  }", "hgrn"),
+        ("HGRN2 {\n    expand_ratio = 16\n  }", "hgrn2"),
+        ("RetNet {\n    num_heads = 4\n  }", "retnet"),
+        ("DeltaNet {\n    num_heads = 4\n  }", "deltanet"),
+        ("GDN {\n    num_heads = 2\n    head_dim = 16\n  }", "gdn"),
+    ] {
+        let kind = mixer_spec.split_whitespace().next().unwrap_or_default();
+        let spec = format!("model m {{\n  hidden_size = 64\n  pattern = {kind}\n  mixer {mixer_spec}\n}}\n");
+        let c = hlac::compile_str("<kernels>", &spec, &hlac_tests::root());
+        assert!(!c.failed(), "{name}: {}", c.render(false));
+        let model = c.model.expect("model");
+        let kernels = hlac::lower::model_kernels(&model).expect("lowers");
+        let mut module = CpuModule::new().expect("jit");
+        let mut text = String::new();
+        for k in kernels {
+            text.push_str(&format!("// {} ({}), grid [{}]\n{}\n", k.name, k.role, k.kernel.grid.join(", "), k.kernel.program));
+            module.add(k.kernel.program).expect("compiles");
+        }
+        insta::with_settings!({ snapshot_suffix => name, prepend_module_to_snapshot => false }, {
+            insta::assert_snapshot!("kir", text);
+        });
     }
 }

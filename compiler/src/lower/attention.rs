@@ -20,7 +20,7 @@
 use hlac_runtime::kir::build::Ptr;
 use hlac_runtime::kir::{BinOp, Builder, CmpOp, DType, ReduceOp, UnOp, Value};
 
-use super::decay::load_scalar;
+use super::chunk::load_scalar;
 use super::{Kernel, LowerError};
 
 /// The masked-off score: finite, so that `m − m'` stays a number (−∞ − −∞ would be NaN) while

@@ -123,6 +123,8 @@ pub struct Scaffold {
     pub c: u32,
     /// Value block.
     pub bv: u32,
+    /// Whether the expressions use token positions (`rope`).
+    needs_position: bool,
 }
 
 /// One chunk's inputs.
@@ -184,7 +186,9 @@ impl Scaffold {
         let s0 = b.load(h0, s_off, Some(has_h0), 0.0);
 
         let env = inputs.bind_head(&mut b, r, head, k_cols);
-        Ok((b, Scaffold { env, inputs, o, ht, use_ht, h_count, head, bos, len, k_cols, v_cols, s_off, s0, k, v, c, bv }))
+        let needs_position =
+            [&r.class.exprs.key, &r.class.exprs.query].iter().any(|e| e.as_ref().is_some_and(|e| super::expr::mentions_call(e, "rope")));
+        Ok((b, Scaffold { needs_position, env, inputs, o, ht, use_ht, h_count, head, bos, len, k_cols, v_cols, s_off, s0, k, v, c, bv }))
     }
 
     /// Loads the token inputs of the chunk starting at `t0` (zero past the sequence's end).
@@ -198,6 +202,11 @@ impl Scaffold {
         let row = b.mul(tok, self.h_count);
         let row = b.add(row, self.head);
         let mut env = self.env.clone();
+        if self.needs_position {
+            let pos = b.col(rows);
+            let pos = b.cast(pos, DType::F32);
+            env.insert(super::expr::POSITION.into(), pos);
+        }
         self.inputs.load_rows(b, r, &mut env, row, valid, self.k_cols, self.v_cols);
         Chunk { env, valid, row }
     }

@@ -33,8 +33,11 @@ pub fn decode(r: &Recurrence<'_>, block_v: u32) -> Result<Kernel, LowerError> {
     };
     let mut b = Builder::new(&format!("{}_decode", r.name), &["batch * heads", "value blocks"]);
     let inputs = Inputs::declare(&mut b, r, &used_names(r));
+    let uses_rope = [key, query].iter().any(|e| expr::mentions_call(e, "rope"));
     let o_ptr = b.ptr("o", DType::F32, true);
     let state_ptr = b.ptr("state", DType::F32, true);
+    // The position of each sequence's new token, for rotary embeddings.
+    let pos_ptr = uses_rope.then(|| b.ptr("positions", DType::I64, false));
     let pid0 = b.program_id(0);
     let h_count = b.i64(heads);
     let head = b.binary(BinOp::Rem, pid0, h_count);
@@ -50,6 +53,13 @@ pub fn decode(r: &Recurrence<'_>, block_v: u32) -> Result<Kernel, LowerError> {
     let yes = b.bool(true);
     let valid = b.reshape(yes, &[1, 1]);
     inputs.load_rows(&mut b, r, &mut env, row, valid, k_cols, v_cols);
+    if let Some(p) = pos_ptr {
+        let seq = b.binary(BinOp::Div, pid0, h_count);
+        let pos = super::chunk::load_scalar(&mut b, p, seq);
+        let pos = b.cast(pos, DType::F32);
+        let pos = b.reshape(pos, &[1, 1]);
+        env.insert(expr::POSITION.into(), pos);
+    }
     let kv = b.i64(i64::from(kd) * i64::from(vd));
     let s_base = b.mul(pid0, kv);
     let vd_v = b.i64(i64::from(vd));

@@ -11,6 +11,11 @@ use hlac_runtime::kir::{BinOp, Builder, UnOp, Value};
 
 /// fla's epsilon inside L2 normalisation.
 pub const L2_EPS: f64 = 1e-6;
+/// The environment name of a [R, 1] f32 tile holding each row's position in its sequence (used by
+/// `rope`).
+pub const POSITION: &str = "__position";
+/// The rotary base of `rope(x)` (RetNet's, fla's default).
+pub const ROPE_BASE: f64 = 10000.0;
 
 /// Names an expression may use, bound to kir values.
 pub type Env = HashMap<String, Value>;
@@ -58,6 +63,10 @@ pub fn lower(b: &mut Builder, e: &Expr, env: &Env) -> Result<Value, String> {
                 "tanh" => UnOp::Tanh,
                 "diag" => return Ok(x),
                 "l2norm" => return Ok(l2norm(b, x)),
+                "rope" => {
+                    let pos = env.get(POSITION).copied().ok_or("`rope` needs token positions, which this kernel does not have")?;
+                    return Ok(rope(b, x, pos, ROPE_BASE));
+                }
                 other => return Err(format!("`{other}` is not lowered yet")),
             };
             Ok(b.unary(op, x))
@@ -76,6 +85,58 @@ pub fn l2norm(b: &mut Builder, x: Value) -> Value {
     let ss = b.add(ss, eps);
     let r = b.unary(UnOp::Rsqrt, ss);
     b.mul(x, r)
+}
+
+/// Rotary position embedding over the last axis of a [R, D] tile, non-interleaved (the pair of
+/// channel i is channel i + D/2, as fla's RotaryEmbedding): x·cos θ + rotate(x)·sin θ with
+/// θ_ri = pos_r · base^(−2(i mod D/2)/D). The half rotation is a product with a signed permutation
+/// matrix, which keeps it an ordinary `dot` for both back ends. An odd last channel passes through.
+pub fn rope(b: &mut Builder, x: Value, pos: Value, base: f64) -> Value {
+    let shape = b.shape(x);
+    let d = shape[shape.len() - 1];
+    let half = d / 2;
+    if half == 0 {
+        return x;
+    }
+    let iota = b.iota(d);
+    // P[j, i] = −1 where i < D/2 and j = i + D/2; +1 where D/2 ≤ i < 2·(D/2) and j = i − D/2.
+    let j = b.col(iota);
+    let i = b.row(iota);
+    let h = b.i64(i64::from(half));
+    let i_plus = b.add(i, h);
+    let i_minus = b.sub(i, h);
+    let lower = b.cmp(hlac_runtime::kir::CmpOp::Lt, i, h);
+    let two_h = b.i64(2 * i64::from(half));
+    let paired = b.cmp(hlac_runtime::kir::CmpOp::Lt, i, two_h);
+    let is_up = b.cmp(hlac_runtime::kir::CmpOp::Eq, j, i_plus);
+    let is_down = b.cmp(hlac_runtime::kir::CmpOp::Eq, j, i_minus);
+    let neg = b.f32(-1.0);
+    let posv = b.f32(1.0);
+    let zero = b.f32(0.0);
+    let up = b.select(is_up, neg, zero);
+    let down = b.select(is_down, posv, zero);
+    let upper_half = b.select(paired, down, zero);
+    let p = b.select(lower, up, upper_half);
+    let rows = shape[0];
+    let x2 = b.reshape(x, &[rows, d]);
+    let rotated = b.dot(x2, p);
+    // Frequencies: base^(−2k/D) for k = i mod D/2; the unpaired last channel gets frequency 0.
+    let k = b.binary(BinOp::Rem, iota, h);
+    let k = b.cast(k, hlac_runtime::kir::DType::F32);
+    let scale = b.f32(-2.0 * base.ln() / f64::from(d));
+    let e = b.mul(k, scale);
+    let freq = b.exp(e);
+    let two_hv = b.i64(2 * i64::from(half));
+    let paired_col = b.cmp(hlac_runtime::kir::CmpOp::Lt, iota, two_hv);
+    let freq = b.select(paired_col, freq, zero);
+    let freq = b.row(freq);
+    let theta = b.mul(pos, freq);
+    let cos = b.unary(UnOp::Cos, theta);
+    let sin = b.unary(UnOp::Sin, theta);
+    let a = b.mul(x2, cos);
+    let c = b.mul(rotated, sin);
+    let y = b.add(a, c);
+    b.reshape(y, &shape)
 }
 
 /// log α for a decay expression: the argument of a top-level `exp` when there is one (exact, as
@@ -99,4 +160,15 @@ pub fn names(e: &Expr, out: &mut Vec<String>) {
             out.push(n.to_string());
         }
     });
+}
+
+/// Whether an expression calls `func` anywhere.
+pub fn mentions_call(e: &Expr, func: &str) -> bool {
+    match &e.kind {
+        ExprKind::Call { func: f, args } => f.name == func || args.iter().any(|a| mentions_call(a, func)),
+        ExprKind::Unary { operand, .. } => mentions_call(operand, func),
+        ExprKind::Binary { lhs, rhs, .. } => mentions_call(lhs, func) || mentions_call(rhs, func),
+        ExprKind::Transpose(x) | ExprKind::Paren(x) => mentions_call(x, func),
+        _ => false,
+    }
 }

@@ -83,3 +83,56 @@ pub fn chunk_forward(r: &Recurrence<'_>, tiling: Tiling) -> Result<Kernel, Lower
         crate::classify::Family::Scan => scan::forward(r, tiling.block_v),
     }
 }
+
+/// A kernel of a compiled model, ready to store in an artifact.
+#[derive(Debug, Clone)]
+pub struct ModelKernel {
+    /// Unique name in the artifact (`<mixer>_<role>`).
+    pub name: String,
+    /// Index of its mixer in the model IR.
+    pub mixer: usize,
+    /// `chunk_fwd`, `scan_fwd` or `decode`.
+    pub role: &'static str,
+    /// The kernel.
+    pub kernel: Kernel,
+}
+
+/// The largest divisor of `v` that is at most `cap` (the value block of an instance).
+fn block_of(v: u32, cap: u32) -> u32 {
+    (1..=cap.min(v)).rev().find(|d| v % d == 0).unwrap_or(1)
+}
+
+/// Every recurrence kernel a model needs: for each linear mixer its forward and, for the decay and
+/// delta classes, its decode step. (Attention and the pieces around the mixers join as their
+/// lowerings land.)
+pub fn model_kernels(model: &crate::ir::Model) -> Result<Vec<ModelKernel>, LowerError> {
+    let mut out = Vec::new();
+    for (h, m) in model.mixers.iter() {
+        let (Some(class), Some(math)) = (&m.class, &m.instance.math) else { continue };
+        let r = Recurrence { name: &m.name, class, math, heads: m.instance.heads };
+        let block_v = block_of(r.v(), 64);
+        let tiling = Tiling { chunk: model.target.chunk_size as u32, block_v };
+        if class.family == crate::classify::Family::Scan {
+            out.push(ModelKernel {
+                name: format!("{}_scan_fwd", m.name),
+                mixer: h.index(),
+                role: "scan_fwd",
+                kernel: scan::forward(&r, 64)?,
+            });
+        } else {
+            out.push(ModelKernel {
+                name: format!("{}_chunk_fwd", m.name),
+                mixer: h.index(),
+                role: "chunk_fwd",
+                kernel: chunk_forward(&r, tiling)?,
+            });
+            out.push(ModelKernel {
+                name: format!("{}_decode", m.name),
+                mixer: h.index(),
+                role: "decode",
+                kernel: decode::decode(&r, block_v)?,
+            });
+        }
+    }
+    Ok(out)
+}

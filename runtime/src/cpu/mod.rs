@@ -76,6 +76,14 @@ impl CpuModule {
         Ok(KernelId(self.kernels.len() - 1))
     }
 
+    /// Compiles every kernel of an artifact, returning the module and the kernels' ids in the
+    /// order of the manifest's `kernels`.
+    pub fn load(artifact: &crate::Artifact) -> Result<(CpuModule, Vec<KernelId>), CodegenError> {
+        let mut module = CpuModule::new()?;
+        let ids = artifact.programs.iter().map(|p| module.add(p.clone())).collect::<Result<Vec<_>, _>>()?;
+        Ok((module, ids))
+    }
+
     /// The program a kernel was compiled from.
     pub fn program(&self, id: KernelId) -> &Program {
         &self.kernels[id.0].program
