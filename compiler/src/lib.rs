@@ -11,6 +11,7 @@
 //! User errors are [`Diagnostic`]s; nothing here panics on user input.
 
 pub mod artifact;
+pub mod bench;
 pub mod build;
 pub mod classify;
 pub mod hf;

@@ -85,6 +85,24 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// Time a spec's recurrence kernels on this machine's CPU (Cranelift back end).
+    #[command(after_help = "Example:\n  hlac bench specs/gdn-r3-340m.hla --batch 2 --tokens 1024")]
+    Bench {
+        /// The spec.
+        spec: PathBuf,
+        /// Sequences per call.
+        #[arg(long, default_value_t = 2)]
+        batch: usize,
+        /// Tokens per sequence.
+        #[arg(long, default_value_t = 1024)]
+        tokens: usize,
+        /// Timed calls per kernel (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+        /// JSON for tools.
+        #[arg(long)]
+        json: bool,
+    },
     /// Convert an fla / Hugging Face config.json into a spec.
     #[command(after_help = "Example:\n  hlac import config.json --name gla_r3 -o gla-r3.hla")]
     Import {
@@ -252,6 +270,24 @@ fn run(command: Command, color: bool) -> Result<(), Failure> {
             Ok(())
         }
         Command::Fmt { files, check } => fmt(&files, check, color),
+        Command::Bench { spec, batch, tokens, repeats, json } => {
+            let c = checked(&spec, color)?;
+            model_of(&c, &spec)?;
+            let Some(model) = &c.model else { return Err(Failure::Reported) };
+            if batch == 0 || tokens == 0 {
+                return Err(Failure::Message("--batch and --tokens must be positive".into()));
+            }
+            let results = hlac::bench::run(model, batch, tokens, repeats).map_err(Failure::Message)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&results).map_err(|e| Failure::Message(e.to_string()))?);
+            } else {
+                println!("{:<24} {:<10} {:>12} {:>12} {:>16} {:>12}", "kernel", "role", "shape", "median ms", "tokens/s", "compile ms");
+                for r in results {
+                    println!("{:<24} {:<10} {:>12} {:>12.3} {:>16.0} {:>12.1}", r.kernel, r.role, r.shape, r.median_ms, r.tokens_per_s, r.compile_ms);
+                }
+            }
+            Ok(())
+        }
         Command::Import { config, out, name } => {
             let text = std::fs::read_to_string(&config).map_err(|e| Failure::Message(format!("cannot read {}: {e}", config.display())))?;
             let json: serde_json::Value =

@@ -110,7 +110,9 @@ pub fn model_kernels(model: &crate::ir::Model) -> Result<Vec<ModelKernel>, Lower
     for (h, m) in model.mixers.iter() {
         let (Some(class), Some(math)) = (&m.class, &m.instance.math) else { continue };
         let r = Recurrence { name: &m.name, class, math, heads: m.instance.heads };
-        let block_v = block_of(r.v(), 64);
+        // On the CPU one instance per head computes every value column (the intra-chunk matrix is
+        // then built once per chunk); GPUs split V across blocks for parallelism.
+        let block_v = if model.target.device == crate::ir::Device::Cpu { r.v() } else { block_of(r.v(), 64) };
         let tiling = Tiling { chunk: model.target.chunk_size as u32, block_v };
         if class.family == crate::classify::Family::Scan {
             out.push(ModelKernel {
