@@ -43,7 +43,7 @@ struct Shape {
 impl Shape {
     fn config(&self) -> AttnConfig {
         AttnConfig {
-            name: "attn".into(),
+            name: "Attn".into(),
             heads: self.heads as u32,
             kv_heads: self.kv_heads as u32,
             head_dim: self.d as u32,
@@ -77,6 +77,11 @@ fn inputs(s: &Shape, total: usize, seed: u64) -> (T3, T3, T3) {
 
 /// Runs the forward kernel: (o, lse).
 fn run_forward(s: &Shape, tiling: AttnTiling, q: &T3, k: &T3, v: &T3, cu: &[i64]) -> (Vec<f32>, Vec<f32>) {
+    run_forward_with_spare_blocks(s, tiling, q, k, v, cu, 0)
+}
+
+/// Runs the forward kernel with `spare` more query blocks on grid axis 1 than any sequence needs.
+fn run_forward_with_spare_blocks(s: &Shape, tiling: AttnTiling, q: &T3, k: &T3, v: &T3, cu: &[i64], spare: u64) -> (Vec<f32>, Vec<f32>) {
     let kernel = attention::forward(&s.config(), tiling).expect("lowers");
     let program = kernel.program.clone();
     let mut module = CpuModule::new().expect("jit");
@@ -87,7 +92,7 @@ fn run_forward(s: &Shape, tiling: AttnTiling, q: &T3, k: &T3, v: &T3, cu: &[i64]
     let mut lse = vec![f32::NAN; q.t * s.heads];
     let (qf, kf, vf) = (f32s(&q.data), f32s(&k.data), f32s(&v.data));
     let mut args = [Arg::F32(&qf), Arg::F32(&kf), Arg::F32(&vf), Arg::F32Mut(&mut o), Arg::F32Mut(&mut lse), Arg::I64(cu)];
-    let grid = [(seqs * s.heads) as u64, max_len.div_ceil(u64::from(tiling.block_q)).max(1)];
+    let grid = [(seqs * s.heads) as u64, max_len.div_ceil(u64::from(tiling.block_q)).max(1) + spare];
     module.launch(id, &mut args, &grid).expect("launches");
     (o, lse)
 }
@@ -186,6 +191,17 @@ fn a_window_at_least_the_sequence_is_full_causal_attention() {
         let (o, lse) = run_forward(&Shape { window: Some(window), ..s }, TILE, &q, &k, &v, &cu64);
         assert_eq!((&o, &lse), (&full, &full_lse), "window {window}");
     }
+}
+
+#[test]
+fn query_blocks_past_every_sequence_store_nothing() {
+    let (_, cu64) = packing(&[5, 70, 1]);
+    let s = Shape { kv_heads: 2, window: Some(16), rope: Some(10000.0), ..mha(16) };
+    let (q, k, v) = inputs(&s, 76, 502);
+    let tiling = AttnTiling { block_q: 16, block_k: 32 };
+    let exact = run_forward(&s, tiling, &q, &k, &v, &cu64);
+    let spare = run_forward_with_spare_blocks(&s, tiling, &q, &k, &v, &cu64, 7);
+    assert_eq!(exact, spare);
 }
 
 #[test]

@@ -125,6 +125,11 @@ pub struct Scaffold {
     pub bv: u32,
     /// Whether the expressions use token positions (`rope`).
     needs_position: bool,
+    /// Offsets of an element of the state tile relative to the tile's start.
+    s_tile: Value,
+    /// `states` (the state entering every chunk, for the backward) and the first chunk of this
+    /// instance's sequence in it, when the kernel stores them.
+    states: Option<(Ptr, Value)>,
 }
 
 /// One chunk's inputs.
@@ -140,7 +145,10 @@ pub struct Chunk {
 impl Scaffold {
     /// Declares the parameters and computes everything that does not change across chunks.
     /// `used` lists the names the class's expressions mention.
-    pub fn new(r: &Recurrence<'_>, tiling: Tiling, kernel: &str, used: &[String]) -> Result<(Builder, Scaffold), LowerError> {
+    /// With `store_states`, the kernel also takes `states` (`[chunks, heads, K, V]`, written) and
+    /// `chunk_offsets` (`[sequences + 1]`, the first chunk of each sequence) and stores the state
+    /// entering every chunk.
+    pub fn new(r: &Recurrence<'_>, tiling: Tiling, kernel: &str, used: &[String], store_states: bool) -> Result<(Builder, Scaffold), LowerError> {
         let (k, v, c, bv, heads) = (r.k(), r.v(), tiling.chunk, tiling.block_v, r.heads as i64);
         if bv == 0 || v % bv != 0 {
             return Err(r.error(format!("block_v = {bv} does not divide V = {v}")));
@@ -153,6 +161,7 @@ impl Scaffold {
         let cu = b.ptr("cu_seqlens", DType::I64, false);
         let use_h0 = b.int_param("use_h0");
         let use_ht = b.int_param("use_ht");
+        let states_ptrs = store_states.then(|| (b.ptr("states", DType::F32, true), b.ptr("chunk_offsets", DType::I64, false)));
 
         // Which (sequence, head, value block) this instance computes.
         let pid0 = b.program_id(0);
@@ -179,8 +188,8 @@ impl Scaffold {
         let kc = b.col(k_cols);
         let krow = b.mul(kc, v_size);
         let vr = b.row(v_cols);
-        let s_off = b.add(krow, vr);
-        let s_off = b.add(s_off, s_base);
+        let s_tile = b.add(krow, vr);
+        let s_off = b.add(s_tile, s_base);
         let zero = b.i64(0);
         let has_h0 = b.cmp(CmpOp::Ne, use_h0, zero);
         let s0 = b.load(h0, s_off, Some(has_h0), 0.0);
@@ -188,7 +197,11 @@ impl Scaffold {
         let env = inputs.bind_head(&mut b, r, head, k_cols);
         let needs_position =
             [&r.class.exprs.key, &r.class.exprs.query].iter().any(|e| e.as_ref().is_some_and(|e| super::expr::mentions_call(e, "rope")));
-        Ok((b, Scaffold { needs_position, env, inputs, o, ht, use_ht, h_count, head, bos, len, k_cols, v_cols, s_off, s0, k, v, c, bv }))
+        let states = match states_ptrs {
+            Some((p, offsets)) => Some((p, load_scalar(&mut b, offsets, seq))),
+            None => None,
+        };
+        Ok((b, Scaffold { s_tile, states, needs_position, env, inputs, o, ht, use_ht, h_count, head, bos, len, k_cols, v_cols, s_off, s0, k, v, c, bv }))
     }
 
     /// Loads the token inputs of the chunk starting at `t0` (zero past the sequence's end).
@@ -209,6 +222,20 @@ impl Scaffold {
         }
         self.inputs.load_rows(b, r, &mut env, row, valid, self.k_cols, self.v_cols);
         Chunk { env, valid, row }
+    }
+
+    /// Stores the state entering the chunk that starts at token `t0`, when the kernel keeps states.
+    pub fn store_state(&self, b: &mut Builder, t0: Value, s: Value) {
+        let Some((p, chunk_base)) = self.states else { return };
+        let c = b.i64(i64::from(self.c));
+        let n = b.binary(BinOp::Div, t0, c);
+        let n = b.add(n, chunk_base);
+        let base = b.mul(n, self.h_count);
+        let base = b.add(base, self.head);
+        let kv = b.i64(i64::from(self.k) * i64::from(self.v));
+        let base = b.mul(base, kv);
+        let off = b.add(self.s_tile, base);
+        b.store(p, off, s, None);
     }
 
     /// Stores a [C, block_v] output tile for the chunk's valid rows.

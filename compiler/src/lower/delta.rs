@@ -21,15 +21,19 @@ use super::{Kernel, LowerError, Recurrence, Tiling};
 use crate::classify::{Decay, Family};
 
 /// The chunked forward kernel; parameters, layout and grid as in [`super::decay::forward`].
-pub fn forward(r: &Recurrence<'_>, tiling: Tiling) -> Result<Kernel, LowerError> {
+///
+/// With `store_states` the kernel also stores the state entering every chunk (see
+/// [`Scaffold::new`]), which the backward reads instead of keeping every state from the forward.
+pub fn forward(r: &Recurrence<'_>, tiling: Tiling, store_states: bool) -> Result<Kernel, LowerError> {
     if r.class.family != Family::Delta {
         return Err(r.error(format!("the delta-class forward does not apply to the {:?} family", r.class.family)));
     }
-    let (mut b, sc) = Scaffold::new(r, tiling, "chunk_fwd", &used_names(r))?;
+    let (mut b, sc) = Scaffold::new(r, tiling, if store_states { "chunk_fwd_states" } else { "chunk_fwd" }, &used_names(r), store_states)?;
     let zero = b.i64(0);
     let chunk_len = b.i64(i64::from(sc.c));
     let mut failure = None;
     let out = b.for_loop(zero, sc.len, chunk_len, &[sc.s0], |b, t0, carried| {
+        sc.store_state(b, t0, carried[0]);
         let chunk = sc.chunk(b, r, t0);
         match step(r, &sc, b, &chunk, carried[0]) {
             Ok(next) => vec![next],

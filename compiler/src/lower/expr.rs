@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use hlac_grammar::ast::{BinOp as AstBin, Expr, ExprKind, UnOp as AstUn};
-use hlac_runtime::kir::{BinOp, Builder, UnOp, Value};
+use hlac_runtime::kir::{BinOp, Builder, CmpOp, DType, UnOp, Value};
 
 /// fla's epsilon inside L2 normalisation.
 pub const L2_EPS: f64 = 1e-6;
@@ -94,10 +94,21 @@ pub fn l2norm(b: &mut Builder, x: Value) -> Value {
 pub fn rope(b: &mut Builder, x: Value, pos: Value, base: f64) -> Value {
     let shape = b.shape(x);
     let d = shape[shape.len() - 1];
-    let half = d / 2;
-    if half == 0 {
+    if d / 2 == 0 {
         return x;
     }
+    let (p, cos, sin) = rope_parts(b, d, pos, base);
+    let x2 = b.reshape(x, &[shape[0], d]);
+    let rotated = b.dot(x2, p);
+    let a = b.mul(x2, cos);
+    let c = b.mul(rotated, sin);
+    let y = b.add(a, c);
+    b.reshape(y, &shape)
+}
+
+/// The signed half-rotation matrix P ([D, D]) and the [R, D] cos θ and sin θ tiles of [`rope`].
+pub fn rope_parts(b: &mut Builder, d: u32, pos: Value, base: f64) -> (Value, Value, Value) {
+    let half = d / 2;
     let iota = b.iota(d);
     // P[j, i] = −1 where i < D/2 and j = i + D/2; +1 where D/2 ≤ i < 2·(D/2) and j = i − D/2.
     let j = b.col(iota);
@@ -105,11 +116,11 @@ pub fn rope(b: &mut Builder, x: Value, pos: Value, base: f64) -> Value {
     let h = b.i64(i64::from(half));
     let i_plus = b.add(i, h);
     let i_minus = b.sub(i, h);
-    let lower = b.cmp(hlac_runtime::kir::CmpOp::Lt, i, h);
+    let lower = b.cmp(CmpOp::Lt, i, h);
     let two_h = b.i64(2 * i64::from(half));
-    let paired = b.cmp(hlac_runtime::kir::CmpOp::Lt, i, two_h);
-    let is_up = b.cmp(hlac_runtime::kir::CmpOp::Eq, j, i_plus);
-    let is_down = b.cmp(hlac_runtime::kir::CmpOp::Eq, j, i_minus);
+    let paired = b.cmp(CmpOp::Lt, i, two_h);
+    let is_up = b.cmp(CmpOp::Eq, j, i_plus);
+    let is_down = b.cmp(CmpOp::Eq, j, i_minus);
     let neg = b.f32(-1.0);
     let posv = b.f32(1.0);
     let zero = b.f32(0.0);
@@ -117,26 +128,19 @@ pub fn rope(b: &mut Builder, x: Value, pos: Value, base: f64) -> Value {
     let down = b.select(is_down, posv, zero);
     let upper_half = b.select(paired, down, zero);
     let p = b.select(lower, up, upper_half);
-    let rows = shape[0];
-    let x2 = b.reshape(x, &[rows, d]);
-    let rotated = b.dot(x2, p);
     // Frequencies: base^(−2k/D) for k = i mod D/2; the unpaired last channel gets frequency 0.
     let k = b.binary(BinOp::Rem, iota, h);
-    let k = b.cast(k, hlac_runtime::kir::DType::F32);
+    let k = b.cast(k, DType::F32);
     let scale = b.f32(-2.0 * base.ln() / f64::from(d));
     let e = b.mul(k, scale);
     let freq = b.exp(e);
-    let two_hv = b.i64(2 * i64::from(half));
-    let paired_col = b.cmp(hlac_runtime::kir::CmpOp::Lt, iota, two_hv);
+    let paired_col = b.cmp(CmpOp::Lt, iota, two_h);
     let freq = b.select(paired_col, freq, zero);
     let freq = b.row(freq);
     let theta = b.mul(pos, freq);
     let cos = b.unary(UnOp::Cos, theta);
     let sin = b.unary(UnOp::Sin, theta);
-    let a = b.mul(x2, cos);
-    let c = b.mul(rotated, sin);
-    let y = b.add(a, c);
-    b.reshape(y, &shape)
+    (p, cos, sin)
 }
 
 /// log α for a decay expression: the argument of a top-level `exp` when there is one (exact, as

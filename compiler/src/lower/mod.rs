@@ -6,9 +6,11 @@
 pub mod attention;
 pub mod chunk;
 pub mod decay;
+pub mod decay_bwd;
 pub mod decode;
 pub mod delta;
 pub mod expr;
+pub mod grad;
 pub mod pieces;
 pub mod scan;
 
@@ -78,8 +80,8 @@ pub struct Kernel {
 /// channel block and the grid is sequences × ⌈heads / block_v⌉).
 pub fn chunk_forward(r: &Recurrence<'_>, tiling: Tiling) -> Result<Kernel, LowerError> {
     match r.class.family {
-        crate::classify::Family::Decay => decay::forward(r, tiling),
-        crate::classify::Family::Delta => delta::forward(r, tiling),
+        crate::classify::Family::Decay => decay::forward(r, tiling, false),
+        crate::classify::Family::Delta => delta::forward(r, tiling, false),
         crate::classify::Family::Scan => scan::forward(r, tiling.block_v),
     }
 }
