@@ -57,7 +57,7 @@ fn unary_kernel(op: UnOp, rows: u32, cols: u32) -> Program {
 fn unary_operations_match_f64() {
     let mut rng = Rng(1);
     type Reference = fn(f64) -> f64;
-    let cases: [(UnOp, Reference); 10] = [
+    let cases: [(UnOp, Reference); 12] = [
         (UnOp::Neg, |x| -x),
         (UnOp::Exp, f64::exp),
         (UnOp::Abs, f64::abs),
@@ -68,6 +68,8 @@ fn unary_operations_match_f64() {
         (UnOp::Tanh, f64::tanh),
         (UnOp::Sqrt, |x| x.abs().sqrt()),
         (UnOp::Log, |x| x.abs().ln()),
+        (UnOp::Sin, f64::sin),
+        (UnOp::Cos, f64::cos),
     ];
     for (op, f) in cases {
         let (rows, cols) = (3u32, 50u32);

@@ -110,6 +110,13 @@ fn block_of(v: u32, cap: u32) -> u32 {
 pub fn model_kernels(model: &crate::ir::Model) -> Result<Vec<ModelKernel>, LowerError> {
     let mut out = Vec::new();
     for (h, m) in model.mixers.iter() {
+        if m.instance.kind == hlac_grammar::ast::DeclKind::Attention {
+            let cfg = attention_config(m).map_err(|reason| LowerError { mixer: m.name.clone(), reason })?;
+            let tiling = attention::AttnTiling { block_q: 64, block_k: 64 };
+            out.push(ModelKernel { name: format!("{}_flash_fwd", m.name), mixer: h.index(), role: "attn_fwd", kernel: attention::forward(&cfg, tiling)? });
+            out.push(ModelKernel { name: format!("{}_decode", m.name), mixer: h.index(), role: "attn_decode", kernel: attention::decode(&cfg, 64)? });
+            continue;
+        }
         let (Some(class), Some(math)) = (&m.class, &m.instance.math) else { continue };
         let r = Recurrence { name: &m.name, class, math, heads: m.instance.heads };
         // On the CPU one instance per head computes every value column (the intra-chunk matrix is
@@ -136,7 +143,41 @@ pub fn model_kernels(model: &crate::ir::Model) -> Result<Vec<ModelKernel>, Lower
                 role: "decode",
                 kernel: decode::decode(&r, block_v)?,
             });
+            // Training adds the forward that keeps chunk states and the backward that reads them.
+            // (The delta class's backward is not written yet.)
+            if model.target.mode == crate::ir::Mode::Training && class.family == crate::classify::Family::Decay {
+                let full = Tiling { block_v: r.v(), ..tiling };
+                let states = decay::forward(&r, full, true)?;
+                out.push(ModelKernel { name: format!("{}_chunk_fwd_states", m.name), mixer: h.index(), role: "chunk_fwd_states", kernel: states });
+                let bwd = decay_bwd::backward(&r, full)?;
+                out.push(ModelKernel { name: format!("{}_chunk_bwd", m.name), mixer: h.index(), role: "chunk_bwd", kernel: bwd });
+            }
         }
     }
     Ok(out)
+}
+
+/// The attention kernels' configuration from an attention mixer's hyper-parameters.
+pub fn attention_config(m: &crate::ir::Mixer) -> Result<attention::AttnConfig, String> {
+    use crate::value::Value;
+    let int = |name: &str| match m.instance.get(name) {
+        Some(Value::Int(i)) if *i > 0 => Ok(*i as u32),
+        other => Err(format!("`{name}` is {other:?}, not a positive int")),
+    };
+    let head_dim = int("head_dim")?;
+    let window = match m.instance.get("window_size") {
+        Some(Value::Int(w)) if *w > 0 => Some(*w as u32),
+        _ => None,
+    };
+    let rope_theta = m.instance.get("rope_theta").and_then(Value::as_f64);
+    Ok(attention::AttnConfig {
+        name: m.name.clone(),
+        heads: int("num_heads")?,
+        kv_heads: int("kv_heads")?,
+        head_dim,
+        value_dim: head_dim,
+        window,
+        rope_theta,
+        scale: 1.0 / f64::from(head_dim).sqrt(),
+    })
 }
