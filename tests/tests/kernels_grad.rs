@@ -5,7 +5,8 @@
 
 use std::collections::HashMap;
 
-use hlac::lower::{decay, decay_bwd, Recurrence, Tiling};
+use hlac::classify::Family;
+use hlac::lower::{chunk_bwd, decay, delta, Recurrence, Tiling};
 use hlac_runtime::cpu::{Arg, CpuModule};
 use hlac_tests::reference::grad::numeric_grad;
 use hlac_tests::reference::linear::forward;
@@ -69,7 +70,7 @@ struct Input {
 
 /// Checks the backward kernel of a decay-class mixer against central differences of `reference`,
 /// which maps (inputs by name, h0) to (o, S_T).
-fn check_decay_backward(spec: &str, inputs: Vec<Input>, lengths: &[usize], chunk: u32, seed: u64, reference: &dyn Fn(&HashMap<&str, Vec<f64>>, &[Vec<f64>], &[usize]) -> (T3, Vec<Vec<f64>>)) {
+fn check_backward(spec: &str, inputs: Vec<Input>, lengths: &[usize], chunk: u32, seed: u64, reference: &dyn Fn(&HashMap<&str, Vec<f64>>, &[Vec<f64>], &[usize]) -> (T3, Vec<Vec<f64>>)) {
     let m = mixer(spec);
     let math = m.instance.math.as_ref().expect("math");
     let class = m.class.as_ref().expect("class");
@@ -94,8 +95,8 @@ fn check_decay_backward(spec: &str, inputs: Vec<Input>, lengths: &[usize], chunk
     let w_s: Vec<f64> = rng.normals(seqs * h * k * v);
 
     // The kernels: forward keeping states, then backward.
-    let fwd = decay::forward(&r, tiling, true).expect("lowers");
-    let bwd = decay_bwd::backward(&r, tiling).expect("lowers");
+    let fwd = if class.family == Family::Delta { delta::forward(&r, tiling, true) } else { decay::forward(&r, tiling, true) }.expect("lowers");
+    let bwd = chunk_bwd::backward(&r, tiling).expect("lowers");
     let mut bufs: HashMap<String, Buf> = HashMap::new();
     for i in &inputs {
         bufs.insert(i.name.into(), Buf::In(f32s(&i.values)));
@@ -181,7 +182,7 @@ fn gla_backward_matches_central_differences() {
             Input { name: "v", values: rng.normals(total * h * v), token_dim: Some(v) },
             Input { name: "gk", values: rng.normals(total * h * k).iter().map(|x| x * 4.0).collect(), token_dim: Some(k) },
         ];
-        check_decay_backward(spec, inputs, &lengths, chunk, seed, &|vals, h0, cu| {
+        check_backward(spec, inputs, &lengths, chunk, seed, &|vals, h0, cu| {
             let total = *cu.last().unwrap_or(&0);
             let p = mixers::gla(&t3(vals, "q", total, h, k), &t3(vals, "k", total, h, k), &t3(vals, "v", total, h, v), &t3(vals, "gk", total, h, k));
             forward(&p, Some(h0), cu)
@@ -202,7 +203,7 @@ fn hgrn2_backward_with_lower_bound_matches_central_differences() {
             Input { name: "i", values: rng.normals(total * h * v), token_dim: Some(v) },
             Input { name: "lower_bound", values: rng.vec(h * k, 0.05, 0.8), token_dim: None },
         ];
-        check_decay_backward(spec, inputs, &lengths, 4, seed, &|vals, h0, cu| {
+        check_backward(spec, inputs, &lengths, 4, seed, &|vals, h0, cu| {
             let total = *cu.last().unwrap_or(&0);
             let p = mixers::hgrn2(&t3(vals, "q", total, h, k), &t3(vals, "f", total, h, k), &t3(vals, "i", total, h, v), Some(&vals["lower_bound"]));
             forward(&p, Some(h0), cu)
@@ -222,10 +223,63 @@ fn retnet_backward_through_rotary_embeddings_matches_central_differences() {
             Input { name: "k", values: rng.normals(total * h * k), token_dim: Some(k) },
             Input { name: "v", values: rng.normals(total * h * v), token_dim: Some(v) },
         ];
-        check_decay_backward(spec, inputs, &lengths, 4, seed, &|vals, h0, cu| {
+        check_backward(spec, inputs, &lengths, 4, seed, &|vals, h0, cu| {
             let total = *cu.last().unwrap_or(&0);
             let pos = hlac_tests::reference::positions(cu);
             let p = mixers::retnet(&t3(vals, "q", total, h, k), &t3(vals, "k", total, h, k), &t3(vals, "v", total, h, v), &pos);
+            forward(&p, Some(h0), cu)
+        });
+    }
+}
+
+#[test]
+fn deltanet_backward_matches_central_differences() {
+    let spec = "model m {\n  hidden_size = 16\n  pattern = DeltaNet\n  mixer DeltaNet {\n    num_heads = 2\n  }\n}\n";
+    let (k, v, h) = (8usize, 8usize, 2usize);
+    for (seed, lengths, chunk) in [(31u64, vec![5usize], 4u32), (32, vec![3, 9, 1], 4), (33, vec![17], 8)] {
+        let total: usize = lengths.iter().sum();
+        let mut rng = Rng::new(seed);
+        let inputs = vec![
+            Input { name: "q", values: rng.normals(total * h * k), token_dim: Some(k) },
+            Input { name: "k", values: rng.normals(total * h * k), token_dim: Some(k) },
+            Input { name: "v", values: rng.normals(total * h * v), token_dim: Some(v) },
+            Input { name: "b", values: rng.normals(total * h), token_dim: Some(1) },
+        ];
+        check_backward(spec, inputs, &lengths, chunk, seed, &|vals, h0, cu| {
+            let total = *cu.last().unwrap_or(&0);
+            let p = mixers::deltanet(&t3(vals, "q", total, h, k), &t3(vals, "k", total, h, k), &t3(vals, "v", total, h, v), &t3(vals, "b", total, h, 1));
+            forward(&p, Some(h0), cu)
+        });
+    }
+}
+
+#[test]
+fn gdn_backward_matches_central_differences() {
+    let spec = "model m {\n  hidden_size = 16\n  pattern = GDN\n  mixer GDN {\n    num_heads = 2\n    head_dim = 4\n  }\n}\n";
+    let (k, v, h) = (4usize, 8usize, 2usize);
+    for (seed, lengths, chunk) in [(41u64, vec![6usize], 4u32), (42, vec![2, 11], 4), (43, vec![19], 8)] {
+        let total: usize = lengths.iter().sum();
+        let mut rng = Rng::new(seed);
+        let inputs = vec![
+            Input { name: "q", values: rng.normals(total * h * k), token_dim: Some(k) },
+            Input { name: "k", values: rng.normals(total * h * k), token_dim: Some(k) },
+            Input { name: "v", values: rng.normals(total * h * v), token_dim: Some(v) },
+            Input { name: "a", values: rng.normals(total * h), token_dim: Some(1) },
+            Input { name: "b", values: rng.normals(total * h), token_dim: Some(1) },
+            Input { name: "A_log", values: rng.vec(h, -1.0, 0.5), token_dim: None },
+            Input { name: "dt_bias", values: rng.vec(h, -1.0, 1.0), token_dim: None },
+        ];
+        check_backward(spec, inputs, &lengths, chunk, seed, &|vals, h0, cu| {
+            let total = *cu.last().unwrap_or(&0);
+            let p = mixers::gated_deltanet(
+                &t3(vals, "q", total, h, k),
+                &t3(vals, "k", total, h, k),
+                &t3(vals, "v", total, h, v),
+                &t3(vals, "a", total, h, 1),
+                &t3(vals, "b", total, h, 1),
+                &vals["A_log"],
+                &vals["dt_bias"],
+            );
             forward(&p, Some(h0), cu)
         });
     }

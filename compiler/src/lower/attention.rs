@@ -286,6 +286,317 @@ pub fn decode(cfg: &AttnConfig, block_k: u32) -> Result<Kernel, LowerError> {
     Ok(Kernel { program: b.finish(), grid: vec!["sequences * heads".into()] })
 }
 
+/// The two kernels of the backward; see [`backward`].
+#[derive(Debug, Clone)]
+pub struct AttnBackward {
+    /// dq: one instance per (sequence, query head, query block). Grid: sequences × heads, then
+    /// ⌈max sequence length / block_q⌉.
+    pub dq: Kernel,
+    /// dk and dv: one instance per (sequence, kv head, key block). Grid: sequences × kv_heads, then
+    /// ⌈max sequence length / block_k⌉.
+    pub dkv: Kernel,
+}
+
+/// The flash-attention-2 backward over packed sequences, as two kernels that each own what they
+/// write, so that no instance ever adds into memory another one writes (no atomics, no races):
+///
+/// - [`AttnBackward::dq`] walks the visible key blocks of its query block, as the forward does, and
+///   accumulates dQ in registers.
+/// - [`AttnBackward::dkv`] holds one key block and walks the `heads / kv_heads` query heads of its
+///   group and, for each, the query blocks that can see the key block, accumulating dK and dV in
+///   registers: the GQA sum over the group happens inside one instance.
+///
+/// Both recompute P = e^{scale · q kᵀ − lse} from the forward's `lse`, and D_i = rowsum(dO_i ⊙ O_i)
+/// from its `o` (a [block, value_dim] product per block, cheaper than a third kernel and a scratch
+/// buffer); then dV = Σ Pᵀ dO, dP = dO vᵀ, dS = P ⊙ (dP − D), dQ = scale · Σ dS k, dK = scale · Σ dSᵀ q,
+/// with q and k rotated; RoPE's gradient then rotates dQ and dK back by −angle.
+///
+/// The kernels read only the forward's inputs and outputs and write disjoint buffers, so the
+/// launcher may run them in either order or concurrently (the reference launcher runs `dq`, then
+/// `dkv`). Parameters of both, in order: `q`, `k`, `v` (as in the forward), `o`, `lse` (the
+/// forward's outputs), `do` (`[tokens, heads, value_dim]`), `cu_seqlens`; then `dq`
+/// (`[tokens, heads, head_dim]`) for the first kernel, or `dk` (`[tokens, kv_heads, head_dim]`) and
+/// `dv` (`[tokens, kv_heads, value_dim]`) for the second. Blocks past a sequence's end store nothing.
+pub fn backward(cfg: &AttnConfig, tiling: AttnTiling) -> Result<AttnBackward, LowerError> {
+    let group = cfg.check()?;
+    if tiling.block_q == 0 || tiling.block_k == 0 {
+        return Err(cfg.error("block_q and block_k must be positive"));
+    }
+    Ok(AttnBackward { dq: backward_dq(cfg, tiling, group), dkv: backward_dkv(cfg, tiling, group) })
+}
+
+/// The pointers every backward kernel reads, declared in the documented order.
+struct BwdInputs {
+    q: Ptr,
+    k: Ptr,
+    v: Ptr,
+    o: Ptr,
+    lse: Ptr,
+    d_o: Ptr,
+    cu: Ptr,
+}
+
+impl BwdInputs {
+    fn declare(b: &mut Builder) -> BwdInputs {
+        BwdInputs {
+            q: b.ptr("q", DType::F32, false),
+            k: b.ptr("k", DType::F32, false),
+            v: b.ptr("v", DType::F32, false),
+            o: b.ptr("o", DType::F32, false),
+            lse: b.ptr("lse", DType::F32, false),
+            d_o: b.ptr("do", DType::F32, false),
+            cu: b.ptr("cu_seqlens", DType::I64, false),
+        }
+    }
+}
+
+/// A block of queries of one head, as the backward needs it.
+struct QueryBlock {
+    /// Positions within the sequence, `[bq]`.
+    rows: Value,
+    /// Rows inside the sequence, `[bq]`.
+    valid: Value,
+    /// scale · rotated q, `[bq, d]` (zero past the end).
+    q: Value,
+    /// dO, `[bq, dv]`.
+    d_o: Value,
+    /// The forward's lse as a column, `[bq, 1]`.
+    lse: Value,
+    /// D = rowsum(dO ⊙ O) as a column, `[bq, 1]`.
+    delta: Value,
+}
+
+/// Loads query block `rows` of head `head` (tokens `rows + bos`, valid below `len`).
+fn load_query_block(b: &mut Builder, cfg: &AttnConfig, p: &BwdInputs, rope: Option<&Rope>, rows: Value, bos: Value, len: Value, head: Value) -> QueryBlock {
+    let (d, dv) = (cfg.head_dim, cfg.value_dim);
+    let valid = b.cmp(CmpOp::Lt, rows, len);
+    let valid_c = b.col(valid);
+    let tokens = b.add(rows, bos);
+    let q = load_heads(b, p.q, tokens, cfg.heads, head, d, Some(valid_c), rope.map(|r| (r, rows)));
+    let scale = b.f32(cfg.scale);
+    let q = b.mul(q, scale);
+    let d_o = load_heads(b, p.d_o, tokens, cfg.heads, head, dv, Some(valid_c), None);
+    let o = load_heads(b, p.o, tokens, cfg.heads, head, dv, Some(valid_c), None);
+    let od = b.mul(o, d_o);
+    let delta = b.sum(od, 1);
+    let delta = b.col(delta);
+    let heads = b.i64(i64::from(cfg.heads));
+    let lse_off = b.mul(tokens, heads);
+    let lse_off = b.add(lse_off, head);
+    let lse = b.load(p.lse, lse_off, Some(valid), 0.0);
+    let lse = b.col(lse);
+    QueryBlock { rows, valid, q, d_o, lse, delta }
+}
+
+/// A block of keys of one kv head: positions, validity, rotated k `[bk, d]` and v `[bk, dv]`.
+struct KeyBlock {
+    cols: Value,
+    valid: Value,
+    k: Value,
+    v: Value,
+}
+
+/// Loads key block `cols` of kv head `kv_head` (tokens `cols + bos`, valid below `len`).
+fn load_key_block(b: &mut Builder, cfg: &AttnConfig, p: &BwdInputs, rope: Option<&Rope>, cols: Value, bos: Value, len: Value, kv_head: Value) -> KeyBlock {
+    let valid = b.cmp(CmpOp::Lt, cols, len);
+    let valid_c = b.col(valid);
+    let tokens = b.add(cols, bos);
+    let k = load_heads(b, p.k, tokens, cfg.kv_heads, kv_head, cfg.head_dim, Some(valid_c), rope.map(|r| (r, cols)));
+    let v = load_heads(b, p.v, tokens, cfg.kv_heads, kv_head, cfg.value_dim, Some(valid_c), None);
+    KeyBlock { cols, valid, k, v }
+}
+
+/// P `[bq, bk]` and dS = P ⊙ (dO vᵀ − D) of a query block against a key block; both are exactly 0
+/// where the key is not visible (past either end, after the query, or outside the window).
+fn probs_and_ds(b: &mut Builder, cfg: &AttnConfig, qb: &QueryBlock, kb: &KeyBlock) -> (Value, Value) {
+    let kt = b.transpose(kb.k);
+    let s = b.dot(qb.q, kt);
+    let i = b.col(qb.rows);
+    let j = b.row(kb.cols);
+    let causal = b.cmp(CmpOp::Le, j, i);
+    let key_exists = b.row(kb.valid);
+    let query_exists = b.col(qb.valid);
+    let mut visible = b.binary(BinOp::And, causal, key_exists);
+    // Rows past the end have dO = 0 and so contribute nothing anyway; masking them keeps e^{s − lse}
+    // (with lse loaded as 0 there) from ever being evaluated on a score that is not a real one.
+    visible = b.binary(BinOp::And, visible, query_exists);
+    if let Some(w) = cfg.window {
+        let w_v = b.i64(i64::from(w));
+        let first = b.sub(i, w_v);
+        let inside = b.cmp(CmpOp::Gt, j, first);
+        visible = b.binary(BinOp::And, visible, inside);
+    }
+    // Masked before the exponential so that no infinity is ever formed: e^{NEG} is exactly 0, and a
+    // visible s − lse is ≤ 0 up to rounding (lse is the log of a sum that includes e^s).
+    let centred = b.sub(s, qb.lse);
+    let neg = b.f32(NEG);
+    let centred = b.select(visible, centred, neg);
+    let p = b.exp(centred);
+    let vt = b.transpose(kb.v);
+    let dp = b.dot(qb.d_o, vt);
+    let dp = b.sub(dp, qb.delta);
+    let ds = b.mul(p, dp);
+    (p, ds)
+}
+
+/// The sequence's start and length, from `cu_seqlens`.
+fn sequence_bounds(b: &mut Builder, cu: Ptr, seq: Value) -> (Value, Value) {
+    let one = b.i64(1);
+    let seq_next = b.add(seq, one);
+    let bos = load_scalar(b, cu, seq);
+    let eos = load_scalar(b, cu, seq_next);
+    let len = b.sub(eos, bos);
+    (bos, len)
+}
+
+/// Rotates a gradient `[n, d]` with respect to rotated vectors back to the raw ones (identity
+/// without RoPE).
+fn unrotate_grad(b: &mut Builder, rope: Option<&(Rope, Value)>, grad: Value, positions: Value) -> Value {
+    match rope {
+        Some((rope, partner)) => {
+            let partner_grad = b.dot(grad, *partner);
+            rope.unrotate(b, grad, partner_grad, positions)
+        }
+        None => grad,
+    }
+}
+
+/// The dq kernel: like the forward, one query block against its visible key blocks.
+fn backward_dq(cfg: &AttnConfig, tiling: AttnTiling, group: u32) -> Kernel {
+    let (d, bq, bk) = (cfg.head_dim, tiling.block_q, tiling.block_k);
+    let mut b = Builder::new(&format!("{}_flash_bwd_dq", cfg.name), &["sequences * heads", "query blocks"]);
+    let p = BwdInputs::declare(&mut b);
+    let dq_ptr = b.ptr("dq", DType::F32, true);
+
+    let pid0 = b.program_id(0);
+    let heads = b.i64(i64::from(cfg.heads));
+    let seq = b.binary(BinOp::Div, pid0, heads);
+    let head = b.binary(BinOp::Rem, pid0, heads);
+    let group_v = b.i64(i64::from(group));
+    let kv_head = b.binary(BinOp::Div, head, group_v);
+    let (bos, len) = sequence_bounds(&mut b, p.cu, seq);
+    let pid1 = b.program_id(1);
+    let bq_v = b.i64(i64::from(bq));
+    let q0 = b.mul(pid1, bq_v);
+    let rope = cfg.rope_theta.map(|theta| {
+        let r = Rope::new(&mut b, d, theta);
+        let m = r.partner_matrix(&mut b, d);
+        (r, m)
+    });
+    let iota_q = b.iota(bq);
+    let rows = b.add(iota_q, q0);
+    let qb = load_query_block(&mut b, cfg, &p, rope.as_ref().map(|r| &r.0), rows, bos, len, head);
+
+    // The same key range as the forward: [window start or 0, the block's last query], empty past
+    // the end.
+    let bq_end = b.add(q0, bq_v);
+    let hi = b.binary(BinOp::Min, bq_end, len);
+    let zero_i = b.i64(0);
+    let lo = match cfg.window {
+        Some(w) => {
+            let reach = b.i64(i64::from(w) - 1);
+            let start = b.sub(q0, reach);
+            b.max(start, zero_i)
+        }
+        None => zero_i,
+    };
+    let past_end = b.cmp(CmpOp::Ge, q0, len);
+    let hi = b.select(past_end, lo, hi);
+    let zero = b.f32(0.0);
+    let init = b.broadcast(zero, &[bq, d]);
+    let bk_v = b.i64(i64::from(bk));
+    let out = b.for_loop(lo, hi, bk_v, &[init], |b, j0, state| {
+        let iota_k = b.iota(bk);
+        let cols = b.add(iota_k, j0);
+        let kb = load_key_block(b, cfg, &p, rope.as_ref().map(|r| &r.0), cols, bos, len, kv_head);
+        let (_, ds) = probs_and_ds(b, cfg, &qb, &kb);
+        let dsk = b.dot(ds, kb.k);
+        vec![b.add(state[0], dsk)]
+    });
+    let scale = b.f32(cfg.scale);
+    let dq = b.mul(out[0], scale);
+    let dq = unrotate_grad(&mut b, rope.as_ref(), dq, rows);
+    let tokens = b.add(rows, bos);
+    let off = head_offsets(&mut b, tokens, cfg.heads, head, d);
+    let valid_c = b.col(qb.valid);
+    b.store(dq_ptr, off, dq, Some(valid_c));
+    Kernel { program: b.finish(), grid: vec!["sequences * heads".into(), format!("ceil(max_len / {bq})")] }
+}
+
+/// The dk/dv kernel: one key block against every query of its group that can see it.
+fn backward_dkv(cfg: &AttnConfig, tiling: AttnTiling, group: u32) -> Kernel {
+    let (d, dv, bq, bk) = (cfg.head_dim, cfg.value_dim, tiling.block_q, tiling.block_k);
+    let mut b = Builder::new(&format!("{}_flash_bwd_dkv", cfg.name), &["sequences * kv_heads", "key blocks"]);
+    let p = BwdInputs::declare(&mut b);
+    let dk_ptr = b.ptr("dk", DType::F32, true);
+    let dv_ptr = b.ptr("dv", DType::F32, true);
+
+    let pid0 = b.program_id(0);
+    let kv_heads = b.i64(i64::from(cfg.kv_heads));
+    let seq = b.binary(BinOp::Div, pid0, kv_heads);
+    let kv_head = b.binary(BinOp::Rem, pid0, kv_heads);
+    let group_v = b.i64(i64::from(group));
+    let first_head = b.mul(kv_head, group_v);
+    let (bos, len) = sequence_bounds(&mut b, p.cu, seq);
+    let pid1 = b.program_id(1);
+    let bk_v = b.i64(i64::from(bk));
+    let j0 = b.mul(pid1, bk_v);
+    let rope = cfg.rope_theta.map(|theta| {
+        let r = Rope::new(&mut b, d, theta);
+        let m = r.partner_matrix(&mut b, d);
+        (r, m)
+    });
+    let iota_k = b.iota(bk);
+    let cols = b.add(iota_k, j0);
+    let kb = load_key_block(&mut b, cfg, &p, rope.as_ref().map(|r| &r.0), cols, bos, len, kv_head);
+
+    // Queries that see some key of [j0, j0 + bk): from j0 (causality) to the last key's window end,
+    // i < j0 + bk − 1 + w, capped at the sequence's end; empty past the end.
+    let lo = j0;
+    let hi = match cfg.window {
+        Some(w) => {
+            let reach = b.i64(i64::from(bk) + i64::from(w) - 1);
+            let end = b.add(j0, reach);
+            b.binary(BinOp::Min, end, len)
+        }
+        None => len,
+    };
+    let past_end = b.cmp(CmpOp::Ge, j0, len);
+    let hi = b.select(past_end, lo, hi);
+    let zero = b.f32(0.0);
+    let dk_init = b.broadcast(zero, &[bk, d]);
+    let dv_init = b.broadcast(zero, &[bk, dv]);
+    let zero_i = b.i64(0);
+    let one_i = b.i64(1);
+    let bq_v = b.i64(i64::from(bq));
+    // The group's query heads, one after another, all adding into the same registers: the GQA sum.
+    let out = b.for_loop(zero_i, group_v, one_i, &[dk_init, dv_init], |b, g, acc| {
+        let head = b.add(first_head, g);
+        b.for_loop(lo, hi, bq_v, acc, |b, i0, acc| {
+            let iota_q = b.iota(bq);
+            let rows = b.add(iota_q, i0);
+            let qb = load_query_block(b, cfg, &p, rope.as_ref().map(|r| &r.0), rows, bos, len, head);
+            let (pr, ds) = probs_and_ds(b, cfg, &qb, &kb);
+            let pt = b.transpose(pr);
+            let pdo = b.dot(pt, qb.d_o);
+            let dst = b.transpose(ds);
+            // q is already scaled, so this is scale · dSᵀ q.
+            let dsq = b.dot(dst, qb.q);
+            let dk = b.add(acc[0], dsq);
+            let dv = b.add(acc[1], pdo);
+            vec![dk, dv]
+        })
+    });
+    let dk = unrotate_grad(&mut b, rope.as_ref(), out[0], cols);
+    let tokens = b.add(cols, bos);
+    let valid_c = b.col(kb.valid);
+    let dk_off = head_offsets(&mut b, tokens, cfg.kv_heads, kv_head, d);
+    b.store(dk_ptr, dk_off, dk, Some(valid_c));
+    let dv_off = head_offsets(&mut b, tokens, cfg.kv_heads, kv_head, dv);
+    b.store(dv_ptr, dv_off, out[1], Some(valid_c));
+    Kernel { program: b.finish(), grid: vec!["sequences * kv_heads".into(), format!("ceil(max_len / {bk})")] }
+}
+
 /// Element offsets `[n, 1]` of column 0 of head `head` of the given rows of a `[rows, heads, width]`
 /// tensor; adding a `[1, width]` row of column indices gives the tile's offsets.
 fn head_base(b: &mut Builder, rows: Value, heads: u32, head: Value, width: u32) -> Value {
@@ -375,6 +686,19 @@ impl Rope {
 
     /// Rotates `x` `[n, d]`, whose partner-column tile is `partner`, at `positions` (`[n]`, i64).
     fn rotate(&self, b: &mut Builder, x: Value, partner: Value, positions: Value) -> Value {
+        self.turn(b, x, partner, positions, BinOp::Add)
+    }
+
+    /// The gradient through [`Rope::rotate`]: given dy `[n, d]` and its partner-column tile, returns
+    /// dx. Since y_c = x_c cos a_c + sign_c x_{p(c)} sin a_c, with p an involution that keeps the
+    /// pair's angle and flips its sign, dx_c = dy_c cos a_c − sign_c dy_{p(c)} sin a_c: the rotation
+    /// by −a (grad.rs's dy·cos + (dy·sin)·Pᵀ, written with the forward's own angles).
+    fn unrotate(&self, b: &mut Builder, dy: Value, partner: Value, positions: Value) -> Value {
+        self.turn(b, dy, partner, positions, BinOp::Sub)
+    }
+
+    /// x cos a ± sign · partner · sin a (`Add` rotates by a, `Sub` by −a).
+    fn turn(&self, b: &mut Builder, x: Value, partner: Value, positions: Value, op: BinOp) -> Value {
         let pos = b.cast(positions, DType::F32);
         let pos = b.col(pos);
         let angle = b.mul(pos, self.inv_freq);
@@ -383,7 +707,20 @@ impl Rope {
         let xc = b.mul(x, cos);
         let ps = b.mul(partner, sin);
         let ps = b.mul(ps, self.sign);
-        b.add(xc, ps)
+        b.binary(op, xc, ps)
+    }
+
+    /// The 0/1 matrix `[d, d]` with M[j, c] = 1 where j = p(c), so that y · M is y with its columns
+    /// permuted to their partners. Gradients live in registers, not memory, so the backward cannot
+    /// reload them rotated the way the forward reloads q and k; a product with a permutation is
+    /// exact in f32 (one nonzero term per output).
+    fn partner_matrix(&self, b: &mut Builder, d: u32) -> Value {
+        let iota = b.iota(d);
+        let j = b.col(iota);
+        let is_partner = b.cmp(CmpOp::Eq, j, self.partner_cols);
+        let one = b.f32(1.0);
+        let zero = b.f32(0.0);
+        b.select(is_partner, one, zero)
     }
 }
 

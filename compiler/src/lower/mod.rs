@@ -6,9 +6,10 @@
 pub mod attention;
 pub mod chunk;
 pub mod decay;
-pub mod decay_bwd;
+pub mod chunk_bwd;
 pub mod decode;
 pub mod delta;
+pub mod delta_bwd;
 pub mod expr;
 pub mod grad;
 pub mod pieces;
@@ -144,12 +145,11 @@ pub fn model_kernels(model: &crate::ir::Model) -> Result<Vec<ModelKernel>, Lower
                 kernel: decode::decode(&r, block_v)?,
             });
             // Training adds the forward that keeps chunk states and the backward that reads them.
-            // (The delta class's backward is not written yet.)
-            if model.target.mode == crate::ir::Mode::Training && class.family == crate::classify::Family::Decay {
+            if model.target.mode == crate::ir::Mode::Training {
                 let full = Tiling { block_v: r.v(), ..tiling };
-                let states = decay::forward(&r, full, true)?;
+                let states = if class.family == crate::classify::Family::Delta { delta::forward(&r, full, true)? } else { decay::forward(&r, full, true)? };
                 out.push(ModelKernel { name: format!("{}_chunk_fwd_states", m.name), mixer: h.index(), role: "chunk_fwd_states", kernel: states });
-                let bwd = decay_bwd::backward(&r, full)?;
+                let bwd = chunk_bwd::backward(&r, full)?;
                 out.push(ModelKernel { name: format!("{}_chunk_bwd", m.name), mixer: h.index(), role: "chunk_bwd", kernel: bwd });
             }
         }

@@ -143,7 +143,6 @@ struct ConvCtx {
     h0: Ptr,
     /// Bool scalar: whether an initial state is given.
     use_h0: Value,
-    seq: Value,
     bos: Value,
     len: Value,
     /// This program's channels, `[1, block_c]` i64.
@@ -152,6 +151,9 @@ struct ConvCtx {
     chan_ok: Value,
     /// Weight of tap j for these channels, `[1, block_c]` f32 each.
     taps: Vec<Value>,
+    /// Where this sequence's state rows for these channels start in a `[sequences, C, W]`
+    /// buffer, `[1, block_c]` i64.
+    state_base: Value,
 }
 
 impl ConvCtx {
@@ -181,7 +183,10 @@ impl ConvCtx {
             })
             .collect();
         let use_h0 = flag(b, use_h0);
-        ConvCtx { c, x, h0, use_h0, seq, bos, len, chan, chan_ok, taps }
+        let cw = b.i64(i64::from(c.channels) * i64::from(c.width));
+        let sbase = b.mul(seq, cw);
+        let state_base = b.add(wbase, sbase);
+        ConvCtx { c, x, h0, use_h0, len, bos, chan, chan_ok, taps, state_base }
     }
 
     /// Offsets and mask of positions `pos` (`[R, 1]` i64, relative to the sequence start) of this
@@ -201,12 +206,7 @@ impl ConvCtx {
     /// Offsets of columns `col` (any shape broadcastable against `[1, block_c]`, i64) of this
     /// sequence's state for this program's channels in a `[sequences, C, W]` buffer.
     fn state_offsets(&self, b: &mut Builder, col: Value) -> Value {
-        let cw = b.i64(i64::from(self.c.channels) * i64::from(self.c.width));
-        let base = b.mul(self.seq, cw);
-        let wd = b.i64(i64::from(self.c.width));
-        let cc = b.mul(self.chan, wd);
-        let cc = b.add(cc, base);
-        b.add(col, cc)
+        b.add(col, self.state_base)
     }
 
     /// The convolution's input at positions `pos` (`[R]` i64, relative to the sequence start), as

@@ -1,7 +1,12 @@
-//! The decay class's backward (algorithms.md §1.3), per (sequence, head), walking the chunks in
-//! reverse. The state entering each chunk comes from the `states` buffer that the forward variant
+//! The backward of the chunked recurrences, per (sequence, head), walking the chunks in reverse.
+//! The state entering each chunk comes from the `states` buffer that the forward variant
 //! `chunk_fwd_states` fills (states are recomputed for the backward, not kept from the training
-//! forward); everything else in the chunk is recomputed. Per chunk, with q' = scale · query:
+//! forward); everything else in the chunk is recomputed. The class's core gradients — with respect
+//! to the effective q' = scale · query, k, v, log α and β — come from [`decay_core`]
+//! (algorithms.md §1.3) or [`delta_core`] (§2.2), then flow through the declaration's own
+//! expressions ([`super::grad`]) to the raw token inputs, per-head parameters and lower bound.
+//!
+//! Decay class, per chunk:
 //!
 //! ```text
 //! dA  = (dO Vᵀ)_≤                      dV = Aᵀ dO + (K ⊙ e^{Λ−λ}) dS⁺
@@ -10,15 +15,16 @@
 //! dS  = e^Λ ⊙ dS⁺ + (q' ⊙ e^λ)ᵀ dO     (carried to the previous chunk; dh0 at the end)
 //! ```
 //!
-//! with dQ°, dK° the pairwise intra-chunk terms. The gradients of the effective q', k, v and
-//! log α are then chained through the declaration's own expressions ([`super::grad`]) to the raw
-//! token inputs, per-head parameters and lower bound.
+//! Delta class: the WY/UT form's reverse — dΔ = K̂ dS⁺ + Aᵀ dO and
+//! dS = e^Λ dS⁺ + (Diag(γ) Q')ᵀ dO − Wᵀ dΔ sequentially, then the chunk-parallel terms through
+//! Δ = U − W S, U = T Diag(β) V, W = T Diag(β γ) K and T = (I + L)⁻¹ (dL = −(Tᵀ dT Tᵀ)_<).
 
 use hlac_grammar::ast::{Expr, ExprKind, Ident};
 use hlac_runtime::kir::{BinOp, Builder, CmpOp, DType, Value};
 
 use super::chunk::{load_scalar, used_names, Inputs};
 use super::decay::{causal_mask, decay_matrix};
+use super::delta_bwd::delta_core;
 use super::expr::{self, POSITION};
 use super::grad::{backprop, reduce_to, Grads};
 use super::{Kernel, LowerError, Recurrence, Tiling};
@@ -31,8 +37,8 @@ use crate::classify::{Decay, Family};
 /// (`[sequences, heads * K]`), and `dh0` (`[sequences, heads, K, V]`); then the integer `use_dht`.
 /// Grid: sequences × heads.
 pub fn backward(r: &Recurrence<'_>, tiling: Tiling) -> Result<Kernel, LowerError> {
-    if r.class.family != Family::Decay {
-        return Err(r.error(format!("the decay-class backward does not apply to the {:?} family", r.class.family)));
+    if !matches!(r.class.family, Family::Decay | Family::Delta) {
+        return Err(r.error(format!("the chunked backward does not apply to the {:?} family", r.class.family)));
     }
     let ex = &r.class.exprs;
     let (Some(key), Some(value), Some(query)) = (&ex.key, &ex.value, &ex.query) else {
@@ -115,6 +121,7 @@ pub fn backward(r: &Recurrence<'_>, tiling: Tiling) -> Result<Kernel, LowerError
     // The g expression: log α, as the forward computes it.
     let gated = !matches!(r.class.decay, Decay::None);
     let vector = matches!(r.class.decay, Decay::DataVector(_) | Decay::FixedVector(_));
+    let delta = r.class.family == Family::Delta;
     let g_expr = ex.decay.as_ref().filter(|_| gated).map(log_expr);
     let needs_position = [key, query].iter().any(|e| expr::mentions_call(e, "rope"));
 
@@ -168,99 +175,38 @@ pub fn backward(r: &Recurrence<'_>, tiling: Tiling) -> Result<Kernel, LowerError
             let v = expr::lower(b, value, &env)?;
             let v = b.broadcast(v, &[c, vd]);
             let v = b.select(valid, v, zero);
-            let causal = causal_mask(b, c);
+            let beta = match (&ex.beta, delta) {
+                (Some(e), true) => {
+                    let x = expr::lower(b, e, &env)?;
+                    let x = b.broadcast(x, &[c, 1]);
+                    Some(b.select(valid, x, zero))
+                }
+                (None, true) => {
+                    let ones = valid_f(b, valid);
+                    Some(b.broadcast(ones, &[c, 1]))
+                }
+                _ => None,
+            };
             let gw = if vector { kd } else { 1 };
-            let (lam, lam_end) = match &g_expr {
+            let lam = match &g_expr {
                 Some(ge) => {
                     let g = expr::lower(b, ge, &env)?;
                     let g = b.broadcast(g, &[c, gw]);
                     let g = b.select(valid, g, zero);
-                    let lam = b.cumsum(g, 0, false);
-                    let end = b.sum(g, 0);
-                    (lam, b.row(end))
+                    Some(b.cumsum(g, 0, false))
                 }
-                None => {
-                    let z = b.broadcast(zero, &[c, gw]);
-                    (z, b.broadcast(zero, &[1, gw]))
-                }
+                None => None,
             };
-            let e_lam = b.exp(lam);
-            let rest = b.sub(lam_end, lam);
-            let to_end = b.exp(rest);
-            let decay_rows = b.reshape(lam_end, &[gw, 1]);
-            let decay_rows = b.exp(decay_rows);
-            let qg = b.mul(q, e_lam);
-            let kd_t = b.mul(k, to_end);
-            // A and the pieces of the intra-chunk gradient.
-            let vt = b.transpose(v);
-            let dov = b.dot(d_o, vt);
-            let d_a = b.select(causal, dov, zero);
-            let (a, dq_intra, dk_intra) = if vector {
-                let never = b.f32(-1e30);
-                let li = b.reshape(lam, &[c, 1, kd]);
-                let lj = b.reshape(lam, &[1, c, kd]);
-                let diff = b.sub(li, lj);
-                let causal3 = b.reshape(causal, &[c, c, 1]);
-                let diff = b.select(causal3, diff, never);
-                let e3 = b.exp(diff);
-                let qi = b.reshape(q, &[c, 1, kd]);
-                let kj = b.reshape(k, &[1, c, kd]);
-                let qk = b.mul(qi, kj);
-                let w = b.mul(qk, e3);
-                let a = b.sum(w, 2);
-                let da3 = b.reshape(d_a, &[c, c, 1]);
-                let dae = b.mul(da3, e3);
-                let t = b.mul(dae, kj);
-                let dq_i = b.sum(t, 1);
-                let t = b.mul(dae, qi);
-                let dk_i = b.sum(t, 0);
-                (a, dq_i, dk_i)
-            } else {
-                let kt = b.transpose(k);
-                let qk = b.dot(q, kt);
-                let gamma = decay_matrix(b, lam, causal);
-                let a = b.mul(qk, gamma);
-                let dag = b.mul(d_a, gamma);
-                let dq_i = b.dot(dag, k);
-                let dagt = b.transpose(dag);
-                let dk_i = b.dot(dagt, q);
-                (a, dq_i, dk_i)
-            };
-            let at = b.transpose(a);
-            let dv_a = b.dot(at, d_o);
-            let dv_s = b.dot(kd_t, ds_next);
-            let dv = b.add(dv_a, dv_s);
-            let st_t = b.transpose(s);
-            let dos = b.dot(d_o, st_t);
-            let dq_state = b.mul(dos, e_lam);
-            let dq = b.add(dq_state, dq_intra);
-            let dst = b.transpose(ds_next);
-            let vds = b.dot(v, dst);
-            let dk_state = b.mul(vds, to_end);
-            let dk = b.add(dk_state, dk_intra);
-            let dq = b.select(valid, dq, zero);
-            let dk = b.select(valid, dk, zero);
-            let dv = b.select(valid, dv, zero);
+            let core = Core { q, k, v, beta, lam, s, ds_next, d_o, valid, c, kd, vd, gw };
+            let grads_core = if delta { delta_core(b, &core) } else { decay_core(b, &core, vector) };
             let mut grads = Grads::new();
-            if let Some(ge) = &g_expr {
-                let qdq = b.mul(q, dq);
-                let kdk = b.mul(k, dk);
-                let dlam = b.sub(qdq, kdk);
-                let dlam = reduce_to(b, dlam, &[c, gw]);
-                let dg = b.cumsum(dlam, 0, true);
-                // The last row's Λ also scales the carried state: + rowsum(S⁺ ⊙ dS⁺) on every row.
-                let s_dec = b.mul(s, decay_rows);
-                let kdt = b.transpose(kd_t);
-                let upd = b.dot(kdt, v);
-                let s_next = b.add(s_dec, upd);
-                let sds = b.mul(s_next, ds_next);
-                let term = b.sum(sds, 1);
-                let term = b.reshape(term, &[1, kd]);
-                let term = reduce_to(b, term, &[1, gw]);
-                let dg = b.add(dg, term);
-                let dg = b.select(valid, dg, zero);
+            if let (Some(ge), Some(dg)) = (&g_expr, grads_core.dg) {
                 backprop(b, ge, &env, dg, &wrt, &mut grads)?;
             }
+            if let (Some(be), Some(db)) = (&ex.beta, grads_core.dbeta) {
+                backprop(b, be, &env, db, &wrt, &mut grads)?;
+            }
+            let (dq, dk, dv) = (grads_core.dq, grads_core.dk, grads_core.dv);
             let dq_raw = match scale {
                 Some(sc) => b.mul(dq, sc),
                 None => dq,
@@ -280,11 +226,7 @@ pub fn backward(r: &Recurrence<'_>, tiling: Tiling) -> Result<Kernel, LowerError
                 let off = b.add(base, cr);
                 b.store(*ptr, off, g, Some(valid));
             }
-            let mut next = Vec::new();
-            let ds_dec = b.mul(ds_next, decay_rows);
-            let qgt = b.transpose(qg);
-            let dsq = b.dot(qgt, d_o);
-            next.push(b.add(ds_dec, dsq));
+            let mut next = vec![grads_core.ds_prev];
             for (k_idx, (name, w)) in params.iter().enumerate() {
                 let prev = carried[k_idx + 1];
                 let add = match grads.get(name) {
@@ -337,4 +279,163 @@ fn log_expr(decay: &Expr) -> Expr {
             span: decay.span,
         },
     }
+}
+
+/// 1.0 where `valid`, else 0.0 ([C, 1]).
+fn valid_f(b: &mut Builder, valid: Value) -> Value {
+    let one = b.f32(1.0);
+    let zero = b.f32(0.0);
+    b.select(valid, one, zero)
+}
+
+/// A chunk's recomputed forward quantities (rows past the sequence's end are zero).
+pub struct Core {
+    /// q' = scale · query, [C, K].
+    pub q: Value,
+    /// Keys, [C, K].
+    pub k: Value,
+    /// Values, [C, V].
+    pub v: Value,
+    /// β, [C, 1] (delta class).
+    pub beta: Option<Value>,
+    /// λ = cumsum log α, [C, gw]; `None` without decay.
+    pub lam: Option<Value>,
+    /// The state entering the chunk, [K, V].
+    pub s: Value,
+    /// ∂ℓ/∂(state leaving the chunk), [K, V].
+    pub ds_next: Value,
+    /// ∂ℓ/∂o, [C, V] (zero past the end).
+    pub d_o: Value,
+    /// [C, 1] rows inside the sequence.
+    pub valid: Value,
+    /// Chunk length.
+    pub c: u32,
+    /// K.
+    pub kd: u32,
+    /// V.
+    pub vd: u32,
+    /// Gate width: K for a vector gate, else 1.
+    pub gw: u32,
+}
+
+/// The core gradients of a chunk.
+pub struct CoreGrads {
+    /// ∂ℓ/∂q', [C, K].
+    pub dq: Value,
+    /// ∂ℓ/∂k, [C, K].
+    pub dk: Value,
+    /// ∂ℓ/∂v, [C, V].
+    pub dv: Value,
+    /// ∂ℓ/∂log α, [C, gw] (when there is a decay).
+    pub dg: Option<Value>,
+    /// ∂ℓ/∂β, [C, 1] (delta class).
+    pub dbeta: Option<Value>,
+    /// ∂ℓ/∂(state entering the chunk).
+    pub ds_prev: Value,
+}
+
+/// λ (or zeros), its last row Λ as [1, gw], e^λ, e^{Λ−λ} and e^Λ as [gw, 1].
+pub fn gate_factors(b: &mut Builder, core: &Core) -> (Value, Value, Value, Value, Value) {
+    let zero = b.f32(0.0);
+    let (c, gw) = (core.c, core.gw);
+    let lam = match core.lam {
+        Some(l) => l,
+        None => b.broadcast(zero, &[c, gw]),
+    };
+    // λ is constant past the end (g = 0 there), so its last row is Λ.
+    let last = b.i64(i64::from(c) - 1);
+    let rows = b.iota(c);
+    let is_last = b.cmp(CmpOp::Eq, rows, last);
+    let is_last = b.col(is_last);
+    let picked = b.select(is_last, lam, zero);
+    let lam_end = b.sum(picked, 0);
+    let lam_end = b.row(lam_end);
+    let e_lam = b.exp(lam);
+    let rest = b.sub(lam_end, lam);
+    let to_end = b.exp(rest);
+    let decay_rows = b.reshape(lam_end, &[gw, 1]);
+    let decay_rows = b.exp(decay_rows);
+    (lam, lam_end, e_lam, to_end, decay_rows)
+}
+
+/// The decay class's chunk gradients (algorithms.md §1.3).
+fn decay_core(b: &mut Builder, core: &Core, vector: bool) -> CoreGrads {
+    let Core { q, k, v, s, ds_next, d_o, valid, c, kd, gw, .. } = *core;
+    let zero = b.f32(0.0);
+    let causal = causal_mask(b, c);
+    let (lam, _, e_lam, to_end, decay_rows) = gate_factors(b, core);
+    let qg = b.mul(q, e_lam);
+    let kd_t = b.mul(k, to_end);
+    let vt = b.transpose(v);
+    let dov = b.dot(d_o, vt);
+    let d_a = b.select(causal, dov, zero);
+    let (a, dq_intra, dk_intra) = if vector {
+        let never = b.f32(-1e30);
+        let li = b.reshape(lam, &[c, 1, kd]);
+        let lj = b.reshape(lam, &[1, c, kd]);
+        let diff = b.sub(li, lj);
+        let causal3 = b.reshape(causal, &[c, c, 1]);
+        let diff = b.select(causal3, diff, never);
+        let e3 = b.exp(diff);
+        let qi = b.reshape(q, &[c, 1, kd]);
+        let kj = b.reshape(k, &[1, c, kd]);
+        let qk = b.mul(qi, kj);
+        let w = b.mul(qk, e3);
+        let a = b.sum(w, 2);
+        let da3 = b.reshape(d_a, &[c, c, 1]);
+        let dae = b.mul(da3, e3);
+        let t = b.mul(dae, kj);
+        let dq_i = b.sum(t, 1);
+        let t = b.mul(dae, qi);
+        let dk_i = b.sum(t, 0);
+        (a, dq_i, dk_i)
+    } else {
+        let kt = b.transpose(k);
+        let qk = b.dot(q, kt);
+        let gamma = decay_matrix(b, lam, causal);
+        let a = b.mul(qk, gamma);
+        let dag = b.mul(d_a, gamma);
+        let dq_i = b.dot(dag, k);
+        let dagt = b.transpose(dag);
+        let dk_i = b.dot(dagt, q);
+        (a, dq_i, dk_i)
+    };
+    let at = b.transpose(a);
+    let dv_a = b.dot(at, d_o);
+    let dv_s = b.dot(kd_t, ds_next);
+    let dv = b.add(dv_a, dv_s);
+    let st_t = b.transpose(s);
+    let dos = b.dot(d_o, st_t);
+    let dq_state = b.mul(dos, e_lam);
+    let dq = b.add(dq_state, dq_intra);
+    let dst = b.transpose(ds_next);
+    let vds = b.dot(v, dst);
+    let dk_state = b.mul(vds, to_end);
+    let dk = b.add(dk_state, dk_intra);
+    let dq = b.select(valid, dq, zero);
+    let dk = b.select(valid, dk, zero);
+    let dv = b.select(valid, dv, zero);
+    let dg = core.lam.map(|_| {
+        let qdq = b.mul(q, dq);
+        let kdk = b.mul(k, dk);
+        let dlam = b.sub(qdq, kdk);
+        let dlam = reduce_to(b, dlam, &[c, gw]);
+        let dg = b.cumsum(dlam, 0, true);
+        // Λ also scales the carried state: + rowsum(S⁺ ⊙ dS⁺) on every row.
+        let s_dec = b.mul(s, decay_rows);
+        let kdt = b.transpose(kd_t);
+        let upd = b.dot(kdt, v);
+        let s_next = b.add(s_dec, upd);
+        let sds = b.mul(s_next, ds_next);
+        let term = b.sum(sds, 1);
+        let term = b.reshape(term, &[1, kd]);
+        let term = reduce_to(b, term, &[1, gw]);
+        let dg = b.add(dg, term);
+        b.select(valid, dg, zero)
+    });
+    let ds_dec = b.mul(ds_next, decay_rows);
+    let qgt = b.transpose(qg);
+    let dsq = b.dot(qgt, d_o);
+    let ds_prev = b.add(ds_dec, dsq);
+    CoreGrads { dq, dk, dv, dg, dbeta: None, ds_prev }
 }
