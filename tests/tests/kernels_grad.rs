@@ -70,7 +70,14 @@ struct Input {
 
 /// Checks the backward kernel of a decay-class mixer against central differences of `reference`,
 /// which maps (inputs by name, h0) to (o, S_T).
-fn check_backward(spec: &str, inputs: Vec<Input>, lengths: &[usize], chunk: u32, seed: u64, reference: &dyn Fn(&HashMap<&str, Vec<f64>>, &[Vec<f64>], &[usize]) -> (T3, Vec<Vec<f64>>)) {
+fn check_backward(
+    spec: &str,
+    inputs: Vec<Input>,
+    lengths: &[usize],
+    chunk: u32,
+    seed: u64,
+    reference: &dyn Fn(&HashMap<&str, Vec<f64>>, &[Vec<f64>], &[usize]) -> (T3, Vec<Vec<f64>>),
+) {
     let m = mixer(spec);
     let math = m.instance.math.as_ref().expect("math");
     let class = m.class.as_ref().expect("class");
@@ -95,7 +102,8 @@ fn check_backward(spec: &str, inputs: Vec<Input>, lengths: &[usize], chunk: u32,
     let w_s: Vec<f64> = rng.normals(seqs * h * k * v);
 
     // The kernels: forward keeping states, then backward.
-    let fwd = if class.family == Family::Delta { delta::forward(&r, tiling, true) } else { decay::forward(&r, tiling, true) }.expect("lowers");
+    let fwd =
+        if class.family == Family::Delta { delta::forward(&r, tiling, true) } else { decay::forward(&r, tiling, true) }.expect("lowers");
     let bwd = chunk_bwd::backward(&r, tiling).expect("lowers");
     let mut bufs: HashMap<String, Buf> = HashMap::new();
     for i in &inputs {
@@ -184,7 +192,12 @@ fn gla_backward_matches_central_differences() {
         ];
         check_backward(spec, inputs, &lengths, chunk, seed, &|vals, h0, cu| {
             let total = *cu.last().unwrap_or(&0);
-            let p = mixers::gla(&t3(vals, "q", total, h, k), &t3(vals, "k", total, h, k), &t3(vals, "v", total, h, v), &t3(vals, "gk", total, h, k));
+            let p = mixers::gla(
+                &t3(vals, "q", total, h, k),
+                &t3(vals, "k", total, h, k),
+                &t3(vals, "v", total, h, v),
+                &t3(vals, "gk", total, h, k),
+            );
             forward(&p, Some(h0), cu)
         });
     }
@@ -205,7 +218,12 @@ fn hgrn2_backward_with_lower_bound_matches_central_differences() {
         ];
         check_backward(spec, inputs, &lengths, 4, seed, &|vals, h0, cu| {
             let total = *cu.last().unwrap_or(&0);
-            let p = mixers::hgrn2(&t3(vals, "q", total, h, k), &t3(vals, "f", total, h, k), &t3(vals, "i", total, h, v), Some(&vals["lower_bound"]));
+            let p = mixers::hgrn2(
+                &t3(vals, "q", total, h, k),
+                &t3(vals, "f", total, h, k),
+                &t3(vals, "i", total, h, v),
+                Some(&vals["lower_bound"]),
+            );
             forward(&p, Some(h0), cu)
         });
     }
@@ -247,7 +265,12 @@ fn deltanet_backward_matches_central_differences() {
         ];
         check_backward(spec, inputs, &lengths, chunk, seed, &|vals, h0, cu| {
             let total = *cu.last().unwrap_or(&0);
-            let p = mixers::deltanet(&t3(vals, "q", total, h, k), &t3(vals, "k", total, h, k), &t3(vals, "v", total, h, v), &t3(vals, "b", total, h, 1));
+            let p = mixers::deltanet(
+                &t3(vals, "q", total, h, k),
+                &t3(vals, "k", total, h, k),
+                &t3(vals, "v", total, h, v),
+                &t3(vals, "b", total, h, 1),
+            );
             forward(&p, Some(h0), cu)
         });
     }
@@ -282,5 +305,81 @@ fn gdn_backward_matches_central_differences() {
             );
             forward(&p, Some(h0), cu)
         });
+    }
+}
+
+#[test]
+fn hgrn_scan_backward_matches_central_differences() {
+    let m = mixer("model m {\n  hidden_size = 8\n  pattern = HGRN\n}\n");
+    let math = m.instance.math.as_ref().expect("math");
+    let class = m.class.as_ref().expect("class");
+    let r = Recurrence { name: &m.name, class, math, heads: m.instance.heads };
+    let d = 8usize;
+    let block = 4u32;
+    for (seed, lengths) in [(51u64, vec![1usize, 6, 13])] {
+        let mut cu = vec![0usize];
+        for l in &lengths {
+            cu.push(cu.last().copied().unwrap_or(0) + l);
+        }
+        let cu64: Vec<i64> = cu.iter().map(|&x| x as i64).collect();
+        let total = *cu.last().unwrap_or(&0);
+        let seqs = lengths.len();
+        let mut rng = Rng::new(seed);
+        let i = rng.normals(total * d);
+        let f = rng.normals(total * d).iter().map(|x| x * 2.0).collect::<Vec<_>>();
+        let lb = rng.vec(d, 0.05, 0.8);
+        let h0 = rng.normals(seqs * d);
+        let w_o = rng.normals(total * d);
+        let w_s = rng.normals(seqs * d);
+        let fwd = hlac::lower::scan::forward(&r, block).expect("lowers");
+        let bwd = hlac::lower::scan::backward(&r, block).expect("lowers");
+        let grid = [seqs as u64, (d as u64).div_ceil(u64::from(block))];
+        let mut bufs: HashMap<String, Buf> = HashMap::new();
+        bufs.insert("i".into(), Buf::In(f32s(&i)));
+        bufs.insert("f".into(), Buf::In(f32s(&f)));
+        bufs.insert("lower_bound".into(), Buf::In(f32s(&lb)));
+        bufs.insert("o".into(), Buf::Out(vec![f32::NAN; total * d]));
+        bufs.insert("h0".into(), Buf::In(f32s(&h0)));
+        bufs.insert("ht".into(), Buf::Out(vec![f32::NAN; seqs * d]));
+        bufs.insert("cu_seqlens".into(), Buf::I64(cu64.clone()));
+        bufs.insert("use_h0".into(), Buf::Int(1));
+        bufs.insert("use_ht".into(), Buf::Int(1));
+        let outs = launch(&fwd.program, bufs, &grid);
+        let mut bufs: HashMap<String, Buf> = HashMap::new();
+        bufs.insert("i".into(), Buf::In(f32s(&i)));
+        bufs.insert("f".into(), Buf::In(f32s(&f)));
+        bufs.insert("lower_bound".into(), Buf::In(f32s(&lb)));
+        bufs.insert("o".into(), Buf::In(outs["o"].clone()));
+        bufs.insert("do".into(), Buf::In(f32s(&w_o)));
+        bufs.insert("h0".into(), Buf::In(f32s(&h0)));
+        bufs.insert("dht".into(), Buf::In(f32s(&w_s)));
+        bufs.insert("cu_seqlens".into(), Buf::I64(cu64));
+        bufs.insert("di".into(), Buf::Out(vec![f32::NAN; total * d]));
+        bufs.insert("df".into(), Buf::Out(vec![f32::NAN; total * d]));
+        bufs.insert("dlower_bound".into(), Buf::Out(vec![f32::NAN; seqs * d]));
+        bufs.insert("dh0".into(), Buf::Out(vec![f32::NAN; seqs * d]));
+        bufs.insert("use_h0".into(), Buf::Int(1));
+        bufs.insert("use_dht".into(), Buf::Int(1));
+        let grads = launch(&bwd.program, bufs, &grid);
+        let loss = |i: &[f64], f: &[f64], lb: &[f64], h0: &[f64]| {
+            let h0s: Vec<Vec<f64>> = h0.chunks(d).map(<[f64]>::to_vec).collect();
+            let (o, s) = mixers::hgrn(&T3::new(total, d, 1, i.to_vec()), &T3::new(total, d, 1, f.to_vec()), Some(lb), Some(&h0s), &cu);
+            let so: f64 = o.data.iter().zip(&w_o).map(|(a, b)| a * b).sum();
+            let ss: f64 = s.iter().flatten().zip(&w_s).map(|(a, b)| a * b).sum();
+            so + ss
+        };
+        let checks: [(&str, Vec<f64>); 4] = [
+            ("di", numeric_grad(|x| loss(x, &f, &lb, &h0), &i, 1e-5)),
+            ("df", numeric_grad(|x| loss(&i, x, &lb, &h0), &f, 1e-5)),
+            ("dlower_bound", numeric_grad(|x| loss(&i, &f, x, &h0), &lb, 1e-5)),
+            ("dh0", numeric_grad(|x| loss(&i, &f, &lb, x), &h0, 1e-5)),
+        ];
+        for (name, want) in checks {
+            let got = &grads[name];
+            let got: Vec<f32> =
+                if name == "dlower_bound" { (0..d).map(|j| (0..seqs).map(|s| got[s * d + j]).sum()).collect() } else { got.clone() };
+            let err = rel_l2(&got, &want);
+            assert!(err <= 1e-4, "{name} of HGRN: relative error {err:.2e}");
+        }
     }
 }

@@ -219,7 +219,13 @@ pub fn backward(r: &Recurrence<'_>, tiling: Tiling) -> Result<Kernel, LowerError
                     Some(g) => b.broadcast(*g, &[c, *w]),
                     None => b.broadcast(zero, &[c, *w]),
                 };
-                let cols = if *w == kd { k_cols } else if *w == vd { v_cols } else { b.iota(1) };
+                let cols = if *w == kd {
+                    k_cols
+                } else if *w == vd {
+                    v_cols
+                } else {
+                    b.iota(1)
+                };
                 let wv = b.i64(i64::from(*w));
                 let base = b.mul(row, wv);
                 let cr = b.row(cols);

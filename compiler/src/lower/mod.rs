@@ -5,8 +5,8 @@
 
 pub mod attention;
 pub mod chunk;
-pub mod decay;
 pub mod chunk_bwd;
+pub mod decay;
 pub mod decode;
 pub mod delta;
 pub mod delta_bwd;
@@ -114,8 +114,18 @@ pub fn model_kernels(model: &crate::ir::Model) -> Result<Vec<ModelKernel>, Lower
         if m.instance.kind == hlac_grammar::ast::DeclKind::Attention {
             let cfg = attention_config(m).map_err(|reason| LowerError { mixer: m.name.clone(), reason })?;
             let tiling = attention::AttnTiling { block_q: 64, block_k: 64 };
-            out.push(ModelKernel { name: format!("{}_flash_fwd", m.name), mixer: h.index(), role: "attn_fwd", kernel: attention::forward(&cfg, tiling)? });
-            out.push(ModelKernel { name: format!("{}_decode", m.name), mixer: h.index(), role: "attn_decode", kernel: attention::decode(&cfg, 64)? });
+            out.push(ModelKernel {
+                name: format!("{}_flash_fwd", m.name),
+                mixer: h.index(),
+                role: "attn_fwd",
+                kernel: attention::forward(&cfg, tiling)?,
+            });
+            out.push(ModelKernel {
+                name: format!("{}_decode", m.name),
+                mixer: h.index(),
+                role: "attn_decode",
+                kernel: attention::decode(&cfg, 64)?,
+            });
             continue;
         }
         let (Some(class), Some(math)) = (&m.class, &m.instance.math) else { continue };
@@ -131,6 +141,14 @@ pub fn model_kernels(model: &crate::ir::Model) -> Result<Vec<ModelKernel>, Lower
                 role: "scan_fwd",
                 kernel: scan::forward(&r, 64)?,
             });
+            if model.target.mode == crate::ir::Mode::Training {
+                out.push(ModelKernel {
+                    name: format!("{}_scan_bwd", m.name),
+                    mixer: h.index(),
+                    role: "scan_bwd",
+                    kernel: scan::backward(&r, 64)?,
+                });
+            }
         } else {
             out.push(ModelKernel {
                 name: format!("{}_chunk_fwd", m.name),
@@ -147,8 +165,17 @@ pub fn model_kernels(model: &crate::ir::Model) -> Result<Vec<ModelKernel>, Lower
             // Training adds the forward that keeps chunk states and the backward that reads them.
             if model.target.mode == crate::ir::Mode::Training {
                 let full = Tiling { block_v: r.v(), ..tiling };
-                let states = if class.family == crate::classify::Family::Delta { delta::forward(&r, full, true)? } else { decay::forward(&r, full, true)? };
-                out.push(ModelKernel { name: format!("{}_chunk_fwd_states", m.name), mixer: h.index(), role: "chunk_fwd_states", kernel: states });
+                let states = if class.family == crate::classify::Family::Delta {
+                    delta::forward(&r, full, true)?
+                } else {
+                    decay::forward(&r, full, true)?
+                };
+                out.push(ModelKernel {
+                    name: format!("{}_chunk_fwd_states", m.name),
+                    mixer: h.index(),
+                    role: "chunk_fwd_states",
+                    kernel: states,
+                });
                 let bwd = chunk_bwd::backward(&r, full)?;
                 out.push(ModelKernel { name: format!("{}_chunk_bwd", m.name), mixer: h.index(), role: "chunk_bwd", kernel: bwd });
             }
