@@ -148,7 +148,13 @@ impl Scaffold {
     /// With `store_states`, the kernel also takes `states` (`[chunks, heads, K, V]`, written) and
     /// `chunk_offsets` (`[sequences + 1]`, the first chunk of each sequence) and stores the state
     /// entering every chunk.
-    pub fn new(r: &Recurrence<'_>, tiling: Tiling, kernel: &str, used: &[String], store_states: bool) -> Result<(Builder, Scaffold), LowerError> {
+    pub fn new(
+        r: &Recurrence<'_>,
+        tiling: Tiling,
+        kernel: &str,
+        used: &[String],
+        store_states: bool,
+    ) -> Result<(Builder, Scaffold), LowerError> {
         let (k, v, c, bv, heads) = (r.k(), r.v(), tiling.chunk, tiling.block_v, r.heads as i64);
         if bv == 0 || v % bv != 0 {
             return Err(r.error(format!("block_v = {bv} does not divide V = {v}")));
@@ -201,7 +207,31 @@ impl Scaffold {
             Some((p, offsets)) => Some((p, load_scalar(&mut b, offsets, seq))),
             None => None,
         };
-        Ok((b, Scaffold { s_tile, states, needs_position, env, inputs, o, ht, use_ht, h_count, head, bos, len, k_cols, v_cols, s_off, s0, k, v, c, bv }))
+        Ok((
+            b,
+            Scaffold {
+                s_tile,
+                states,
+                needs_position,
+                env,
+                inputs,
+                o,
+                ht,
+                use_ht,
+                h_count,
+                head,
+                bos,
+                len,
+                k_cols,
+                v_cols,
+                s_off,
+                s0,
+                k,
+                v,
+                c,
+                bv,
+            },
+        ))
     }
 
     /// Loads the token inputs of the chunk starting at `t0` (zero past the sequence's end).
