@@ -19,6 +19,7 @@ pub mod inspect;
 pub mod ir;
 pub mod load;
 pub mod lower;
+pub mod nvptx;
 pub mod mixer;
 pub mod value;
 

@@ -1,0 +1,1118 @@
+//! Emission of one kernel program as an NVPTX kernel; see the module documentation for the
+//! mapping. Values: kir scalars are LLVM SSA values (loop indices and carried scalars are stack
+//! slots that LLVM's mem2reg promotes), kir tiles are workspace offsets.
+
+use std::collections::HashMap;
+
+use hlac_runtime::kir::{self, BinOp, Block, CmpOp, Const, DType, Op, ParamKind, Program, ReduceOp, UnOp, Value};
+use inkwell::builder::Builder;
+use inkwell::context::Context;
+use inkwell::intrinsics::Intrinsic;
+use inkwell::module::Module;
+use inkwell::passes::PassBuilderOptions;
+use inkwell::targets::{CodeModel, FileType, InitializationConfig, RelocMode, Target, TargetTriple};
+use inkwell::types::BasicTypeEnum;
+use inkwell::values::{BasicValueEnum, FunctionValue, IntValue, PointerValue};
+use inkwell::{AddressSpace, FloatPredicate, IntPredicate, OptimizationLevel};
+
+/// Threads per block.
+pub const THREADS: u32 = 128;
+
+/// Why a program could not be compiled to PTX.
+#[derive(Debug, thiserror::Error)]
+pub enum NvptxError {
+    /// The program failed verification (a bug in hlac).
+    #[error(transparent)]
+    Invalid(#[from] kir::verify::VerifyError),
+    /// Something the back end does not implement.
+    #[error("kernel `{kernel}`: {what} is not supported by the NVPTX back end")]
+    Unsupported {
+        /// The kernel.
+        kernel: String,
+        /// What.
+        what: String,
+    },
+    /// LLVM failed (a bug in hlac).
+    #[error("this is a bug in hlac: LLVM failed on kernel `{kernel}`: {message}")]
+    Llvm {
+        /// The kernel.
+        kernel: String,
+        /// LLVM's message.
+        message: String,
+    },
+}
+
+/// A compiled kernel.
+pub struct Compiled {
+    /// The PTX text.
+    pub ptx: String,
+    /// The entry point's name.
+    pub entry: String,
+    /// Workspace bytes per program instance.
+    pub scratch_bytes: u64,
+}
+
+/// The PTX target for a device name (`sm_80`, `sm_90`).
+fn target_for(device: &str) -> Option<(&'static str, &'static str)> {
+    match device {
+        "sm_80" => Some(("sm_80", "+ptx75")),
+        "sm_90" => Some(("sm_90", "+ptx80")),
+        _ => None,
+    }
+}
+
+/// Compiles one verified program to PTX for `device`.
+pub fn compile(program: &Program, device: &str) -> Result<Compiled, NvptxError> {
+    kir::verify(program)?;
+    let fail = |message: String| NvptxError::Llvm { kernel: program.name.clone(), message };
+    let (cpu, features) =
+        target_for(device).ok_or_else(|| NvptxError::Unsupported { kernel: program.name.clone(), what: format!("device `{device}`") })?;
+    Target::initialize_nvptx(&InitializationConfig::default());
+    let triple = TargetTriple::create("nvptx64-nvidia-cuda");
+    let target = Target::from_triple(&triple).map_err(|e| fail(e.to_string()))?;
+    let machine = target
+        .create_target_machine(&triple, cpu, features, OptimizationLevel::Aggressive, RelocMode::Default, CodeModel::Default)
+        .ok_or_else(|| fail("no NVPTX target machine".into()))?;
+    let context = Context::create();
+    let module = context.create_module(&program.name);
+    module.set_triple(&triple);
+    module.set_data_layout(&machine.get_target_data().get_data_layout());
+    let entry = sanitize(&program.name);
+    let scratch_bytes = {
+        let mut g = Gen::new(&context, &module, program, &entry)?;
+        g.emit()?;
+        g.next_slot
+    };
+    module.verify().map_err(|e| fail(format!("invalid LLVM IR: {e}")))?;
+    module.run_passes("default<O3>", &machine, PassBuilderOptions::create()).map_err(|e| fail(e.to_string()))?;
+    let buffer = machine.write_to_memory_buffer(&module, FileType::Assembly).map_err(|e| fail(e.to_string()))?;
+    let ptx = String::from_utf8_lossy(buffer.as_slice()).into_owned();
+    Ok(Compiled { ptx, entry, scratch_bytes })
+}
+
+/// A PTX-safe identifier.
+fn sanitize(name: &str) -> String {
+    name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' }).collect()
+}
+
+#[derive(Clone, Copy)]
+enum Scalar<'ctx> {
+    Val(BasicValueEnum<'ctx>),
+    /// A stack slot holding a value of this type.
+    Slot(PointerValue<'ctx>, BasicTypeEnum<'ctx>),
+}
+
+/// A global pointer parameter: address (as i64) and element count.
+#[derive(Clone, Copy)]
+struct GlobalParam<'ctx> {
+    addr: IntValue<'ctx>,
+    len: IntValue<'ctx>,
+}
+
+struct Gen<'a, 'ctx> {
+    ctx: &'ctx Context,
+    module: &'a Module<'ctx>,
+    b: Builder<'ctx>,
+    p: &'a Program,
+    func: FunctionValue<'ctx>,
+    entry_block: inkwell::basic_block::BasicBlock<'ctx>,
+    /// Pointer parameters by kir parameter index; integer parameters' values.
+    globals: HashMap<u32, GlobalParam<'ctx>>,
+    ints: HashMap<u32, IntValue<'ctx>>,
+    /// This block's workspace, as an i64 address.
+    scratch: IntValue<'ctx>,
+    error: IntValue<'ctx>,
+    tid: IntValue<'ctx>,
+    slots: HashMap<Value, u64>,
+    scalars: HashMap<Value, Scalar<'ctx>>,
+    next_slot: u64,
+}
+
+type R<T> = Result<T, NvptxError>;
+
+impl<'a, 'ctx> Gen<'a, 'ctx> {
+    fn new(ctx: &'ctx Context, module: &'a Module<'ctx>, p: &'a Program, entry: &str) -> R<Self> {
+        let i64t = ctx.i64_type();
+        let mut params = Vec::new();
+        for param in &p.params {
+            match param.kind {
+                ParamKind::Ptr { .. } => {
+                    params.push(i64t.into());
+                    params.push(i64t.into());
+                }
+                ParamKind::Int => params.push(i64t.into()),
+            }
+        }
+        params.push(i64t.into());
+        params.push(i64t.into());
+        let fn_type = ctx.void_type().fn_type(&params, false);
+        let func = module.add_function(entry, fn_type, None);
+        // The PTX kernel calling convention makes this an entry point.
+        func.set_call_conventions(71);
+        let entry_block = ctx.append_basic_block(func, "entry");
+        let b = ctx.create_builder();
+        b.position_at_end(entry_block);
+        let mut globals = HashMap::new();
+        let mut ints = HashMap::new();
+        let mut at = 0;
+        let arg = |i: u32| func.get_nth_param(i).map(|v| v.into_int_value());
+        for (i, param) in p.params.iter().enumerate() {
+            match param.kind {
+                ParamKind::Ptr { .. } => {
+                    let (Some(addr), Some(len)) = (arg(at), arg(at + 1)) else { unreachable!("declared above") };
+                    globals.insert(i as u32, GlobalParam { addr, len });
+                    at += 2;
+                }
+                ParamKind::Int => {
+                    let Some(v) = arg(at) else { unreachable!("declared above") };
+                    ints.insert(i as u32, v);
+                    at += 1;
+                }
+            }
+        }
+        let (Some(scratch_base), Some(error)) = (arg(at), arg(at + 1)) else { unreachable!("declared above") };
+        let mut g = Gen {
+            ctx,
+            module,
+            b,
+            p,
+            func,
+            entry_block,
+            globals,
+            ints,
+            scratch: scratch_base,
+            error,
+            tid: i64t.const_zero(),
+            slots: HashMap::new(),
+            scalars: HashMap::new(),
+            next_slot: 0,
+        };
+        g.tid = g.sreg("llvm.nvvm.read.ptx.sreg.tid.x")?;
+        Ok(g)
+    }
+
+    fn unsupported(&self, what: impl Into<String>) -> NvptxError {
+        NvptxError::Unsupported { kernel: self.p.name.clone(), what: what.into() }
+    }
+
+    fn llvm(&self, e: impl std::fmt::Display) -> NvptxError {
+        NvptxError::Llvm { kernel: self.p.name.clone(), message: e.to_string() }
+    }
+
+    fn intrinsic(&self, name: &str, types: &[BasicTypeEnum<'ctx>]) -> R<FunctionValue<'ctx>> {
+        let i = Intrinsic::find(name).ok_or_else(|| self.llvm(format!("intrinsic {name} is missing")))?;
+        i.get_declaration(self.module, types).ok_or_else(|| self.llvm(format!("intrinsic {name} has no declaration")))
+    }
+
+    fn call(&self, f: FunctionValue<'ctx>, args: &[BasicValueEnum<'ctx>]) -> R<BasicValueEnum<'ctx>> {
+        let args: Vec<_> = args.iter().map(|a| (*a).into()).collect();
+        let site = self.b.build_call(f, &args, "").map_err(|e| self.llvm(e))?;
+        match site.try_as_basic_value() {
+            inkwell::values::ValueKind::Basic(v) => Ok(v),
+            inkwell::values::ValueKind::Instruction(_) => Err(self.llvm("a call without a value")),
+        }
+    }
+
+    /// A special register, zero-extended to i64.
+    fn sreg(&self, name: &str) -> R<IntValue<'ctx>> {
+        let f = self.intrinsic(name, &[])?;
+        let v = self.call(f, &[])?.into_int_value();
+        self.b.build_int_z_extend(v, self.ctx.i64_type(), "").map_err(|e| self.llvm(e))
+    }
+
+    fn barrier(&self) -> R<()> {
+        let f = self.intrinsic("llvm.nvvm.barrier0", &[])?;
+        let args: Vec<_> = Vec::new();
+        self.b.build_call(f, &args, "").map_err(|e| self.llvm(e))?;
+        Ok(())
+    }
+
+    fn i64c(&self, x: i64) -> IntValue<'ctx> {
+        self.ctx.i64_type().const_int(x as u64, true)
+    }
+
+    fn reg_type(&self, d: DType) -> R<BasicTypeEnum<'ctx>> {
+        Ok(match d {
+            DType::F32 => self.ctx.f32_type().into(),
+            DType::I64 => self.ctx.i64_type().into(),
+            DType::Bool => self.ctx.bool_type().into(),
+            other => return Err(self.unsupported(format!("element type {} (bf16/f16 tiles come with the tensor-core path)", other.name()))),
+        })
+    }
+
+    fn elem_bytes(d: DType) -> i64 {
+        match d {
+            DType::Bool => 1,
+            DType::I64 => 8,
+            _ => 4,
+        }
+    }
+
+    fn alloc(&mut self, v: Value) -> u64 {
+        let ty = self.p.ty(v).clone();
+        let bytes = ty.numel() * Self::elem_bytes(ty.dtype) as u64;
+        let at = self.next_slot;
+        self.next_slot += bytes.div_ceil(64) * 64;
+        self.slots.insert(v, at);
+        at
+    }
+
+    /// Pointer to element `i` of tile `v` in the workspace.
+    fn tile_ptr(&self, v: Value, i: IntValue<'ctx>) -> R<PointerValue<'ctx>> {
+        let base = self.slots.get(&v).copied().unwrap_or(0) as i64;
+        let size = Self::elem_bytes(self.p.ty(v).dtype);
+        let e = |x| self.llvm(x);
+        let off = self.b.build_int_mul(i, self.i64c(size), "").map_err(e)?;
+        let off = self.b.build_int_add(off, self.i64c(base), "").map_err(e)?;
+        let addr = self.b.build_int_add(self.scratch, off, "").map_err(e)?;
+        self.b.build_int_to_ptr(addr, self.ctx.ptr_type(AddressSpace::from(1)), "").map_err(e)
+    }
+
+    fn read(&mut self, v: Value, i: IntValue<'ctx>) -> R<BasicValueEnum<'ctx>> {
+        if self.p.ty(v).is_scalar() {
+            return self.scalar(v);
+        }
+        let d = self.p.ty(v).dtype;
+        let ptr = self.tile_ptr(v, i)?;
+        let e = |x| self.llvm(x);
+        if d == DType::Bool {
+            let x = self.b.build_load(self.ctx.i8_type(), ptr, "").map_err(e)?.into_int_value();
+            let z = self.ctx.i8_type().const_zero();
+            return Ok(self.b.build_int_compare(IntPredicate::NE, x, z, "").map_err(e)?.into());
+        }
+        self.b.build_load(self.reg_type(d)?, ptr, "").map_err(e)
+    }
+
+    fn write(&mut self, v: Value, i: IntValue<'ctx>, x: BasicValueEnum<'ctx>) -> R<()> {
+        let ptr = self.tile_ptr(v, i)?;
+        let e = |x| self.llvm(x);
+        let x = if self.p.ty(v).dtype == DType::Bool {
+            self.b.build_int_z_extend(x.into_int_value(), self.ctx.i8_type(), "").map_err(e)?.into()
+        } else {
+            x
+        };
+        self.b.build_store(ptr, x).map_err(e)?;
+        Ok(())
+    }
+
+    fn scalar(&self, v: Value) -> R<BasicValueEnum<'ctx>> {
+        match self.scalars.get(&v) {
+            Some(Scalar::Val(x)) => Ok(*x),
+            Some(Scalar::Slot(p, t)) => self.b.build_load(*t, *p, "").map_err(|e| self.llvm(e)),
+            None => Err(self.llvm(format!("scalar {v} has no value"))),
+        }
+    }
+
+    /// A stack slot in the entry block (where mem2reg promotes it).
+    fn stack_slot(&self, t: BasicTypeEnum<'ctx>) -> R<PointerValue<'ctx>> {
+        let here = self.b.get_insert_block();
+        let tmp = self.ctx.create_builder();
+        match self.entry_block.get_first_instruction() {
+            Some(first) => tmp.position_before(&first),
+            None => tmp.position_at_end(self.entry_block),
+        }
+        let slot = tmp.build_alloca(t, "").map_err(|e| self.llvm(e))?;
+        if let Some(h) = here {
+            self.b.position_at_end(h);
+        }
+        Ok(slot)
+    }
+
+    /// `for i in start..end step step { body(i) }`, all values i64.
+    fn counted(
+        &mut self,
+        start: IntValue<'ctx>,
+        end: IntValue<'ctx>,
+        step: IntValue<'ctx>,
+        body: &mut dyn FnMut(&mut Self, IntValue<'ctx>) -> R<()>,
+    ) -> R<()> {
+        let e = |x| NvptxError::Llvm { kernel: String::new(), message: format!("{x}") };
+        let pre = self.b.get_insert_block().ok_or_else(|| self.llvm("no insertion block"))?;
+        let header = self.ctx.append_basic_block(self.func, "loop");
+        let inner = self.ctx.append_basic_block(self.func, "body");
+        let exit = self.ctx.append_basic_block(self.func, "done");
+        self.b.build_unconditional_branch(header).map_err(e)?;
+        self.b.position_at_end(header);
+        let phi = self.b.build_phi(self.ctx.i64_type(), "i").map_err(e)?;
+        phi.add_incoming(&[(&start, pre)]);
+        let i = phi.as_basic_value().into_int_value();
+        let go = self.b.build_int_compare(IntPredicate::SLT, i, end, "").map_err(e)?;
+        self.b.build_conditional_branch(go, inner, exit).map_err(e)?;
+        self.b.position_at_end(inner);
+        body(self, i)?;
+        let next = self.b.build_int_add(i, step, "").map_err(e)?;
+        let latch = self.b.get_insert_block().ok_or_else(|| self.llvm("no insertion block"))?;
+        self.b.build_unconditional_branch(header).map_err(e)?;
+        phi.add_incoming(&[(&next, latch)]);
+        self.b.position_at_end(exit);
+        Ok(())
+    }
+
+    /// Each thread takes elements tid, tid + THREADS, … of 0..n; then a block barrier.
+    fn par(&mut self, n: u64, body: &mut dyn FnMut(&mut Self, IntValue<'ctx>) -> R<()>) -> R<()> {
+        let end = self.i64c(n as i64);
+        let step = self.i64c(i64::from(THREADS));
+        let tid = self.tid;
+        self.counted(tid, end, step, body)?;
+        self.barrier()
+    }
+
+    /// A sequential loop over 0..n in every thread.
+    fn seq(&mut self, n: u64, body: &mut dyn FnMut(&mut Self, IntValue<'ctx>) -> R<()>) -> R<()> {
+        let zero = self.i64c(0);
+        let end = self.i64c(n as i64);
+        let one = self.i64c(1);
+        self.counted(zero, end, one, body)
+    }
+
+    /// Splits a flat index into (outer, extent position, inner) around `axis`.
+    fn split(shape: &[u32], axis: u8) -> (u64, u64, u64) {
+        let a = axis as usize;
+        let outer = shape[..a].iter().map(|&x| u64::from(x)).product();
+        let inner = shape[a + 1..].iter().map(|&x| u64::from(x)).product();
+        (outer, u64::from(shape[a]), inner)
+    }
+
+    fn emit(&mut self) -> R<()> {
+        // This block's workspace: scratch + linear block id × scratch bytes (patched below once the
+        // size is known, through a placeholder multiply by a global constant).
+        let bx = self.sreg("llvm.nvvm.read.ptx.sreg.ctaid.x")?;
+        let by = self.sreg("llvm.nvvm.read.ptx.sreg.ctaid.y")?;
+        let bz = self.sreg("llvm.nvvm.read.ptx.sreg.ctaid.z")?;
+        let nx = self.sreg("llvm.nvvm.read.ptx.sreg.nctaid.x")?;
+        let ny = self.sreg("llvm.nvvm.read.ptx.sreg.nctaid.y")?;
+        let e = |x| NvptxError::Llvm { kernel: String::new(), message: format!("{x}") };
+        let lin = self.b.build_int_mul(bz, ny, "").map_err(e)?;
+        let lin = self.b.build_int_add(lin, by, "").map_err(e)?;
+        let lin = self.b.build_int_mul(lin, nx, "").map_err(e)?;
+        let lin = self.b.build_int_add(lin, bx, "").map_err(e)?;
+        // The workspace size is known only after emission; read it from a global set afterwards.
+        let size_global = self.module.add_global(self.ctx.i64_type(), Some(AddressSpace::from(4)), "hlac_scratch_bytes");
+        size_global.set_constant(true);
+        size_global.set_initializer(&self.ctx.i64_type().const_zero());
+        let size = self.b.build_load(self.ctx.i64_type(), size_global.as_pointer_value(), "").map_err(e)?.into_int_value();
+        let off = self.b.build_int_mul(lin, size, "").map_err(e)?;
+        self.scratch = self.b.build_int_add(self.scratch, off, "").map_err(e)?;
+        let body = self.p.body.clone();
+        self.block(&body)?;
+        self.b.build_return(None).map_err(e)?;
+        size_global.set_initializer(&self.ctx.i64_type().const_int(self.next_slot.max(64), false));
+        Ok(())
+    }
+
+    fn block(&mut self, b: &Block) -> R<()> {
+        for inst in &b.insts {
+            self.inst(inst)?;
+        }
+        Ok(())
+    }
+
+    fn f32c(&self, x: f64) -> BasicValueEnum<'ctx> {
+        self.ctx.f32_type().const_float(x).into()
+    }
+
+    /// e^x = 2^(x·log₂e) on the approximate exponent unit.
+    fn exp(&self, x: BasicValueEnum<'ctx>) -> R<BasicValueEnum<'ctx>> {
+        let e = |x| self.llvm(x);
+        let s = self.b.build_float_mul(x.into_float_value(), self.f32c(std::f64::consts::LOG2_E).into_float_value(), "").map_err(e)?;
+        let f = self.intrinsic("llvm.nvvm.ex2.approx.f", &[])?;
+        self.call(f, &[s.into()])
+    }
+
+    /// ln x = log₂x · ln 2.
+    fn log(&self, x: BasicValueEnum<'ctx>) -> R<BasicValueEnum<'ctx>> {
+        let f = self.intrinsic("llvm.nvvm.lg2.approx.f", &[])?;
+        let l = self.call(f, &[x])?;
+        Ok(self
+            .b
+            .build_float_mul(l.into_float_value(), self.f32c(std::f64::consts::LN_2).into_float_value(), "")
+            .map_err(|e| self.llvm(e))?
+            .into())
+    }
+
+    /// ln(1 + x) without cancellation: ln(u) · x / (u − 1) with u = 1 + x (x itself when u = 1).
+    fn log1p(&self, x: BasicValueEnum<'ctx>) -> R<BasicValueEnum<'ctx>> {
+        let e = |x| self.llvm(x);
+        let xf = x.into_float_value();
+        let one = self.f32c(1.0).into_float_value();
+        let u = self.b.build_float_add(one, xf, "").map_err(e)?;
+        let lu = self.log(u.into())?.into_float_value();
+        let um1 = self.b.build_float_sub(u, one, "").map_err(e)?;
+        let ratio = self.b.build_float_div(xf, um1, "").map_err(e)?;
+        let r = self.b.build_float_mul(lu, ratio, "").map_err(e)?;
+        let exact = self.b.build_float_compare(FloatPredicate::OEQ, u, one, "").map_err(e)?;
+        Ok(self.b.build_select(exact, xf, r, "").map_err(e)?)
+    }
+
+    /// sin or cos after reducing the argument to [−π, π] (the approximate unit is accurate there).
+    fn trig(&self, x: BasicValueEnum<'ctx>, name: &str) -> R<BasicValueEnum<'ctx>> {
+        let e = |x| self.llvm(x);
+        let xf = x.into_float_value();
+        let inv = self.f32c(1.0 / std::f64::consts::TAU).into_float_value();
+        let k = self.b.build_float_mul(xf, inv, "").map_err(e)?;
+        let round = self.intrinsic("llvm.rint", &[self.ctx.f32_type().into()])?;
+        let k = self.call(round, &[k.into()])?.into_float_value();
+        // 2π split in two so that k·2π is subtracted almost exactly (Cody–Waite).
+        let hi = self.f32c(6.283_185_482_025_146_5).into_float_value();
+        let lo = self.f32c(std::f64::consts::TAU - 6.283_185_482_025_146_5).into_float_value();
+        let t = self.b.build_float_mul(k, hi, "").map_err(e)?;
+        let r = self.b.build_float_sub(xf, t, "").map_err(e)?;
+        let t = self.b.build_float_mul(k, lo, "").map_err(e)?;
+        let r = self.b.build_float_sub(r, t, "").map_err(e)?;
+        let f = self.intrinsic(name, &[])?;
+        self.call(f, &[r.into()])
+    }
+
+    fn sigmoid(&self, x: BasicValueEnum<'ctx>) -> R<BasicValueEnum<'ctx>> {
+        let e = |x| self.llvm(x);
+        let n = self.b.build_float_neg(x.into_float_value(), "").map_err(e)?;
+        let ex = self.exp(n.into())?.into_float_value();
+        let one = self.f32c(1.0).into_float_value();
+        let d = self.b.build_float_add(one, ex, "").map_err(e)?;
+        Ok(self.b.build_float_div(one, d, "").map_err(e)?.into())
+    }
+
+    fn unary(&self, op: UnOp, d: DType, x: BasicValueEnum<'ctx>) -> R<BasicValueEnum<'ctx>> {
+        let e = |x| self.llvm(x);
+        let f32t: BasicTypeEnum = self.ctx.f32_type().into();
+        Ok(match (op, d) {
+            (UnOp::Neg, DType::I64) => self.b.build_int_neg(x.into_int_value(), "").map_err(e)?.into(),
+            (UnOp::Abs, DType::I64) => {
+                let v = x.into_int_value();
+                let n = self.b.build_int_neg(v, "").map_err(e)?;
+                let neg = self.b.build_int_compare(IntPredicate::SLT, v, self.i64c(0), "").map_err(e)?;
+                self.b.build_select(neg, n, v, "").map_err(e)?
+            }
+            (UnOp::Not, DType::Bool) => self.b.build_not(x.into_int_value(), "").map_err(e)?.into(),
+            (_, DType::F32) => {
+                let xf = x.into_float_value();
+                match op {
+                    UnOp::Neg => self.b.build_float_neg(xf, "").map_err(e)?.into(),
+                    UnOp::Abs => self.call(self.intrinsic("llvm.fabs", &[f32t])?, &[x])?,
+                    UnOp::Sqrt => self.call(self.intrinsic("llvm.sqrt", &[f32t])?, &[x])?,
+                    UnOp::Rsqrt => {
+                        let s = self.call(self.intrinsic("llvm.sqrt", &[f32t])?, &[x])?.into_float_value();
+                        self.b.build_float_div(self.f32c(1.0).into_float_value(), s, "").map_err(e)?.into()
+                    }
+                    UnOp::Exp => self.exp(x)?,
+                    UnOp::Log => self.log(x)?,
+                    UnOp::Sin => self.trig(x, "llvm.nvvm.sin.approx.f")?,
+                    UnOp::Cos => self.trig(x, "llvm.nvvm.cos.approx.f")?,
+                    UnOp::Sigmoid => self.sigmoid(x)?,
+                    UnOp::Silu => {
+                        let s = self.sigmoid(x)?.into_float_value();
+                        self.b.build_float_mul(xf, s, "").map_err(e)?.into()
+                    }
+                    // tanh x = 1 − 2 / (e^{2x} + 1), saturating correctly at both ends.
+                    UnOp::Tanh => {
+                        let two = self.f32c(2.0).into_float_value();
+                        let t = self.b.build_float_mul(xf, two, "").map_err(e)?;
+                        let ex = self.exp(t.into())?.into_float_value();
+                        let one = self.f32c(1.0).into_float_value();
+                        let d = self.b.build_float_add(ex, one, "").map_err(e)?;
+                        let q = self.b.build_float_div(two, d, "").map_err(e)?;
+                        self.b.build_float_sub(one, q, "").map_err(e)?.into()
+                    }
+                    // log σ(x) = min(x, 0) − log1p(e^{−|x|}); softplus(x) = max(x, 0) + log1p(e^{−|x|}).
+                    UnOp::LogSigmoid | UnOp::Softplus => {
+                        let a = self.call(self.intrinsic("llvm.fabs", &[f32t])?, &[x])?.into_float_value();
+                        let n = self.b.build_float_neg(a, "").map_err(e)?;
+                        let ex = self.exp(n.into())?;
+                        let l = self.log1p(ex)?.into_float_value();
+                        let zero = self.f32c(0.0);
+                        if op == UnOp::LogSigmoid {
+                            let m = self.call(self.intrinsic("llvm.minnum", &[f32t])?, &[x, zero])?.into_float_value();
+                            self.b.build_float_sub(m, l, "").map_err(e)?.into()
+                        } else {
+                            let m = self.call(self.intrinsic("llvm.maxnum", &[f32t])?, &[x, zero])?.into_float_value();
+                            self.b.build_float_add(m, l, "").map_err(e)?.into()
+                        }
+                    }
+                    UnOp::Not => return Err(self.unsupported("`not` on floats")),
+                }
+            }
+            _ => return Err(self.unsupported(format!("{op:?} on {}", d.name()))),
+        })
+    }
+
+    fn binary(&self, op: BinOp, d: DType, a: BasicValueEnum<'ctx>, b2: BasicValueEnum<'ctx>) -> R<BasicValueEnum<'ctx>> {
+        let e = |x| self.llvm(x);
+        let f32t: BasicTypeEnum = self.ctx.f32_type().into();
+        let i64t: BasicTypeEnum = self.ctx.i64_type().into();
+        Ok(match d {
+            DType::F32 => {
+                let (x, y) = (a.into_float_value(), b2.into_float_value());
+                match op {
+                    BinOp::Add => self.b.build_float_add(x, y, "").map_err(e)?.into(),
+                    BinOp::Sub => self.b.build_float_sub(x, y, "").map_err(e)?.into(),
+                    BinOp::Mul => self.b.build_float_mul(x, y, "").map_err(e)?.into(),
+                    BinOp::Div => self.b.build_float_div(x, y, "").map_err(e)?.into(),
+                    BinOp::Max => self.call(self.intrinsic("llvm.maxnum", &[f32t])?, &[a, b2])?,
+                    BinOp::Min => self.call(self.intrinsic("llvm.minnum", &[f32t])?, &[a, b2])?,
+                    // a^b = 2^(b · log₂ a).
+                    BinOp::Pow => {
+                        let lg = self.intrinsic("llvm.nvvm.lg2.approx.f", &[])?;
+                        let l = self.call(lg, &[a])?.into_float_value();
+                        let t = self.b.build_float_mul(y, l, "").map_err(e)?;
+                        self.call(self.intrinsic("llvm.nvvm.ex2.approx.f", &[])?, &[t.into()])?
+                    }
+                    _ => return Err(self.unsupported(format!("{op:?} on f32"))),
+                }
+            }
+            DType::I64 => {
+                let (x, y) = (a.into_int_value(), b2.into_int_value());
+                match op {
+                    BinOp::Add => self.b.build_int_add(x, y, "").map_err(e)?.into(),
+                    BinOp::Sub => self.b.build_int_sub(x, y, "").map_err(e)?.into(),
+                    BinOp::Mul => self.b.build_int_mul(x, y, "").map_err(e)?.into(),
+                    BinOp::Div => self.b.build_int_signed_div(x, y, "").map_err(e)?.into(),
+                    BinOp::Rem => self.b.build_int_signed_rem(x, y, "").map_err(e)?.into(),
+                    BinOp::Max => self.call(self.intrinsic("llvm.smax", &[i64t])?, &[a, b2])?,
+                    BinOp::Min => self.call(self.intrinsic("llvm.smin", &[i64t])?, &[a, b2])?,
+                    _ => return Err(self.unsupported(format!("{op:?} on i64"))),
+                }
+            }
+            DType::Bool => {
+                let (x, y) = (a.into_int_value(), b2.into_int_value());
+                match op {
+                    BinOp::And => self.b.build_and(x, y, "").map_err(e)?.into(),
+                    BinOp::Or => self.b.build_or(x, y, "").map_err(e)?.into(),
+                    _ => return Err(self.unsupported(format!("{op:?} on bool"))),
+                }
+            }
+            other => return Err(self.unsupported(format!("{op:?} on {}", other.name()))),
+        })
+    }
+
+    fn compare(&self, op: CmpOp, d: DType, a: BasicValueEnum<'ctx>, b2: BasicValueEnum<'ctx>) -> R<BasicValueEnum<'ctx>> {
+        let e = |x| self.llvm(x);
+        Ok(if d == DType::F32 {
+            let p = match op {
+                CmpOp::Lt => FloatPredicate::OLT,
+                CmpOp::Le => FloatPredicate::OLE,
+                CmpOp::Gt => FloatPredicate::OGT,
+                CmpOp::Ge => FloatPredicate::OGE,
+                CmpOp::Eq => FloatPredicate::OEQ,
+                CmpOp::Ne => FloatPredicate::UNE,
+            };
+            self.b.build_float_compare(p, a.into_float_value(), b2.into_float_value(), "").map_err(e)?.into()
+        } else {
+            let p = match op {
+                CmpOp::Lt => IntPredicate::SLT,
+                CmpOp::Le => IntPredicate::SLE,
+                CmpOp::Gt => IntPredicate::SGT,
+                CmpOp::Ge => IntPredicate::SGE,
+                CmpOp::Eq => IntPredicate::EQ,
+                CmpOp::Ne => IntPredicate::NE,
+            };
+            self.b.build_int_compare(p, a.into_int_value(), b2.into_int_value(), "").map_err(e)?.into()
+        })
+    }
+
+    fn convert(&self, x: BasicValueEnum<'ctx>, from: DType, to: DType) -> R<BasicValueEnum<'ctx>> {
+        let e = |x| self.llvm(x);
+        Ok(match (from, to) {
+            (a, b) if a == b => x,
+            (DType::I64, DType::F32) => self.b.build_signed_int_to_float(x.into_int_value(), self.ctx.f32_type(), "").map_err(e)?.into(),
+            (DType::F32, DType::I64) => self.b.build_float_to_signed_int(x.into_float_value(), self.ctx.i64_type(), "").map_err(e)?.into(),
+            (DType::Bool, DType::I64) => self.b.build_int_z_extend(x.into_int_value(), self.ctx.i64_type(), "").map_err(e)?.into(),
+            (DType::Bool, DType::F32) => self.b.build_unsigned_int_to_float(x.into_int_value(), self.ctx.f32_type(), "").map_err(e)?.into(),
+            (DType::I64, DType::Bool) => {
+                self.b.build_int_compare(IntPredicate::NE, x.into_int_value(), self.i64c(0), "").map_err(e)?.into()
+            }
+            (DType::F32, DType::Bool) => {
+                let z = self.f32c(0.0).into_float_value();
+                self.b.build_float_compare(FloatPredicate::UNE, x.into_float_value(), z, "").map_err(e)?.into()
+            }
+            _ => return Err(self.unsupported(format!("cast from {} to {}", from.name(), to.name()))),
+        })
+    }
+
+    /// An elementwise result: scalars directly, tiles in parallel over elements.
+    fn elementwise(
+        &mut self,
+        out: Value,
+        operands: &[Value],
+        f: &mut dyn FnMut(&mut Self, &[BasicValueEnum<'ctx>]) -> R<BasicValueEnum<'ctx>>,
+    ) -> R<()> {
+        if self.p.ty(out).is_scalar() {
+            let xs = operands.iter().map(|o| self.scalar(*o)).collect::<R<Vec<_>>>()?;
+            let r = f(self, &xs)?;
+            self.scalars.insert(out, Scalar::Val(r));
+            return Ok(());
+        }
+        self.alloc(out);
+        let n = self.p.ty(out).numel();
+        self.par(n, &mut |g, i| {
+            let xs = operands.iter().map(|o| g.read(*o, i)).collect::<R<Vec<_>>>()?;
+            let r = f(g, &xs)?;
+            g.write(out, i, r)
+        })
+    }
+
+    fn copy(&mut self, from: Value, to: Value) -> R<()> {
+        if self.slots.get(&from) == self.slots.get(&to) {
+            return Ok(());
+        }
+        let n = self.p.ty(to).numel();
+        self.par(n, &mut |g, i| {
+            let x = g.read(from, i)?;
+            g.write(to, i, x)
+        })
+    }
+
+    fn strides(shape: &[u32]) -> Vec<i64> {
+        let mut s = vec![1i64; shape.len()];
+        for k in (0..shape.len().saturating_sub(1)).rev() {
+            s[k] = s[k + 1] * i64::from(shape[k + 1]);
+        }
+        s
+    }
+
+    /// Per-axis indices of a flat index into `shape`.
+    fn unflatten(&self, flat: IntValue<'ctx>, shape: &[u32]) -> R<Vec<IntValue<'ctx>>> {
+        let e = |x| self.llvm(x);
+        let strides = Self::strides(shape);
+        let mut rest = flat;
+        let mut out = Vec::new();
+        for (k, s) in strides.iter().enumerate() {
+            let q = self.b.build_int_signed_div(rest, self.i64c(*s), "").map_err(e)?;
+            let r = self.b.build_int_signed_rem(rest, self.i64c(*s), "").map_err(e)?;
+            out.push(q);
+            rest = r;
+            let _ = k;
+        }
+        Ok(out)
+    }
+
+    /// A bounds-checked global access; see the module documentation.
+    fn guarded(
+        &mut self,
+        ptr: u32,
+        off: IntValue<'ctx>,
+        enabled: Option<BasicValueEnum<'ctx>>,
+        d: DType,
+        store: Option<BasicValueEnum<'ctx>>,
+        fallback: f64,
+    ) -> R<Option<BasicValueEnum<'ctx>>> {
+        let e = |x| NvptxError::Llvm { kernel: String::new(), message: format!("{x}") };
+        let g = *self.globals.get(&ptr).ok_or_else(|| self.llvm("access through a non-pointer parameter"))?;
+        let t = self.reg_type(d)?;
+        let fallback: BasicValueEnum = match d {
+            DType::F32 => self.f32c(fallback),
+            DType::I64 => self.i64c(fallback as i64).into(),
+            _ => self.ctx.bool_type().const_zero().into(),
+        };
+        let pre_enabled = match enabled {
+            Some(m) => m.into_int_value(),
+            None => self.ctx.bool_type().const_int(1, false),
+        };
+        let inside = self.b.build_int_compare(IntPredicate::ULT, off, g.len, "").map_err(e)?;
+        let oob = self.b.build_not(inside, "").map_err(e)?;
+        let report = self.b.build_and(pre_enabled, oob, "").map_err(e)?;
+        let go = self.b.build_and(pre_enabled, inside, "").map_err(e)?;
+        let cur = self.b.get_insert_block().ok_or_else(|| self.llvm("no insertion block"))?;
+        let rep_bb = self.ctx.append_basic_block(self.func, "oob");
+        let after_rep = self.ctx.append_basic_block(self.func, "checked");
+        self.b.build_conditional_branch(report, rep_bb, after_rep).map_err(e)?;
+        self.b.position_at_end(rep_bb);
+        let err_ptr = self.b.build_int_to_ptr(self.error, self.ctx.ptr_type(AddressSpace::from(1)), "").map_err(e)?;
+        self.b.build_store(err_ptr, self.i64c(i64::from(ptr) + 1)).map_err(e)?;
+        self.b.build_unconditional_branch(after_rep).map_err(e)?;
+        self.b.position_at_end(after_rep);
+        let _ = cur;
+        let do_bb = self.ctx.append_basic_block(self.func, "access");
+        let join = self.ctx.append_basic_block(self.func, "joined");
+        let from = self.b.get_insert_block().ok_or_else(|| self.llvm("no insertion block"))?;
+        self.b.build_conditional_branch(go, do_bb, join).map_err(e)?;
+        self.b.position_at_end(do_bb);
+        let size = Self::elem_bytes(d);
+        let byte = self.b.build_int_mul(off, self.i64c(size), "").map_err(e)?;
+        let addr = self.b.build_int_add(g.addr, byte, "").map_err(e)?;
+        let p = self.b.build_int_to_ptr(addr, self.ctx.ptr_type(AddressSpace::from(1)), "").map_err(e)?;
+        let loaded = match store {
+            Some(x) => {
+                self.b.build_store(p, x).map_err(e)?;
+                None
+            }
+            None => Some(self.b.build_load(t, p, "").map_err(e)?),
+        };
+        let do_end = self.b.get_insert_block().ok_or_else(|| self.llvm("no insertion block"))?;
+        self.b.build_unconditional_branch(join).map_err(e)?;
+        self.b.position_at_end(join);
+        Ok(match loaded {
+            Some(x) => {
+                let phi = self.b.build_phi(t, "").map_err(e)?;
+                phi.add_incoming(&[(&x, do_end), (&fallback, from)]);
+                Some(phi.as_basic_value())
+            }
+            None => None,
+        })
+    }
+
+    fn zero(&self, d: DType, op: ReduceOp) -> R<BasicValueEnum<'ctx>> {
+        Ok(match (d, op) {
+            (DType::F32, ReduceOp::Sum) => self.f32c(0.0),
+            (DType::F32, ReduceOp::Max) => self.f32c(f64::NEG_INFINITY),
+            (DType::F32, ReduceOp::Min) => self.f32c(f64::INFINITY),
+            (DType::I64, ReduceOp::Sum) => self.i64c(0).into(),
+            (DType::I64, ReduceOp::Max) => self.i64c(i64::MIN).into(),
+            (DType::I64, ReduceOp::Min) => self.i64c(i64::MAX).into(),
+            _ => return Err(self.unsupported(format!("reduction over {}", d.name()))),
+        })
+    }
+
+    fn inst(&mut self, inst: &kir::Inst) -> R<()> {
+        let out = inst.results.first().copied();
+        let res = || out.ok_or_else(|| NvptxError::Llvm { kernel: String::new(), message: "an instruction without a result".into() });
+        let e = |x| NvptxError::Llvm { kernel: String::new(), message: format!("{x}") };
+        match &inst.op {
+            Op::ProgramId(a) => {
+                let name = ["llvm.nvvm.read.ptx.sreg.ctaid.x", "llvm.nvvm.read.ptx.sreg.ctaid.y", "llvm.nvvm.read.ptx.sreg.ctaid.z"]
+                    [usize::from(*a).min(2)];
+                let v = self.sreg(name)?;
+                self.scalars.insert(res()?, Scalar::Val(v.into()));
+            }
+            Op::Param(i) => {
+                let v = *self.ints.get(i).ok_or_else(|| self.llvm("param of a pointer"))?;
+                self.scalars.insert(res()?, Scalar::Val(v.into()));
+            }
+            Op::Const(c) => {
+                let v: BasicValueEnum = match c {
+                    Const::Float(f) => self.f32c(*f),
+                    Const::Int(i) => self.i64c(*i).into(),
+                    Const::Bool(b) => self.ctx.bool_type().const_int(u64::from(*b), false).into(),
+                };
+                self.scalars.insert(res()?, Scalar::Val(v));
+            }
+            Op::Iota(n) => {
+                let out = res()?;
+                self.alloc(out);
+                self.par(u64::from(*n), &mut |g, i| g.write(out, i, i.into()))?;
+            }
+            Op::Unary(op, a) => {
+                let d = self.p.ty(*a).dtype;
+                let op = *op;
+                self.elementwise(res()?, &[*a], &mut |g, x| g.unary(op, d, x[0]))?;
+            }
+            Op::Binary(op, a, b2) => {
+                let d = self.p.ty(*a).dtype;
+                let op = *op;
+                self.elementwise(res()?, &[*a, *b2], &mut |g, x| g.binary(op, d, x[0], x[1]))?;
+            }
+            Op::Cmp(op, a, b2) => {
+                let d = self.p.ty(*a).dtype;
+                let op = *op;
+                self.elementwise(res()?, &[*a, *b2], &mut |g, x| g.compare(op, d, x[0], x[1]))?;
+            }
+            Op::Select { cond, then, otherwise } => {
+                self.elementwise(res()?, &[*cond, *then, *otherwise], &mut |g, x| {
+                    g.b.build_select(x[0].into_int_value(), x[1], x[2], "").map_err(|err| g.llvm(err))
+                })?;
+            }
+            Op::Cast(a, to) => {
+                let from = self.p.ty(*a).dtype;
+                let to = *to;
+                self.elementwise(res()?, &[*a], &mut |g, x| g.convert(x[0], from, to))?;
+            }
+            Op::Reshape(a) => {
+                let out = res()?;
+                if self.p.ty(*a).is_scalar() {
+                    let x = self.scalar(*a)?;
+                    self.alloc(out);
+                    // One thread writes; the barrier publishes it.
+                    let zero = self.i64c(0);
+                    let first = self.b.build_int_compare(IntPredicate::EQ, self.tid, zero, "").map_err(e)?;
+                    let w = self.ctx.append_basic_block(self.func, "w");
+                    let j = self.ctx.append_basic_block(self.func, "j");
+                    self.b.build_conditional_branch(first, w, j).map_err(e)?;
+                    self.b.position_at_end(w);
+                    self.write(out, zero, x)?;
+                    self.b.build_unconditional_branch(j).map_err(e)?;
+                    self.b.position_at_end(j);
+                    self.barrier()?;
+                } else if self.p.ty(out).is_scalar() {
+                    let x = self.read(*a, self.i64c(0))?;
+                    self.scalars.insert(out, Scalar::Val(x));
+                } else {
+                    let at = self.slots.get(a).copied().unwrap_or(0);
+                    self.slots.insert(out, at);
+                }
+            }
+            Op::Broadcast(a) => {
+                let out = res()?;
+                let a = *a;
+                self.alloc(out);
+                let oshape = self.p.ty(out).shape.clone();
+                if self.p.ty(a).is_scalar() {
+                    let x = self.scalar(a)?;
+                    self.par(self.p.ty(out).numel(), &mut |g, i| g.write(out, i, x))?;
+                } else {
+                    let ishape = self.p.ty(a).shape.clone();
+                    let istr = Self::strides(&ishape);
+                    self.par(self.p.ty(out).numel(), &mut |g, i| {
+                        let idx = g.unflatten(i, &oshape)?;
+                        let mut src = g.i64c(0);
+                        for (k, ix) in idx.iter().enumerate() {
+                            if ishape[k] != 1 {
+                                let t = g.b.build_int_mul(*ix, g.i64c(istr[k]), "").map_err(|x| g.llvm(x))?;
+                                src = g.b.build_int_add(src, t, "").map_err(|x| g.llvm(x))?;
+                            }
+                        }
+                        let x = g.read(a, src)?;
+                        g.write(out, i, x)
+                    })?;
+                }
+            }
+            Op::Transpose(a) => {
+                let out = res()?;
+                let a = *a;
+                self.alloc(out);
+                let oshape = self.p.ty(out).shape.clone();
+                let rows_in = i64::from(oshape[0]);
+                self.par(self.p.ty(out).numel(), &mut |g, i| {
+                    let idx = g.unflatten(i, &oshape)?;
+                    let t = g.b.build_int_mul(idx[1], g.i64c(rows_in), "").map_err(|x| g.llvm(x))?;
+                    let src = g.b.build_int_add(t, idx[0], "").map_err(|x| g.llvm(x))?;
+                    let x = g.read(a, src)?;
+                    g.write(out, i, x)
+                })?;
+            }
+            Op::Load { ptr, offsets, mask, other } => {
+                let out = res()?;
+                let d = self.p.ty(out).dtype;
+                let (offsets, mask, other, ptr) = (*offsets, *mask, *other, *ptr);
+                self.alloc(out);
+                self.par(self.p.ty(out).numel(), &mut |g, i| {
+                    let off = g.read(offsets, i)?.into_int_value();
+                    let en = match mask {
+                        Some(m) => Some(g.read(m, i)?),
+                        None => None,
+                    };
+                    if let Some(x) = g.guarded(ptr, off, en, d, None, other)? {
+                        g.write(out, i, x)?;
+                    }
+                    Ok(())
+                })?;
+            }
+            Op::Store { ptr, offsets, value, mask } => {
+                let d = self.p.ty(*value).dtype;
+                let (offsets, mask, value, ptr) = (*offsets, *mask, *value, *ptr);
+                self.par(self.p.ty(value).numel(), &mut |g, i| {
+                    let off = g.read(offsets, i)?.into_int_value();
+                    let x = g.read(value, i)?;
+                    let en = match mask {
+                        Some(m) => Some(g.read(m, i)?),
+                        None => None,
+                    };
+                    g.guarded(ptr, off, en, d, Some(x), 0.0)?;
+                    Ok(())
+                })?;
+            }
+            Op::Reduce(op, a, axis) => {
+                let out = res()?;
+                let (op, a, axis) = (*op, *a, *axis);
+                let d = self.p.ty(a).dtype;
+                let t = self.reg_type(d)?;
+                let (outer, extent, inner) = Self::split(&self.p.ty(a).shape, axis);
+                let acc = self.stack_slot(t)?;
+                let bop = match op {
+                    ReduceOp::Sum => BinOp::Add,
+                    ReduceOp::Max => BinOp::Max,
+                    ReduceOp::Min => BinOp::Min,
+                };
+                let scalar_out = self.p.ty(out).is_scalar();
+                if !scalar_out {
+                    self.alloc(out);
+                }
+                // Every thread computes each output when the result is a scalar (it is needed by
+                // all); otherwise output elements are shared out among the threads.
+                let mut body = |g: &mut Self, o_n: IntValue<'ctx>| -> R<()> {
+                    let eb = |x| g.llvm(x);
+                    let o = g.b.build_int_signed_div(o_n, g.i64c(inner as i64), "").map_err(eb)?;
+                    let n = g.b.build_int_signed_rem(o_n, g.i64c(inner as i64), "").map_err(|x| g.llvm(x))?;
+                    let z = g.zero(d, op)?;
+                    g.b.build_store(acc, z).map_err(|x| g.llvm(x))?;
+                    g.seq(extent, &mut |g, k| {
+                        let t1 = g.b.build_int_mul(o, g.i64c(extent as i64), "").map_err(|x| g.llvm(x))?;
+                        let t2 = g.b.build_int_add(t1, k, "").map_err(|x| g.llvm(x))?;
+                        let t3 = g.b.build_int_mul(t2, g.i64c(inner as i64), "").map_err(|x| g.llvm(x))?;
+                        let idx = g.b.build_int_add(t3, n, "").map_err(|x| g.llvm(x))?;
+                        let x = g.read(a, idx)?;
+                        let cur = g.b.build_load(t, acc, "").map_err(|x| g.llvm(x))?;
+                        let nv = g.binary(bop, d, cur, x)?;
+                        g.b.build_store(acc, nv).map_err(|x| g.llvm(x))?;
+                        Ok(())
+                    })?;
+                    if !scalar_out {
+                        let v = g.b.build_load(t, acc, "").map_err(|x| g.llvm(x))?;
+                        g.write(out, o_n, v)?;
+                    }
+                    Ok(())
+                };
+                if scalar_out {
+                    body(self, self.i64c(0))?;
+                    let v = self.b.build_load(t, acc, "").map_err(e)?;
+                    self.scalars.insert(out, Scalar::Val(v));
+                } else {
+                    self.par(outer * inner, &mut body)?;
+                }
+            }
+            Op::Scan { value, axis, reverse } => {
+                let out = res()?;
+                let (a, axis, reverse) = (*value, *axis, *reverse);
+                let (outer, extent, inner) = Self::split(&self.p.ty(a).shape, axis);
+                self.alloc(out);
+                let t: BasicTypeEnum = self.ctx.f32_type().into();
+                let acc = self.stack_slot(t)?;
+                self.par(outer * inner, &mut |g, o_n| {
+                    let o = g.b.build_int_signed_div(o_n, g.i64c(inner as i64), "").map_err(|x| g.llvm(x))?;
+                    let n = g.b.build_int_signed_rem(o_n, g.i64c(inner as i64), "").map_err(|x| g.llvm(x))?;
+                    g.b.build_store(acc, g.f32c(0.0)).map_err(|x| g.llvm(x))?;
+                    g.seq(extent, &mut |g, k| {
+                        let k = if reverse { g.b.build_int_sub(g.i64c(extent as i64 - 1), k, "").map_err(|x| g.llvm(x))? } else { k };
+                        let t1 = g.b.build_int_mul(o, g.i64c(extent as i64), "").map_err(|x| g.llvm(x))?;
+                        let t2 = g.b.build_int_add(t1, k, "").map_err(|x| g.llvm(x))?;
+                        let t3 = g.b.build_int_mul(t2, g.i64c(inner as i64), "").map_err(|x| g.llvm(x))?;
+                        let idx = g.b.build_int_add(t3, n, "").map_err(|x| g.llvm(x))?;
+                        let x = g.read(a, idx)?.into_float_value();
+                        let cur = g.b.build_load(t, acc, "").map_err(|x| g.llvm(x))?.into_float_value();
+                        let nv = g.b.build_float_add(cur, x, "").map_err(|x| g.llvm(x))?;
+                        g.b.build_store(acc, nv).map_err(|x| g.llvm(x))?;
+                        g.write(out, idx, nv.into())
+                    })
+                })?;
+            }
+            Op::Dot(a, b2) => {
+                let out = res()?;
+                let (a, b2) = (*a, *b2);
+                let (m, k) = (self.p.ty(a).shape[0], self.p.ty(a).shape[1]);
+                let n = self.p.ty(b2).shape[1];
+                self.alloc(out);
+                let t: BasicTypeEnum = self.ctx.f32_type().into();
+                let acc = self.stack_slot(t)?;
+                let fma = self.intrinsic("llvm.fma", &[t])?;
+                self.par(u64::from(m) * u64::from(n), &mut |g, ij| {
+                    let i = g.b.build_int_signed_div(ij, g.i64c(i64::from(n)), "").map_err(|x| g.llvm(x))?;
+                    let j = g.b.build_int_signed_rem(ij, g.i64c(i64::from(n)), "").map_err(|x| g.llvm(x))?;
+                    g.b.build_store(acc, g.f32c(0.0)).map_err(|x| g.llvm(x))?;
+                    g.seq(u64::from(k), &mut |g, l| {
+                        let ia = g.b.build_int_mul(i, g.i64c(i64::from(k)), "").map_err(|x| g.llvm(x))?;
+                        let ia = g.b.build_int_add(ia, l, "").map_err(|x| g.llvm(x))?;
+                        let ib = g.b.build_int_mul(l, g.i64c(i64::from(n)), "").map_err(|x| g.llvm(x))?;
+                        let ib = g.b.build_int_add(ib, j, "").map_err(|x| g.llvm(x))?;
+                        let x = g.read(a, ia)?;
+                        let y = g.read(b2, ib)?;
+                        let cur = g.b.build_load(t, acc, "").map_err(|x| g.llvm(x))?;
+                        let nv = g.call(fma, &[x, y, cur])?;
+                        g.b.build_store(acc, nv).map_err(|x| g.llvm(x))?;
+                        Ok(())
+                    })?;
+                    let v = g.b.build_load(t, acc, "").map_err(|x| g.llvm(x))?;
+                    g.write(out, ij, v)
+                })?;
+            }
+            Op::TriInv(a) => {
+                let out = res()?;
+                let a = *a;
+                let n = self.p.ty(a).shape[0];
+                let nn = i64::from(n);
+                self.alloc(out);
+                let t: BasicTypeEnum = self.ctx.f32_type().into();
+                let acc = self.stack_slot(t)?;
+                let fma = self.intrinsic("llvm.fma", &[t])?;
+                // Row i depends on rows above it: rows in order, each row's columns in parallel.
+                self.seq(u64::from(n), &mut |g, i| {
+                    g.par(u64::from(n), &mut |g, j| {
+                        let here = g.b.build_int_mul(i, g.i64c(nn), "").map_err(|x| g.llvm(x))?;
+                        let here = g.b.build_int_add(here, j, "").map_err(|x| g.llvm(x))?;
+                        let below = g.b.build_int_compare(IntPredicate::SLT, j, i, "").map_err(|x| g.llvm(x))?;
+                        let lower = g.ctx.append_basic_block(g.func, "lower");
+                        let upper = g.ctx.append_basic_block(g.func, "upper");
+                        let done = g.ctx.append_basic_block(g.func, "tri_done");
+                        g.b.build_conditional_branch(below, lower, upper).map_err(|x| g.llvm(x))?;
+                        g.b.position_at_end(upper);
+                        let eq = g.b.build_int_compare(IntPredicate::EQ, i, j, "").map_err(|x| g.llvm(x))?;
+                        let v = g.b.build_select(eq, g.f32c(1.0), g.f32c(0.0), "").map_err(|x| g.llvm(x))?;
+                        g.write(out, here, v)?;
+                        g.b.build_unconditional_branch(done).map_err(|x| g.llvm(x))?;
+                        g.b.position_at_end(lower);
+                        let lij = g.read(a, here)?;
+                        g.b.build_store(acc, lij).map_err(|x| g.llvm(x))?;
+                        let from = g.b.build_int_add(j, g.i64c(1), "").map_err(|x| g.llvm(x))?;
+                        let one = g.i64c(1);
+                        g.counted(from, i, one, &mut |g, k| {
+                            let ik = g.b.build_int_mul(i, g.i64c(nn), "").map_err(|x| g.llvm(x))?;
+                            let ik = g.b.build_int_add(ik, k, "").map_err(|x| g.llvm(x))?;
+                            let kj = g.b.build_int_mul(k, g.i64c(nn), "").map_err(|x| g.llvm(x))?;
+                            let kj = g.b.build_int_add(kj, j, "").map_err(|x| g.llvm(x))?;
+                            let l = g.read(a, ik)?;
+                            let tv = g.read(out, kj)?;
+                            let cur = g.b.build_load(t, acc, "").map_err(|x| g.llvm(x))?;
+                            let nv = g.call(fma, &[l, tv, cur])?;
+                            g.b.build_store(acc, nv).map_err(|x| g.llvm(x))?;
+                            Ok(())
+                        })?;
+                        let s = g.b.build_load(t, acc, "").map_err(|x| g.llvm(x))?.into_float_value();
+                        let v = g.b.build_float_neg(s, "").map_err(|x| g.llvm(x))?;
+                        g.write(out, here, v.into())?;
+                        g.b.build_unconditional_branch(done).map_err(|x| g.llvm(x))?;
+                        g.b.position_at_end(done);
+                        Ok(())
+                    })
+                })?;
+            }
+            Op::For { lo, hi, step, init, body } => {
+                let results = inst.results.clone();
+                let lo = self.scalar(*lo)?.into_int_value();
+                let hi = self.scalar(*hi)?.into_int_value();
+                let step = self.scalar(*step)?.into_int_value();
+                for (k, arg) in body.args.iter().skip(1).enumerate() {
+                    if self.p.ty(*arg).is_scalar() {
+                        let t = self.reg_type(self.p.ty(*arg).dtype)?;
+                        let slot = self.stack_slot(t)?;
+                        let x = self.scalar(init[k])?;
+                        self.b.build_store(slot, x).map_err(e)?;
+                        self.scalars.insert(*arg, Scalar::Slot(slot, t));
+                        self.scalars.insert(results[k], Scalar::Slot(slot, t));
+                    } else {
+                        let at = self.alloc(*arg);
+                        self.copy(init[k], *arg)?;
+                        self.slots.insert(results[k], at);
+                    }
+                }
+                let index_t: BasicTypeEnum = self.ctx.i64_type().into();
+                let index = self.stack_slot(index_t)?;
+                self.scalars.insert(body.args[0], Scalar::Slot(index, index_t));
+                let body = body.clone();
+                let args = body.args.clone();
+                // The index lives in a stack slot so the body can read it as a kir scalar.
+                self.counted(lo, hi, step, &mut |g, i| {
+                    g.b.build_store(index, i).map_err(|x| g.llvm(x))?;
+                    g.block(&body)?;
+                    if let Some(kir::Inst { op: Op::Yield(next), .. }) = body.insts.last() {
+                        let mut scalar_next = Vec::new();
+                        for (k, arg) in args.iter().skip(1).enumerate() {
+                            if g.p.ty(*arg).is_scalar() {
+                                scalar_next.push((*arg, g.scalar(next[k])?));
+                            }
+                        }
+                        for (k, arg) in args.iter().skip(1).enumerate() {
+                            if !g.p.ty(*arg).is_scalar() {
+                                g.copy(next[k], *arg)?;
+                            }
+                        }
+                        for (arg, x) in scalar_next {
+                            if let Some(Scalar::Slot(p, _)) = g.scalars.get(&arg).copied() {
+                                g.b.build_store(p, x).map_err(|x| g.llvm(x))?;
+                            }
+                        }
+                    }
+                    Ok(())
+                })?;
+            }
+            Op::Yield(_) => {}
+        }
+        Ok(())
+    }
+}

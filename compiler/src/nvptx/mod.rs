@@ -1,0 +1,22 @@
+//! The NVPTX back end: kernel IR → LLVM IR (through inkwell, LLVM 19) → PTX for sm_80 and sm_90.
+//!
+//! This first version maps the kernel IR onto the GPU directly, as a sibling of the Cranelift back
+//! end: one program instance is one thread block of [`THREADS`] threads; every tile lives in a
+//! per-instance global-memory workspace at the same offsets the CPU back end uses; every tile
+//! operation is a loop over its elements strided across the block's threads, followed by a block
+//! barrier; scalars are computed by every thread alike. `dot`, reductions and scans give each
+//! thread whole output elements or lines; `tri_inv` proceeds a row at a time. Every global access
+//! is bounds-checked against the length passed with its pointer, and an out-of-bounds access is
+//! recorded in the `error` word, exactly as on the CPU. Transcendentals use the approximate PTX
+//! instructions with range reduction (exp via ex2.approx, log via lg2.approx, sin/cos reduced to
+//! [−π, π]). Tensor cores, shared memory and warp-level tiling come later; this back end is the
+//! correct baseline they will be measured against.
+//!
+//! Kernel ABI (what the runtime launches): for each kernel-IR parameter in order, a pointer is two
+//! PTX parameters (the device address, then its element count) and an integer is one; then
+//! `scratch` (a workspace of grid size × `scratch_bytes`) and `error` (one u64, zero before the
+//! launch). Grid axes map to blockIdx.x/y/z; blocks are [`THREADS`] × 1 × 1.
+
+mod codegen;
+
+pub use codegen::{compile, Compiled, NvptxError, THREADS};
