@@ -83,6 +83,10 @@ pub fn manifest(model: &Model, kernels: &[ModelKernel]) -> Manifest {
                 role: k.role.to_string(),
                 file: kernel_file(&k.name),
                 grid: k.kernel.grid.clone(),
+                ptx: None,
+                entry: None,
+                threads: None,
+                scratch_bytes: None,
             })
             .collect(),
     }

@@ -5,6 +5,7 @@
 //! that links it gets only what it needs to run a compiled model.
 
 pub mod cpu;
+pub mod gpu;
 pub mod kir;
 mod manifest;
 

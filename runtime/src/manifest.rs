@@ -105,6 +105,19 @@ pub struct KernelInfo {
     pub file: String,
     /// How many instances run on each grid axis.
     pub grid: Vec<String>,
+    /// The kernel's PTX, relative to the artifact directory (GPU targets only; the CPU compiles
+    /// `file` when it loads the artifact instead).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ptx: Option<String>,
+    /// The PTX entry point's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entry: Option<String>,
+    /// Threads per block on x (blocks are one-dimensional; one block runs one program instance).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threads: Option<u32>,
+    /// Bytes of zero-initialised global workspace each program instance needs (absent: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scratch_bytes: Option<u64>,
 }
 
 /// The whole manifest.
@@ -276,8 +289,10 @@ impl Manifest {
                 return Err(format!("kernel `{}` refers to mixer {} of {}", k.name, k.mixer, self.mixers.len()));
             }
             // Kernel files live inside the artifact.
-            if k.file.contains("..") || k.file.starts_with('/') {
-                return Err(format!("kernel `{}` has file `{}` outside the artifact", k.name, k.file));
+            for file in std::iter::once(&k.file).chain(k.ptx.as_ref()) {
+                if file.contains("..") || file.starts_with('/') {
+                    return Err(format!("kernel `{}` has file `{}` outside the artifact", k.name, file));
+                }
             }
         }
         if !self.model.tie_word_embeddings && !names.contains("lm_head.weight") {

@@ -8,6 +8,7 @@
 use hlac::lower::attention::{self, AttnConfig, AttnTiling};
 use hlac_runtime::cpu::{Arg, CpuModule};
 use hlac_tests::reference::attention::{attention, attention_step, AttnOpts, KvCache};
+use hlac_tests::reference::grad::{numeric_grad, weighted_sum};
 use hlac_tests::reference::ops::rope_t3;
 use hlac_tests::reference::rng::Rng;
 use hlac_tests::reference::{positions, seq_ranges, T3};
@@ -357,4 +358,175 @@ fn attention_kernel_ir_is_pinned() {
     let dec = attention::decode(&s.config(), 64).expect("lowers");
     hlac_runtime::kir::verify(&dec.program).expect("verifies");
     insta::assert_snapshot!("attn_decode", dec.program.to_string());
+}
+
+/// The backward's gradients (dq, dk, dv) for upstream gradient `d_o`, given the forward's o and lse;
+/// `spare` more blocks than needed on both kernels' grid axis 1.
+#[allow(clippy::too_many_arguments)]
+fn run_backward(
+    s: &Shape,
+    tiling: AttnTiling,
+    q: &T3,
+    k: &T3,
+    v: &T3,
+    cu: &[i64],
+    fwd: &(Vec<f32>, Vec<f32>),
+    d_o: &[f32],
+    spare: u64,
+) -> [Vec<f32>; 3] {
+    let kernels = attention::backward(&s.config(), tiling).expect("lowers");
+    let mut module = CpuModule::new().expect("jit");
+    let dq_program = kernels.dq.program.clone();
+    let dq_id = module.add(kernels.dq.program).unwrap_or_else(|e| panic!("{e}\n{dq_program}"));
+    let dkv_program = kernels.dkv.program.clone();
+    let dkv_id = module.add(kernels.dkv.program).unwrap_or_else(|e| panic!("{e}\n{dkv_program}"));
+    let seqs = cu.len() - 1;
+    let max_len = cu.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0) as u64;
+    let (qf, kf, vf) = (f32s(&q.data), f32s(&k.data), f32s(&v.data));
+    let (o, lse) = fwd;
+    // NaN-filled, so that an element no instance writes fails the comparison.
+    let mut dq = vec![f32::NAN; q.data.len()];
+    let mut dk = vec![f32::NAN; k.data.len()];
+    let mut dv = vec![f32::NAN; v.data.len()];
+    let blocks = |block: u32| max_len.div_ceil(u64::from(block)).max(1) + spare;
+    let mut args =
+        [Arg::F32(&qf), Arg::F32(&kf), Arg::F32(&vf), Arg::F32(o), Arg::F32(lse), Arg::F32(d_o), Arg::I64(cu), Arg::F32Mut(&mut dq)];
+    module.launch(dq_id, &mut args, &[(seqs * s.heads) as u64, blocks(tiling.block_q)]).expect("launches");
+    let mut args = [
+        Arg::F32(&qf),
+        Arg::F32(&kf),
+        Arg::F32(&vf),
+        Arg::F32(o),
+        Arg::F32(lse),
+        Arg::F32(d_o),
+        Arg::I64(cu),
+        Arg::F32Mut(&mut dk),
+        Arg::F32Mut(&mut dv),
+    ];
+    module.launch(dkv_id, &mut args, &[(seqs * s.kv_heads) as u64, blocks(tiling.block_k)]).expect("launches");
+    [dq, dk, dv]
+}
+
+/// Backward tolerance: f32 kernels against f64 central differences.
+const GRAD_TOL: f64 = 1e-4;
+
+/// Runs the forward kernel, then the backward with dO = W (random), and compares dq, dk, dv with
+/// f64 central differences of ℓ(q, k, v) = Σ W ⊙ attention(q, k, v). ℓ is a sum over the packed
+/// sequences, and the reference attends within each sequence only, so the differences are taken one
+/// sequence at a time on that sequence's term (the same numbers, a fraction of the work); a kernel
+/// that leaked across sequences would still show up as a wrong gradient.
+fn check_backward(s: Shape, lengths: &[usize], tiling: AttnTiling, seed: u64) {
+    let (cu, cu64) = packing(lengths);
+    let total = *cu.last().unwrap_or(&0);
+    let (q, k, v) = inputs(&s, total, seed);
+    let w = Rng::new(seed ^ 0x5eed).normals(total * s.heads * s.dv);
+    let fwd = run_forward(&s, tiling, &q, &k, &v, &cu64);
+    let got = run_backward(&s, tiling, &q, &k, &v, &cu64, &fwd, &f32s(&w), 0);
+    let mut want = [Vec::new(), Vec::new(), Vec::new()];
+    for (a, b) in seq_ranges(&cu) {
+        let (qs, ks, vs) = (q.slice_t(a, b), k.slice_t(a, b), v.slice_t(a, b));
+        let ws = &w[a * s.heads * s.dv..b * s.heads * s.dv];
+        let one = [0, b - a];
+        let loss = |q: &T3, k: &T3, v: &T3| weighted_sum(&attention(q, k, v, s.opts(), &one).data, ws);
+        let with = |x: &T3, data: &[f64]| T3::new(x.t, x.h, x.d, data.to_vec());
+        want[0].extend(numeric_grad(|x| loss(&with(&qs, x), &ks, &vs), &qs.data, 1e-5));
+        want[1].extend(numeric_grad(|x| loss(&qs, &with(&ks, x), &vs), &ks.data, 1e-5));
+        want[2].extend(numeric_grad(|x| loss(&qs, &ks, &with(&vs, x)), &vs.data, 1e-5));
+    }
+    // dq and dk vanish exactly where every query sees a single key (a one-token sequence): there,
+    // measure the f32 rounding the kernel leaves against the size of dv, the loss's other gradient.
+    let norm = |x: &[f64]| x.iter().map(|v| v * v).sum::<f64>().sqrt();
+    for (name, (g, w)) in ["dq", "dk", "dv"].iter().zip(got.iter().zip(&want)) {
+        let err = if norm(w) > 0.0 { rel_l2(g, w) } else { norm(&f64s(g)) / norm(&want[2]) };
+        assert!(err <= GRAD_TOL, "{name} of {s:?} lengths {lengths:?} {tiling:?}: relative error {err:.2e}");
+    }
+}
+
+/// Small blocks, so that even 40 tokens span several query and key blocks (and unequal ones).
+const BWD_TILINGS: [AttnTiling; 4] = [
+    AttnTiling { block_q: 8, block_k: 4 },
+    AttnTiling { block_q: 4, block_k: 8 },
+    AttnTiling { block_q: 16, block_k: 16 },
+    AttnTiling { block_q: 3, block_k: 5 },
+];
+
+fn small(kv_heads: usize, window: Option<usize>, rope: Option<f64>) -> Shape {
+    Shape { heads: 4, kv_heads, d: 8, dv: 8, window, rope }
+}
+
+#[test]
+fn backward_matches_central_differences_on_single_sequences() {
+    let mut n = 0u64;
+    for t in [1usize, 5, 17] {
+        for kv_heads in [1usize, 2, 4] {
+            for window in [None, Some(3), Some(t)] {
+                for rope in [None, Some(10000.0)] {
+                    check_backward(small(kv_heads, window, rope), &[t], BWD_TILINGS[n as usize % 4], 900 + n);
+                    n += 1;
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn backward_matches_central_differences_on_a_longer_sequence() {
+    // 40 tokens: five to ten blocks per axis, so the loops' bounds and the windowed query range of
+    // the dk/dv kernel are exercised away from the sequence's edges. (Kept to three shapes: central
+    // differences cost O(T³) here.)
+    let shapes = [small(1, None, Some(10000.0)), small(2, Some(3), None), small(4, Some(40), Some(500.0))];
+    for (i, s) in shapes.into_iter().enumerate() {
+        check_backward(s, &[40], BWD_TILINGS[i], 1000 + i as u64);
+    }
+}
+
+#[test]
+fn backward_matches_central_differences_on_packed_batches() {
+    let mut n = 0u64;
+    for kv_heads in [1usize, 2, 4] {
+        for window in [None, Some(3), Some(17)] {
+            for rope in [None, Some(10000.0)] {
+                check_backward(small(kv_heads, window, rope), &[17, 1, 5, 17, 3], BWD_TILINGS[n as usize % 4], 1100 + n);
+                n += 1;
+            }
+        }
+    }
+    check_backward(small(2, Some(3), Some(10000.0)), &[5, 40, 1, 17], BWD_TILINGS[0], 1200);
+    check_backward(small(1, None, None), &[40, 1, 5], BWD_TILINGS[3], 1201);
+}
+
+#[test]
+fn backward_blocks_past_every_sequence_store_nothing() {
+    let s = small(2, Some(3), Some(10000.0));
+    let (cu, cu64) = packing(&[5, 17, 1]);
+    let (q, k, v) = inputs(&s, cu[3], 1300);
+    let d_o = f32s(&Rng::new(1301).normals(cu[3] * s.heads * s.dv));
+    let tiling = BWD_TILINGS[1];
+    let fwd = run_forward(&s, tiling, &q, &k, &v, &cu64);
+    let exact = run_backward(&s, tiling, &q, &k, &v, &cu64, &fwd, &d_o, 0);
+    let spare = run_backward(&s, tiling, &q, &k, &v, &cu64, &fwd, &d_o, 5);
+    assert_eq!(exact, spare);
+}
+
+#[test]
+fn backward_rejects_what_the_forward_rejects() {
+    let good = small(2, None, Some(10000.0)).config();
+    for cfg in [
+        AttnConfig { kv_heads: 3, ..good.clone() },
+        AttnConfig { head_dim: 7, ..good.clone() },
+        AttnConfig { window: Some(0), ..good.clone() },
+    ] {
+        assert!(attention::backward(&cfg, TILE).is_err(), "{cfg:?}");
+    }
+    assert!(attention::backward(&good, AttnTiling { block_q: 64, block_k: 0 }).is_err());
+}
+
+#[test]
+fn attention_backward_kernel_ir_is_pinned() {
+    let s = Shape { kv_heads: 2, window: Some(128), rope: Some(10000.0), ..mha(16) };
+    let bwd = attention::backward(&s.config(), TILE).expect("lowers");
+    for (name, kernel) in [("attn_bwd_dq", &bwd.dq), ("attn_bwd_dkv", &bwd.dkv)] {
+        hlac_runtime::kir::verify(&kernel.program).expect("verifies");
+        insta::assert_snapshot!(name, kernel.program.to_string());
+    }
 }

@@ -1,5 +1,6 @@
 //! Causal softmax attention (fla's Attention layer): the flash-attention forward over packed
-//! variable-length sequences, and one decode step over a KV cache, lowered to kernel IR.
+//! variable-length sequences, its backward (dq, dk, dv; [`backward`]), and one decode step over a
+//! KV cache, lowered to kernel IR.
 //!
 //! Both kernels keep the online softmax of flash attention per row of queries: a running maximum
 //! m, a running normaliser l and an unnormalised output acc, updated per block of keys as
@@ -16,6 +17,11 @@
 //! RoPE (non-interleaved halves, base θ, position = index within the sequence) is applied to q
 //! and k inside the kernels: the partner half is the same tensor loaded with its columns rotated
 //! by d/2, and cos/sin come from position × θ^(−2i/d), so no table is passed in.
+//!
+//! The backward is flash attention 2's: it recomputes the probabilities from the forward's `lse`
+//! rather than keeping them, and splits into a dq kernel (per query block) and a dk/dv kernel (per
+//! key block, summing over the group's query heads), so that every gradient element has exactly
+//! one writer.
 
 use hlac_runtime::kir::build::Ptr;
 use hlac_runtime::kir::{BinOp, Builder, CmpOp, DType, ReduceOp, UnOp, Value};
@@ -367,7 +373,17 @@ struct QueryBlock {
 }
 
 /// Loads query block `rows` of head `head` (tokens `rows + bos`, valid below `len`).
-fn load_query_block(b: &mut Builder, cfg: &AttnConfig, p: &BwdInputs, rope: Option<&Rope>, rows: Value, bos: Value, len: Value, head: Value) -> QueryBlock {
+#[allow(clippy::too_many_arguments)]
+fn load_query_block(
+    b: &mut Builder,
+    cfg: &AttnConfig,
+    p: &BwdInputs,
+    rope: Option<&Rope>,
+    rows: Value,
+    bos: Value,
+    len: Value,
+    head: Value,
+) -> QueryBlock {
     let (d, dv) = (cfg.head_dim, cfg.value_dim);
     let valid = b.cmp(CmpOp::Lt, rows, len);
     let valid_c = b.col(valid);
@@ -397,7 +413,17 @@ struct KeyBlock {
 }
 
 /// Loads key block `cols` of kv head `kv_head` (tokens `cols + bos`, valid below `len`).
-fn load_key_block(b: &mut Builder, cfg: &AttnConfig, p: &BwdInputs, rope: Option<&Rope>, cols: Value, bos: Value, len: Value, kv_head: Value) -> KeyBlock {
+#[allow(clippy::too_many_arguments)]
+fn load_key_block(
+    b: &mut Builder,
+    cfg: &AttnConfig,
+    p: &BwdInputs,
+    rope: Option<&Rope>,
+    cols: Value,
+    bos: Value,
+    len: Value,
+    kv_head: Value,
+) -> KeyBlock {
     let valid = b.cmp(CmpOp::Lt, cols, len);
     let valid_c = b.col(valid);
     let tokens = b.add(cols, bos);

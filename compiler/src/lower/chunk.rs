@@ -305,3 +305,32 @@ pub fn load_scalar(b: &mut Builder, ptr: Ptr, offset: Value) -> Value {
     let x = b.load(ptr, off, None, 0.0);
     b.reshape(x, &[])
 }
+
+/// The per-chunk step of a chunked forward: stores the chunk's output, returns the next state.
+pub type ChunkStep<'s> = dyn Fn(&Recurrence<'_>, &Scaffold, &mut Builder, &Chunk, Value) -> Result<Value, String> + 's;
+
+/// Builds a chunked forward kernel: the scaffold, the loop over chunks carrying the state (storing
+/// it first when `store_states`), `step` for each chunk, and the final state.
+pub fn chunked_forward(r: &Recurrence<'_>, tiling: Tiling, store_states: bool, step: &ChunkStep<'_>) -> Result<super::Kernel, LowerError> {
+    let name = if store_states { "chunk_fwd_states" } else { "chunk_fwd" };
+    let (mut b, sc) = Scaffold::new(r, tiling, name, &used_names(r), store_states)?;
+    let zero = b.i64(0);
+    let chunk_len = b.i64(i64::from(sc.c));
+    let mut failure = None;
+    let out = b.for_loop(zero, sc.len, chunk_len, &[sc.s0], |b, t0, carried| {
+        sc.store_state(b, t0, carried[0]);
+        let chunk = sc.chunk(b, r, t0);
+        match step(r, &sc, b, &chunk, carried[0]) {
+            Ok(next) => vec![next],
+            Err(e) => {
+                failure = Some(e);
+                vec![carried[0]]
+            }
+        }
+    });
+    if let Some(e) = failure {
+        return Err(r.error(e));
+    }
+    let grid = vec!["sequences * heads".into(), format!("{} / {}", r.v(), sc.bv)];
+    Ok(super::Kernel { program: sc.finish(b, out[0]), grid })
+}

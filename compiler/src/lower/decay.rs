@@ -17,7 +17,7 @@
 use hlac_runtime::kir::{Builder, CmpOp, Value};
 
 pub use super::chunk::load_scalar;
-use super::chunk::{used_names, Chunk, Scaffold};
+use super::chunk::{chunked_forward, Chunk, Scaffold};
 use super::expr;
 use super::{Kernel, LowerError, Recurrence, Tiling};
 use crate::classify::{Decay, Family};
@@ -35,26 +35,7 @@ pub fn forward(r: &Recurrence<'_>, tiling: Tiling, store_states: bool) -> Result
     if r.class.family != Family::Decay {
         return Err(r.error(format!("the decay-class forward does not apply to the {:?} family", r.class.family)));
     }
-    let (mut b, sc) = Scaffold::new(r, tiling, if store_states { "chunk_fwd_states" } else { "chunk_fwd" }, &used_names(r), store_states)?;
-    let zero = b.i64(0);
-    let chunk_len = b.i64(i64::from(sc.c));
-    let mut failure = None;
-    let out = b.for_loop(zero, sc.len, chunk_len, &[sc.s0], |b, t0, carried| {
-        sc.store_state(b, t0, carried[0]);
-        let chunk = sc.chunk(b, r, t0);
-        match step(r, &sc, b, &chunk, carried[0]) {
-            Ok(next) => vec![next],
-            Err(e) => {
-                failure = Some(e);
-                vec![carried[0]]
-            }
-        }
-    });
-    if let Some(e) = failure {
-        return Err(r.error(e));
-    }
-    let grid = vec!["sequences * heads".into(), format!("{} / {}", r.v(), sc.bv)];
-    Ok(Kernel { program: sc.finish(b, out[0]), grid })
+    chunked_forward(r, tiling, store_states, &step)
 }
 
 /// One chunk: stores its output and returns the next state.

@@ -4,6 +4,7 @@
 //! with the gate activation, key and value fused in — a single memory-bound pass. The channel
 //! block is the vector width; no matrix products are involved.
 
+use hlac_runtime::kir::build::Ptr;
 use hlac_runtime::kir::{Builder, CmpOp, DType, Value};
 
 use super::chunk::{load_scalar, used_names};
@@ -25,28 +26,9 @@ pub fn forward(r: &Recurrence<'_>, block: u32) -> Result<Kernel, LowerError> {
         _ => return Err(r.error("the class has no key or value expression")),
     };
     let used = used_names(r);
-    let is_used = |n: &str| used.iter().any(|u| u == n);
     let heads = r.heads as i64;
     let mut b = Builder::new(&format!("{}_scan_fwd", r.name), &["sequences", "channel blocks"]);
-    let tokens: Vec<_> = r
-        .math
-        .tokens
-        .iter()
-        .filter(|t| is_used(&t.name.name))
-        .map(|t| (t.name.name.clone(), b.ptr(&t.name.name, DType::F32, false)))
-        .collect();
-    let per_head: Vec<_> = r
-        .math
-        .head_params
-        .iter()
-        .map(|p| p.name.clone())
-        .chain(is_used("lower_bound").then(|| "lower_bound".to_string()))
-        .filter(|n| is_used(n))
-        .map(|n| {
-            let p = b.ptr(&n, DType::F32, false);
-            (n, p)
-        })
-        .collect();
+    let (tokens, per_head) = declare_inputs(&mut b, r, &used);
     let o = b.ptr("o", DType::F32, true);
     let h0 = b.ptr("h0", DType::F32, false);
     let ht = b.ptr("ht", DType::F32, true);
@@ -54,18 +36,7 @@ pub fn forward(r: &Recurrence<'_>, block: u32) -> Result<Kernel, LowerError> {
     let use_h0 = b.int_param("use_h0");
     let use_ht = b.int_param("use_ht");
 
-    let seq = b.program_id(0);
-    let blk = b.program_id(1);
-    let bw = b.i64(i64::from(block));
-    let c0 = b.mul(blk, bw);
-    let lanes = b.iota(block);
-    let channels = b.add(lanes, c0);
-    let h_count = b.i64(heads);
-    let inside = b.cmp(CmpOp::Lt, channels, h_count);
-    let one = b.i64(1);
-    let next = b.add(seq, one);
-    let bos = load_scalar(&mut b, cu, seq);
-    let eos = load_scalar(&mut b, cu, next);
+    let Lanes { seq, channels, h_count, inside, one, bos, eos } = lanes(&mut b, heads, block, cu);
     let zero = b.i64(0);
     let has_h0 = b.cmp(CmpOp::Ne, use_h0, zero);
     let state_base = b.mul(seq, h_count);
@@ -146,28 +117,9 @@ pub fn backward(r: &Recurrence<'_>, block: u32) -> Result<Kernel, LowerError> {
     };
     let decay = ex.decay.as_ref().filter(|_| !matches!(r.class.decay, Decay::None));
     let used = used_names(r);
-    let is_used = |n: &str| used.iter().any(|u| u == n);
     let heads = r.heads as i64;
     let mut b = Builder::new(&format!("{}_scan_bwd", r.name), &["sequences", "channel blocks"]);
-    let tokens: Vec<_> = r
-        .math
-        .tokens
-        .iter()
-        .filter(|t| is_used(&t.name.name))
-        .map(|t| (t.name.name.clone(), b.ptr(&t.name.name, DType::F32, false)))
-        .collect();
-    let per_head: Vec<_> = r
-        .math
-        .head_params
-        .iter()
-        .map(|p| p.name.clone())
-        .chain(is_used("lower_bound").then(|| "lower_bound".to_string()))
-        .filter(|n| is_used(n))
-        .map(|n| {
-            let p = b.ptr(&n, DType::F32, false);
-            (n, p)
-        })
-        .collect();
+    let (tokens, per_head) = declare_inputs(&mut b, r, &used);
     let o = b.ptr("o", DType::F32, false);
     let d_o = b.ptr("do", DType::F32, false);
     let h0 = b.ptr("h0", DType::F32, false);
@@ -180,18 +132,7 @@ pub fn backward(r: &Recurrence<'_>, block: u32) -> Result<Kernel, LowerError> {
     let use_dht = b.int_param("use_dht");
     let wrt: Vec<String> = tokens.iter().map(|(n, _)| n.clone()).chain(per_head.iter().map(|(n, _)| n.clone())).collect();
 
-    let seq = b.program_id(0);
-    let blk = b.program_id(1);
-    let bw = b.i64(i64::from(block));
-    let c0 = b.mul(blk, bw);
-    let lanes = b.iota(block);
-    let channels = b.add(lanes, c0);
-    let h_count = b.i64(heads);
-    let inside = b.cmp(CmpOp::Lt, channels, h_count);
-    let one = b.i64(1);
-    let next = b.add(seq, one);
-    let bos = load_scalar(&mut b, cu, seq);
-    let eos = load_scalar(&mut b, cu, next);
+    let Lanes { seq, channels, h_count, inside, one, bos, eos } = lanes(&mut b, heads, block, cu);
     let len = b.sub(eos, bos);
     let zero_i = b.i64(0);
     let state_base = b.mul(seq, h_count);
@@ -291,4 +232,50 @@ pub fn backward(r: &Recurrence<'_>, block: u32) -> Result<Kernel, LowerError> {
         b.store(*ptr, state_off, out[k_idx + 1], Some(inside));
     }
     Ok(Kernel { program: b.finish(), grid: vec!["sequences".into(), format!("ceil(heads / {block})")] })
+}
+
+/// Declares the token inputs and per-head inputs (`lower_bound` included) the expressions use.
+fn declare_inputs(b: &mut Builder, r: &Recurrence<'_>, used: &[String]) -> (Vec<(String, Ptr)>, Vec<(String, Ptr)>) {
+    let is_used = |n: &str| used.iter().any(|u| u == n);
+    let tokens = r.math.tokens.iter().filter(|t| is_used(&t.name.name)).map(|t| (t.name.name.clone(), b.ptr(&t.name.name, DType::F32, false))).collect();
+    let per_head = r
+        .math
+        .head_params
+        .iter()
+        .map(|p| p.name.clone())
+        .chain(is_used("lower_bound").then(|| "lower_bound".to_string()))
+        .filter(|n| is_used(n))
+        .map(|n| {
+            let p = b.ptr(&n, DType::F32, false);
+            (n, p)
+        })
+        .collect();
+    (tokens, per_head)
+}
+
+/// Which sequence and channels this instance handles.
+struct Lanes {
+    seq: Value,
+    channels: Value,
+    h_count: Value,
+    inside: Value,
+    one: Value,
+    bos: Value,
+    eos: Value,
+}
+
+fn lanes(b: &mut Builder, heads: i64, block: u32, cu: Ptr) -> Lanes {
+    let seq = b.program_id(0);
+    let blk = b.program_id(1);
+    let bw = b.i64(i64::from(block));
+    let c0 = b.mul(blk, bw);
+    let iota = b.iota(block);
+    let channels = b.add(iota, c0);
+    let h_count = b.i64(heads);
+    let inside = b.cmp(CmpOp::Lt, channels, h_count);
+    let one = b.i64(1);
+    let next = b.add(seq, one);
+    let bos = load_scalar(b, cu, seq);
+    let eos = load_scalar(b, cu, next);
+    Lanes { seq, channels, h_count, inside, one, bos, eos }
 }

@@ -155,13 +155,16 @@ impl Jit {
                 scratch: params[2],
                 slots: HashMap::new(),
                 scalars: HashMap::new(),
+                splats: HashMap::new(),
                 // The first 64 bytes hold the out-of-bounds error word.
                 next_slot: 64,
             };
             g.block(&program.body)?;
             g.fb.ins().return_(&[]);
             g.fb.seal_all_blocks();
-            scratch_bytes = g.next_slot as usize;
+            // Vector reads of bool tiles fetch 8 bytes for 4 lanes, so the last tile may be read up to
+            // 4 bytes past its end: pad the scratch so that stays inside it.
+            scratch_bytes = g.next_slot as usize + 64;
             g.fb.finalize(self.module.target_config());
         }
         self.module.define_function(id, &mut ctx).map_err(|e| fail(format!("{e:?}")))?;
@@ -170,6 +173,9 @@ impl Jit {
         Ok(Compiled { entry: self.module.get_finalized_function(id), scratch_bytes })
     }
 }
+
+/// Elements of an f32 tile per vector instruction (Cranelift's x64 and aarch64 vectors are 128 bits).
+const LANES: u64 = 4;
 
 /// Computes one element of an elementwise result from its operands' elements.
 type ElemFn<'f, G> = dyn FnMut(&mut G, &[ClValue]) -> Result<ClValue, CodegenError> + 'f;
@@ -202,6 +208,9 @@ struct Gen<'a> {
     /// Scratch offset of every tile.
     slots: HashMap<Value, u64>,
     scalars: HashMap<Value, Scalar>,
+    /// Tiles all of whose elements are one scalar (broadcasts and reshapes of scalars): never
+    /// materialised; readers splat the scalar instead.
+    splats: HashMap<Value, ClValue>,
     next_slot: u64,
 }
 
@@ -255,8 +264,8 @@ impl Gen<'_> {
     }
 
     fn read(&mut self, v: Value, i: ClValue) -> Result<ClValue, CodegenError> {
-        if self.ty(v).is_scalar() {
-            return self.scalar(v);
+        if let Some(x) = self.uniform(v)? {
+            return Ok(x);
         }
         let t = self.cl_type(self.ty(v).dtype)?;
         let a = self.addr(v, i);
@@ -266,6 +275,106 @@ impl Gen<'_> {
     fn write(&mut self, v: Value, i: ClValue, x: ClValue) {
         let a = self.addr(v, i);
         self.fb.ins().store(mem(), x, a, 0);
+    }
+
+    /// The one value of every element of `v`, when it is a scalar or a splat.
+    fn uniform(&mut self, v: Value) -> Result<Option<ClValue>, CodegenError> {
+        if self.ty(v).is_scalar() {
+            return self.scalar(v).map(Some);
+        }
+        Ok(self.splats.get(&v).copied())
+    }
+
+    /// The vector type holding 16 bytes of elements of `d`, and its lane count.
+    fn vec_type(&self, d: DType) -> Result<(Type, u64), CodegenError> {
+        match d {
+            DType::F32 => Ok((types::F32X4, 4)),
+            DType::I64 => Ok((types::I64X2, 2)),
+            DType::Bool => Ok((types::I8X16, 16)),
+            other => Err(self.unsupported(format!("element type {}", other.name()))),
+        }
+    }
+
+    /// `LANES` consecutive elements of the f32 or bool tile `v` from flat index `i`, as an F32X4:
+    /// f32 elements are loaded, scalars splatted, and bools become lane masks (all bits set where
+    /// true) for `bitselect`.
+    fn read_vec(&mut self, v: Value, i: ClValue) -> Result<ClValue, CodegenError> {
+        let d = self.ty(v).dtype;
+        let mask = match (d, self.uniform(v)?) {
+            (DType::F32, Some(x)) => return Ok(self.fb.ins().splat(types::F32X4, x)),
+            (DType::F32, None) => {
+                let a = self.addr(v, i);
+                return Ok(self.fb.ins().load(types::F32X4, mem(), a, 0));
+            }
+            (DType::Bool, Some(x)) => {
+                let w = self.fb.ins().uextend(types::I32, x);
+                let m = self.fb.ins().ineg(w);
+                self.fb.ins().splat(types::I32X4, m)
+            }
+            (DType::Bool, None) => {
+                // Reads 8 bytes for 4 lanes; the scratch is padded for the last tile.
+                let a = self.addr(v, i);
+                let b = self.fb.ins().uload8x8(mem(), a, 0);
+                let w = self.fb.ins().uwiden_low(b);
+                let z = self.fb.ins().iconst(types::I32, 0);
+                let z = self.fb.ins().splat(types::I32X4, z);
+                self.fb.ins().icmp(IntCC::NotEqual, w, z)
+            }
+            (other, _) => return Err(self.unsupported(format!("vector of {}", other.name()))),
+        };
+        Ok(self.fb.ins().bitcast(types::F32X4, MemFlagsData::new(), mask))
+    }
+
+    /// Stores an F32X4 as elements `i..i + LANES` of `v`.
+    fn write_vec(&mut self, v: Value, i: ClValue, x: ClValue) {
+        let a = self.addr(v, i);
+        self.fb.ins().store(mem(), x, a, 0);
+    }
+
+    /// A float constant of type `t` (F32, or F32X4 splatted).
+    fn fconst(&mut self, t: Type, c: f32) -> ClValue {
+        let x = self.fb.ins().f32const(c);
+        if t == types::F32 {
+            x
+        } else {
+            self.fb.ins().splat(t, x)
+        }
+    }
+
+    /// An i32 constant of type `t` (I32, or I32X4 splatted).
+    fn iconst32(&mut self, t: Type, c: i32) -> ClValue {
+        let x = self.fb.ins().iconst(types::I32, i64::from(c));
+        if t == types::I32 {
+            x
+        } else {
+            self.fb.ins().splat(t, x)
+        }
+    }
+
+    /// Emits `body(i, vector)` over `0..n`: for `i` in steps of `lanes` with `vector` true while a
+    /// whole vector fits, then one element at a time for the tail. Short runs are unrolled.
+    fn strip(
+        &mut self,
+        n: u64,
+        lanes: u64,
+        body: &mut dyn FnMut(&mut Self, ClValue, bool) -> Result<(), CodegenError>,
+    ) -> Result<(), CodegenError> {
+        let main = n / lanes * lanes;
+        if main / lanes <= 4 {
+            for c in 0..main / lanes {
+                let i = self.fb.ins().iconst(types::I64, (c * lanes) as i64);
+                body(self, i, true)?;
+            }
+        } else {
+            let lo = self.fb.ins().iconst(types::I64, 0);
+            let hi = self.fb.ins().iconst(types::I64, main as i64);
+            self.counted(lo, hi, lanes as i64, &mut |g, i| body(g, i, true))?;
+        }
+        for t in main..n {
+            let i = self.fb.ins().iconst(types::I64, t as i64);
+            body(self, i, false)?;
+        }
+        Ok(())
     }
 
     fn scalar(&mut self, v: Value) -> Result<ClValue, CodegenError> {
@@ -329,54 +438,114 @@ impl Gen<'_> {
                 let one = self.fb.ins().iconst(types::I8, 1);
                 self.fb.ins().bxor(x, one)
             }
-            (_, DType::F32) => match op {
-                UnOp::Neg => self.fb.ins().fneg(x),
-                UnOp::Abs => self.fb.ins().fabs(x),
-                UnOp::Sqrt => self.fb.ins().sqrt(x),
-                UnOp::Rsqrt => {
-                    let r = self.fb.ins().sqrt(x);
-                    let one = self.fb.ins().f32const(1.0);
-                    self.fb.ins().fdiv(one, r)
-                }
-                UnOp::Exp => self.call("hlac_expf", &[x]),
-                UnOp::Log => self.call("hlac_logf", &[x]),
-                UnOp::Tanh => self.call("hlac_tanhf", &[x]),
-                UnOp::Sin => self.call("hlac_sinf", &[x]),
-                UnOp::Cos => self.call("hlac_cosf", &[x]),
-                UnOp::Sigmoid => {
-                    let n = self.fb.ins().fneg(x);
-                    let e = self.call("hlac_expf", &[n]);
-                    let one = self.fb.ins().f32const(1.0);
-                    let d = self.fb.ins().fadd(one, e);
-                    self.fb.ins().fdiv(one, d)
-                }
-                UnOp::Silu => {
-                    let n = self.fb.ins().fneg(x);
-                    let e = self.call("hlac_expf", &[n]);
-                    let one = self.fb.ins().f32const(1.0);
-                    let d = self.fb.ins().fadd(one, e);
-                    self.fb.ins().fdiv(x, d)
-                }
-                // log σ(x) = min(x, 0) − log1p(e^{−|x|}) and softplus(x) = max(x, 0) + log1p(e^{−|x|}):
-                // both exact and overflow-free for any x.
-                UnOp::LogSigmoid | UnOp::Softplus => {
-                    let a = self.fb.ins().fabs(x);
-                    let n = self.fb.ins().fneg(a);
-                    let e = self.call("hlac_expf", &[n]);
-                    let l = self.call("hlac_log1pf", &[e]);
-                    let zero = self.fb.ins().f32const(0.0);
-                    if op == UnOp::LogSigmoid {
-                        let m = self.fb.ins().fmin(x, zero);
-                        self.fb.ins().fsub(m, l)
-                    } else {
-                        let m = self.fb.ins().fmax(x, zero);
-                        self.fb.ins().fadd(m, l)
+            (_, DType::F32) => {
+                // Every arm but the library calls is written for F32 and F32X4 alike.
+                let t = self.fb.func.dfg.value_type(x);
+                match op {
+                    UnOp::Neg => self.fb.ins().fneg(x),
+                    UnOp::Abs => self.fb.ins().fabs(x),
+                    UnOp::Sqrt => self.fb.ins().sqrt(x),
+                    UnOp::Rsqrt => {
+                        let r = self.fb.ins().sqrt(x);
+                        let one = self.fconst(t, 1.0);
+                        self.fb.ins().fdiv(one, r)
                     }
+                    UnOp::Exp => self.exp(x),
+                    UnOp::Log => self.call("hlac_logf", &[x]),
+                    UnOp::Tanh => self.call("hlac_tanhf", &[x]),
+                    UnOp::Sin => self.call("hlac_sinf", &[x]),
+                    UnOp::Cos => self.call("hlac_cosf", &[x]),
+                    UnOp::Sigmoid => {
+                        let n = self.fb.ins().fneg(x);
+                        let e = self.exp(n);
+                        let one = self.fconst(t, 1.0);
+                        let d = self.fb.ins().fadd(one, e);
+                        self.fb.ins().fdiv(one, d)
+                    }
+                    UnOp::Silu => {
+                        let n = self.fb.ins().fneg(x);
+                        let e = self.exp(n);
+                        let one = self.fconst(t, 1.0);
+                        let d = self.fb.ins().fadd(one, e);
+                        self.fb.ins().fdiv(x, d)
+                    }
+                    // log σ(x) = min(x, 0) − log1p(e^{−|x|}) and softplus(x) = max(x, 0) + log1p(e^{−|x|}):
+                    // both exact and overflow-free for any x.
+                    UnOp::LogSigmoid | UnOp::Softplus => {
+                        let a = self.fb.ins().fabs(x);
+                        let n = self.fb.ins().fneg(a);
+                        let e = self.exp(n);
+                        let l = self.call("hlac_log1pf", &[e]);
+                        let zero = self.fb.ins().f32const(0.0);
+                        if op == UnOp::LogSigmoid {
+                            let m = self.fb.ins().fmin(x, zero);
+                            self.fb.ins().fsub(m, l)
+                        } else {
+                            let m = self.fb.ins().fmax(x, zero);
+                            self.fb.ins().fadd(m, l)
+                        }
+                    }
+                    UnOp::Not => return Err(self.unsupported("`not` on floats")),
                 }
-                UnOp::Not => return Err(self.unsupported("`not` on floats")),
-            },
+            }
             _ => return Err(self.unsupported(format!("{op:?} on {}", d.name()))),
         })
+    }
+
+    /// Whether `unary` computes `op` on F32X4 lanes (no library call).
+    fn unary_vectorises(op: UnOp) -> bool {
+        matches!(op, UnOp::Neg | UnOp::Abs | UnOp::Sqrt | UnOp::Rsqrt | UnOp::Exp | UnOp::Sigmoid | UnOp::Silu)
+    }
+
+    /// eˣ for F32 or F32X4, inline: x = n·ln 2 + r with n = round(x / ln 2) and |r| ≤ ln 2 / 2
+    /// (Cody–Waite, ln 2 in two parts so n·C1 is exact), eʳ by Cephes' degree-7 polynomial (under
+    /// 2 ulp), then scaled by 2ⁿ as two exact powers 2^(n/2)·2^(n − n/2) so that results in the
+    /// subnormal range round once and overflow gives ∞. x is clamped to [−104, 89], beyond which
+    /// the result is 0 or ∞ anyway; NaN stays NaN (Cranelift's fmin/fmax propagate it).
+    fn exp(&mut self, x: ClValue) -> ClValue {
+        let t = self.fb.func.dfg.value_type(x);
+        let it = if t == types::F32 { types::I32 } else { types::I32X4 };
+        let lo = self.fconst(t, -104.0);
+        let hi = self.fconst(t, 89.0);
+        let x = self.fb.ins().fmax(x, lo);
+        let x = self.fb.ins().fmin(x, hi);
+        // Adding 1.5·2²³ rounds x / ln 2 to the nearest integer, which lands in the low mantissa bits.
+        let log2e = self.fconst(t, std::f32::consts::LOG2_E);
+        let shifter = self.fconst(t, 12_582_912.0);
+        let y = self.fb.ins().fmul(x, log2e);
+        let y = self.fb.ins().fadd(y, shifter);
+        let nf = self.fb.ins().fsub(y, shifter);
+        let bits = self.fb.ins().bitcast(it, MemFlagsData::new(), y);
+        let shifter_bits = self.iconst32(it, 0x4B40_0000);
+        let n = self.fb.ins().isub(bits, shifter_bits);
+        let c1 = self.fconst(t, 0.693_359_375);
+        let c2 = self.fconst(t, -2.121_944_4e-4);
+        let r = self.fb.ins().fmul(nf, c1);
+        let r = self.fb.ins().fsub(x, r);
+        let r2 = self.fb.ins().fmul(nf, c2);
+        let r = self.fb.ins().fsub(r, r2);
+        let mut p = self.fconst(t, 1.987_569_1e-4);
+        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1] {
+            let k = self.fconst(t, c);
+            p = self.fb.ins().fmul(p, r);
+            p = self.fb.ins().fadd(p, k);
+        }
+        let rr = self.fb.ins().fmul(r, r);
+        let p = self.fb.ins().fmul(p, rr);
+        let p = self.fb.ins().fadd(p, r);
+        let one = self.fconst(t, 1.0);
+        let p = self.fb.ins().fadd(p, one);
+        let n1 = self.fb.ins().sshr_imm_u(n, 1);
+        let n2 = self.fb.ins().isub(n, n1);
+        let mut out = p;
+        for k in [n1, n2] {
+            let bias = self.iconst32(it, 127);
+            let e = self.fb.ins().iadd(k, bias);
+            let e = self.fb.ins().ishl_imm_u(e, 23);
+            let scale = self.fb.ins().bitcast(t, MemFlagsData::new(), e);
+            out = self.fb.ins().fmul(out, scale);
+        }
+        out
     }
 
     fn binary(&mut self, op: BinOp, d: DType, a: ClValue, b: ClValue) -> Result<ClValue, CodegenError> {
@@ -446,8 +615,16 @@ impl Gen<'_> {
         })
     }
 
-    /// Emits an elementwise operation over `out` whose element `i` is `f(operands at i)`.
-    fn elementwise(&mut self, out: Value, operands: &[Value], f: &mut ElemFn<'_, Self>) -> Result<(), CodegenError> {
+    /// Emits an elementwise operation over `out` whose element `i` is `f(operands at i)`. With
+    /// `vf` (the same computation on F32X4 lanes, operands as `read_vec` gives them), whole
+    /// vectors go through `vf` and only a tail of fewer than `LANES` elements through `f`.
+    fn elementwise(
+        &mut self,
+        out: Value,
+        operands: &[Value],
+        f: &mut ElemFn<'_, Self>,
+        vf: Option<&mut ElemFn<'_, Self>>,
+    ) -> Result<(), CodegenError> {
         if self.ty(out).is_scalar() {
             let xs: Vec<ClValue> = operands.iter().map(|o| self.scalar(*o)).collect::<Result<_, _>>()?;
             let r = f(self, &xs)?;
@@ -456,22 +633,79 @@ impl Gen<'_> {
         }
         self.alloc(out);
         let n = self.ty(out).numel();
-        self.repeat(n, |g, i| {
-            let xs: Vec<ClValue> = operands.iter().map(|o| g.read(*o, i)).collect::<Result<_, _>>()?;
-            let r = f(g, &xs)?;
-            g.write(out, i, r);
+        match vf {
+            Some(vf) => self.strip(n, LANES, &mut |g, i, vector| {
+                if vector {
+                    let xs: Vec<ClValue> = operands.iter().map(|o| g.read_vec(*o, i)).collect::<Result<_, _>>()?;
+                    let r = vf(g, &xs)?;
+                    g.write_vec(out, i, r);
+                } else {
+                    let xs: Vec<ClValue> = operands.iter().map(|o| g.read(*o, i)).collect::<Result<_, _>>()?;
+                    let r = f(g, &xs)?;
+                    g.write(out, i, r);
+                }
+                Ok(())
+            }),
+            None => self.repeat(n, |g, i| {
+                let xs: Vec<ClValue> = operands.iter().map(|o| g.read(*o, i)).collect::<Result<_, _>>()?;
+                let r = f(g, &xs)?;
+                g.write(out, i, r);
+                Ok(())
+            }),
+        }
+    }
+
+    /// Whether the operands and result of an elementwise op are all f32 (or bool, for a select's
+    /// condition), so that it can run on F32X4 lanes.
+    fn f32_lanes(&self, out: Value, operands: &[Value]) -> bool {
+        self.ty(out).dtype == DType::F32
+            && !self.ty(out).is_scalar()
+            && operands.iter().all(|o| matches!(self.ty(*o).dtype, DType::F32 | DType::Bool))
+    }
+
+    /// Copies tile `from` into the storage of tile `to` (same element count).
+    fn copy(&mut self, from: Value, to: Value) -> Result<(), CodegenError> {
+        if self.splats.get(&from).is_none() && self.slots.get(&from) == self.slots.get(&to) {
+            return Ok(());
+        }
+        let n = self.ty(to).numel();
+        let zero = self.fb.ins().iconst(types::I64, 0);
+        match self.uniform(from)? {
+            Some(x) => self.fill_row(to, zero, x, n),
+            None => self.copy_row(to, zero, from, zero, n),
+        }
+    }
+
+    /// Copies `n` elements of tile `src` from flat index `si` to tile `dst` at flat index `di`
+    /// (same element type), 16 bytes at a time.
+    fn copy_row(&mut self, dst: Value, di: ClValue, src: Value, si: ClValue, n: u64) -> Result<(), CodegenError> {
+        let d = self.ty(dst).dtype;
+        let t = self.cl_type(d)?;
+        let (vt, lanes) = self.vec_type(d)?;
+        let from = self.addr(src, si);
+        let to = self.addr(dst, di);
+        let size = self.elem_bytes(d);
+        self.strip(n, lanes, &mut |g, i, vector| {
+            let off = g.fb.ins().imul_imm_s(i, size);
+            let a = g.fb.ins().iadd(from, off);
+            let b = g.fb.ins().iadd(to, off);
+            let x = g.fb.ins().load(if vector { vt } else { t }, mem(), a, 0);
+            g.fb.ins().store(mem(), x, b, 0);
             Ok(())
         })
     }
 
-    fn copy(&mut self, from: Value, to: Value) -> Result<(), CodegenError> {
-        if self.slots.get(&from) == self.slots.get(&to) {
-            return Ok(());
-        }
-        let n = self.ty(to).numel();
-        self.repeat(n, |g, i| {
-            let x = g.read(from, i)?;
-            g.write(to, i, x);
+    /// Sets `n` elements of tile `dst` from flat index `di` to the scalar `x`, 16 bytes at a time.
+    fn fill_row(&mut self, dst: Value, di: ClValue, x: ClValue, n: u64) -> Result<(), CodegenError> {
+        let d = self.ty(dst).dtype;
+        let (vt, lanes) = self.vec_type(d)?;
+        let to = self.addr(dst, di);
+        let size = self.elem_bytes(d);
+        let xv = self.fb.ins().splat(vt, x);
+        self.strip(n, lanes, &mut |g, i, vector| {
+            let off = g.fb.ins().imul_imm_s(i, size);
+            let b = g.fb.ins().iadd(to, off);
+            g.fb.ins().store(mem(), if vector { xv } else { x }, b, 0);
             Ok(())
         })
     }
@@ -541,34 +775,43 @@ impl Gen<'_> {
             Op::Unary(op, a) => {
                 let d = self.ty(*a).dtype;
                 let (op, a) = (*op, *a);
-                self.elementwise(res()?, &[a], &mut |g, x| g.unary(op, d, x[0]))?;
+                let out = res()?;
+                let mut vf = |g: &mut Self, x: &[ClValue]| g.unary(op, d, x[0]);
+                let lanes = Self::unary_vectorises(op) && self.f32_lanes(out, &[a]);
+                self.elementwise(out, &[a], &mut |g, x| g.unary(op, d, x[0]), lanes.then_some(&mut vf as &mut ElemFn<'_, Self>))?;
             }
             Op::Binary(op, a, b) => {
                 let d = self.ty(*a).dtype;
                 let op = *op;
-                self.elementwise(res()?, &[*a, *b], &mut |g, x| g.binary(op, d, x[0], x[1]))?;
+                let out = res()?;
+                let mut vf = |g: &mut Self, x: &[ClValue]| g.binary(op, d, x[0], x[1]);
+                let arith = matches!(op, BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Div | BinOp::Max | BinOp::Min);
+                let lanes = arith && self.f32_lanes(out, &[*a, *b]);
+                self.elementwise(out, &[*a, *b], &mut |g, x| g.binary(op, d, x[0], x[1]), lanes.then_some(&mut vf as &mut ElemFn<'_, Self>))?;
             }
             Op::Cmp(op, a, b) => {
                 let d = self.ty(*a).dtype;
                 let op = *op;
-                self.elementwise(res()?, &[*a, *b], &mut |g, x| Ok(g.compare(op, d, x[0], x[1])))?;
+                self.elementwise(res()?, &[*a, *b], &mut |g, x| Ok(g.compare(op, d, x[0], x[1])), None)?;
             }
             Op::Select { cond, then, otherwise } => {
-                self.elementwise(res()?, &[*cond, *then, *otherwise], &mut |g, x| Ok(g.fb.ins().select(x[0], x[1], x[2])))?;
+                let out = res()?;
+                let ops = [*cond, *then, *otherwise];
+                // On lanes the condition is a mask with every bit of a true lane set.
+                let mut vf = |g: &mut Self, x: &[ClValue]| Ok(g.fb.ins().bitselect(x[0], x[1], x[2]));
+                let lanes = self.f32_lanes(out, &ops);
+                self.elementwise(out, &ops, &mut |g, x| Ok(g.fb.ins().select(x[0], x[1], x[2])), lanes.then_some(&mut vf as &mut ElemFn<'_, Self>))?;
             }
             Op::Cast(a, to) => {
                 let from = self.ty(*a).dtype;
                 let to = *to;
-                self.elementwise(res()?, &[*a], &mut |g, x| g.convert(x[0], from, to))?;
+                self.elementwise(res()?, &[*a], &mut |g, x| g.convert(x[0], from, to), None)?;
             }
             Op::Reshape(a) => {
                 let out = res()?;
-                if self.ty(*a).is_scalar() {
-                    // A scalar reshaped to [1] or [1, 1].
-                    let x = self.scalar(*a)?;
-                    self.alloc(out);
-                    let zero = self.fb.ins().iconst(types::I64, 0);
-                    self.write(out, zero, x);
+                if let (false, Some(x)) = (self.ty(out).is_scalar(), self.uniform(*a)?) {
+                    // A scalar reshaped to [1] or [1, 1], or a reshaped splat.
+                    self.splats.insert(out, x);
                 } else if self.ty(out).is_scalar() {
                     let zero = self.fb.ins().iconst(types::I64, 0);
                     let x = self.read(*a, zero)?;
@@ -581,31 +824,34 @@ impl Gen<'_> {
             Op::Broadcast(a) => {
                 let out = res()?;
                 let a = *a;
+                if let Some(x) = self.uniform(a)? {
+                    self.splats.insert(out, x);
+                    return Ok(());
+                }
                 self.alloc(out);
                 let oshape = self.ty(out).shape.clone();
-                if self.ty(a).is_scalar() {
-                    let x = self.scalar(a)?;
-                    let n = self.ty(out).numel();
-                    self.repeat(n, |g, i| {
-                        g.write(out, i, x);
-                        Ok(())
-                    })?;
-                } else {
-                    let ishape = self.ty(a).shape.clone();
-                    let istr = Self::strides(&ishape);
-                    self.nest(&oshape, &mut |g, flat, idx| {
-                        let mut src = g.fb.ins().iconst(types::I64, 0);
-                        for (k, i) in idx.iter().enumerate() {
-                            if ishape[k] != 1 {
-                                let t = g.fb.ins().imul_imm_s(*i, istr[k]);
-                                src = g.fb.ins().iadd(src, t);
-                            }
+                let ishape = self.ty(a).shape.clone();
+                let istr = Self::strides(&ishape);
+                let last = oshape.len() - 1;
+                let row = u64::from(oshape[last]);
+                // Row by row along the last axis: copied when `a` has that axis, else filled with
+                // one element.
+                self.nest(&oshape[..last], &mut |g, flat, idx| {
+                    let mut src = g.fb.ins().iconst(types::I64, 0);
+                    for (k, i) in idx.iter().enumerate() {
+                        if ishape[k] != 1 {
+                            let t = g.fb.ins().imul_imm_s(*i, istr[k]);
+                            src = g.fb.ins().iadd(src, t);
                         }
+                    }
+                    let dst = g.fb.ins().imul_imm_s(flat, row as i64);
+                    if ishape[last] == 1 {
                         let x = g.read(a, src)?;
-                        g.write(out, flat, x);
-                        Ok(())
-                    })?;
-                }
+                        g.fill_row(out, dst, x, row)
+                    } else {
+                        g.copy_row(out, dst, a, src, row)
+                    }
+                })?;
             }
             Op::Transpose(a) => {
                 let out = res()?;
@@ -834,34 +1080,100 @@ impl Gen<'_> {
         })
     }
 
+    /// out[i, j] = Σ_l a[i, l]·b[l, j], each sum a chain of fmas in increasing l from 0 (as a
+    /// scalar loop would do it, so results do not depend on the blocking). The output is computed in
+    /// register tiles of up to 2 rows × 4 F32X4 vectors held in accumulators across the whole l loop:
+    /// each b row segment loaded serves both rows, each a element splatted serves 4 vectors. Columns
+    /// past the last whole vector get scalar accumulators.
     fn dot(&mut self, out: Value, a: Value, b: Value) -> Result<(), CodegenError> {
-        let (m, k) = (self.ty(a).shape[0], self.ty(a).shape[1]);
-        let n = self.ty(b).shape[1];
+        let (m, k) = (u64::from(self.ty(a).shape[0]), u64::from(self.ty(a).shape[1]));
+        let n = u64::from(self.ty(b).shape[1]);
         self.alloc(out);
-        let acc = self.fb.declare_var(types::F32);
-        self.repeat(u64::from(m), |g, i| {
-            g.repeat(u64::from(n), |g, j| {
-                let z = g.fb.ins().f32const(0.0);
-                g.fb.def_var(acc, z);
-                g.repeat(u64::from(k), |g, l| {
-                    let ia = g.fb.ins().imul_imm_s(i, i64::from(k));
-                    let ia = g.fb.ins().iadd(ia, l);
-                    let ib = g.fb.ins().imul_imm_s(l, i64::from(n));
-                    let ib = g.fb.ins().iadd(ib, j);
-                    let x = g.read(a, ia)?;
-                    let y = g.read(b, ib)?;
-                    let cur = g.fb.use_var(acc);
-                    let nv = g.fb.ins().fma(x, y, cur);
-                    g.fb.def_var(acc, nv);
-                    Ok(())
-                })?;
-                let io = g.fb.ins().imul_imm_s(i, i64::from(n));
-                let io = g.fb.ins().iadd(io, j);
-                let v = g.fb.use_var(acc);
-                g.write(out, io, v);
+        // Column groups: (first column, vectors), 0 vectors meaning one scalar column.
+        let mut groups = Vec::new();
+        let whole = n / LANES;
+        let mut c = 0;
+        while c < whole {
+            let v = (whole - c).min(4);
+            groups.push((c * LANES, v));
+            c += v;
+        }
+        groups.extend((whole * LANES..n).map(|j| (j, 0)));
+        const ROWS: u64 = 2;
+        let paired = m / ROWS * ROWS;
+        if paired > 0 {
+            let lo = self.fb.ins().iconst(types::I64, 0);
+            let hi = self.fb.ins().iconst(types::I64, paired as i64);
+            self.counted(lo, hi, ROWS as i64, &mut |g, i| {
+                for &(col, vecs) in &groups {
+                    g.dot_tile(out, a, b, i, ROWS, col, vecs, k, n)?;
+                }
                 Ok(())
+            })?;
+        }
+        if paired < m {
+            let i = self.fb.ins().iconst(types::I64, paired as i64);
+            for &(col, vecs) in &groups {
+                self.dot_tile(out, a, b, i, 1, col, vecs, k, n)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One register tile of `dot`: rows i..i + rows, columns col.. (vecs F32X4 vectors, or one
+    /// scalar column when vecs is 0).
+    #[allow(clippy::too_many_arguments)]
+    fn dot_tile(&mut self, out: Value, a: Value, b: Value, i: ClValue, rows: u64, col: u64, vecs: u64, k: u64, n: u64) -> Result<(), CodegenError> {
+        let width = vecs.max(1);
+        let t = if vecs == 0 { types::F32 } else { types::F32X4 };
+        let zero = self.fconst(t, 0.0);
+        let mut accs = Vec::new();
+        for _ in 0..rows * width {
+            let var = self.fb.declare_var(t);
+            self.fb.def_var(var, zero);
+            accs.push(var);
+        }
+        // Flat index of a[i, 0] for each row.
+        let a_rows: Vec<ClValue> = (0..rows)
+            .map(|r| {
+                let ir = self.fb.ins().iadd_imm_s(i, r as i64);
+                self.fb.ins().imul_imm_s(ir, k as i64)
             })
-        })
+            .collect();
+        self.repeat(k, |g, l| {
+            let mut ys = Vec::new();
+            let b_row = g.fb.ins().imul_imm_s(l, n as i64);
+            for c in 0..width {
+                let idx = g.fb.ins().iadd_imm_s(b_row, (col + c * LANES) as i64);
+                ys.push(if vecs == 0 { g.read(b, idx)? } else { g.read_vec(b, idx)? });
+            }
+            for r in 0..rows {
+                let idx = g.fb.ins().iadd(a_rows[r as usize], l);
+                let x = g.read(a, idx)?;
+                let x = if vecs == 0 { x } else { g.fb.ins().splat(types::F32X4, x) };
+                for (c, y) in ys.iter().enumerate() {
+                    let var = accs[(r * width) as usize + c];
+                    let cur = g.fb.use_var(var);
+                    let nv = g.fb.ins().fma(x, *y, cur);
+                    g.fb.def_var(var, nv);
+                }
+            }
+            Ok(())
+        })?;
+        for r in 0..rows {
+            let ir = self.fb.ins().iadd_imm_s(i, r as i64);
+            let o_row = self.fb.ins().imul_imm_s(ir, n as i64);
+            for c in 0..width {
+                let idx = self.fb.ins().iadd_imm_s(o_row, (col + c * LANES) as i64);
+                let v = self.fb.use_var(accs[(r * width + c) as usize]);
+                if vecs == 0 {
+                    self.write(out, idx, v);
+                } else {
+                    self.write_vec(out, idx, v);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Forward substitution: T[i, j] = −(L[i, j] + Σ_{j<k<i} L[i, k] T[k, j]) for j < i, T[i, i] = 1.
