@@ -10,9 +10,10 @@ use hlac_runtime::{KernelInfo, LayerInfo, Manifest, MixerInfo, ModelInfo, Target
 
 use crate::ir::{Mode, Model, Role};
 use crate::lower::ModelKernel;
+use crate::nvptx::Compiled;
 
-/// The manifest describing a model and its kernels.
-pub fn manifest(model: &Model, kernels: &[ModelKernel]) -> Manifest {
+/// The manifest describing a model and its kernels (`ptx[i]` is kernel i's PTX, for GPU targets).
+pub fn manifest(model: &Model, kernels: &[ModelKernel], ptx: &[Compiled]) -> Manifest {
     let c = &model.config;
     let mixers = model
         .mixers
@@ -77,19 +78,37 @@ pub fn manifest(model: &Model, kernels: &[ModelKernel]) -> Manifest {
         tensors,
         kernels: kernels
             .iter()
-            .map(|k| KernelInfo {
-                name: k.name.clone(),
-                mixer: k.mixer,
-                role: k.role.to_string(),
-                file: kernel_file(&k.name),
-                grid: k.kernel.grid.clone(),
-                ptx: None,
-                entry: None,
-                threads: None,
-                scratch_bytes: None,
+            .enumerate()
+            .map(|(i, k)| {
+                let gpu = ptx.get(i);
+                KernelInfo {
+                    name: k.name.clone(),
+                    mixer: k.mixer,
+                    role: k.role.to_string(),
+                    file: kernel_file(&k.name),
+                    grid: k.kernel.grid.clone(),
+                    ptx: gpu.map(|_| ptx_file(&k.name)),
+                    entry: gpu.map(|c| c.entry.clone()),
+                    threads: gpu.map(|_| crate::nvptx::THREADS),
+                    scratch_bytes: gpu.map(|c| c.scratch_bytes),
+                }
             })
             .collect(),
     }
+}
+
+/// Where a kernel's PTX is stored, relative to the artifact.
+fn ptx_file(name: &str) -> String {
+    format!("kernels/{name}.ptx")
+}
+
+/// Compiles every kernel to PTX when the model targets a GPU (nothing for the CPU).
+pub fn compile_gpu(model: &Model, kernels: &[ModelKernel]) -> Result<Vec<Compiled>, crate::nvptx::NvptxError> {
+    let device = model.target.device;
+    if device == crate::ir::Device::Cpu {
+        return Ok(Vec::new());
+    }
+    kernels.iter().map(|k| crate::nvptx::compile(&k.kernel.program, device.name())).collect()
 }
 
 /// Where a kernel's program is stored, relative to the artifact.
@@ -109,8 +128,8 @@ fn role_name(r: Role) -> &'static str {
 }
 
 /// Writes the artifact directory `out` atomically (temporary directory, then rename).
-pub fn write(model: &Model, kernels: &[ModelKernel], out: &Path) -> std::io::Result<()> {
-    let m = manifest(model, kernels);
+pub fn write(model: &Model, kernels: &[ModelKernel], ptx: &[Compiled], out: &Path) -> std::io::Result<()> {
+    let m = manifest(model, kernels, ptx);
     let json = serde_json::to_string_pretty(&m).map_err(std::io::Error::other)?;
     let parent = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -129,6 +148,9 @@ pub fn write(model: &Model, kernels: &[ModelKernel], out: &Path) -> std::io::Res
         for k in kernels {
             let program = serde_json::to_string(&k.kernel.program).map_err(std::io::Error::other)?;
             std::fs::write(tmp.join(kernel_file(&k.name)), program)?;
+        }
+        for (k, c) in kernels.iter().zip(ptx) {
+            std::fs::write(tmp.join(ptx_file(&k.name)), &c.ptx)?;
         }
         if out.exists() {
             // A directory cannot be renamed over a non-empty one: move the old artifact aside first.

@@ -182,8 +182,8 @@ fn emit(c: &Compilation, spec: &Path, stage: Stage) -> Result<(), Failure> {
         Stage::Manifest => {
             if let Some(m) = &c.model {
                 let kernels = hlac::lower::model_kernels(m).map_err(|e| Failure::Message(e.to_string()))?;
-                let json =
-                    serde_json::to_string_pretty(&hlac::artifact::manifest(m, &kernels)).map_err(|e| Failure::Message(e.to_string()))?;
+                let json = serde_json::to_string_pretty(&hlac::artifact::manifest(m, &kernels, &[]))
+                    .map_err(|e| Failure::Message(e.to_string()))?;
                 println!("{json}");
             }
         }
@@ -236,7 +236,8 @@ fn run(command: Command, color: bool) -> Result<(), Failure> {
             let Some(model) = &c.model else { return Err(Failure::Reported) };
             let out = out.unwrap_or_else(|| PathBuf::from("out").join(spec.file_stem().unwrap_or_default()));
             let kernels = hlac::lower::model_kernels(model).map_err(|e| Failure::Message(e.to_string()))?;
-            hlac::artifact::write(model, &kernels, &out)
+            let ptx = hlac::artifact::compile_gpu(model, &kernels).map_err(|e| Failure::Message(e.to_string()))?;
+            hlac::artifact::write(model, &kernels, &ptx, &out)
                 .map_err(|e| Failure::Message(format!("cannot write the artifact {}: {e}", out.display())))?;
             // Read the artifact back through the runtime: what we wrote must be what it accepts.
             let artifact = hlac_runtime::Artifact::open(&out).map_err(|e| Failure::Message(format!("this is a bug in hlac: {e}")))?;
@@ -283,7 +284,10 @@ fn run(command: Command, color: bool) -> Result<(), Failure> {
             } else {
                 println!("{:<24} {:<10} {:>12} {:>12} {:>16} {:>12}", "kernel", "role", "shape", "median ms", "tokens/s", "compile ms");
                 for r in results {
-                    println!("{:<24} {:<10} {:>12} {:>12.3} {:>16.0} {:>12.1}", r.kernel, r.role, r.shape, r.median_ms, r.tokens_per_s, r.compile_ms);
+                    println!(
+                        "{:<24} {:<10} {:>12} {:>12.3} {:>16.0} {:>12.1}",
+                        r.kernel, r.role, r.shape, r.median_ms, r.tokens_per_s, r.compile_ms
+                    );
                 }
             }
             Ok(())

@@ -106,8 +106,9 @@ fn block_of(v: u32, cap: u32) -> u32 {
 }
 
 /// Every recurrence kernel a model needs: for each linear mixer its forward and, for the decay and
-/// delta classes, its decode step. (Attention and the pieces around the mixers join as their
-/// lowerings land.)
+/// delta classes, its decode step; attention's forward and decode; and, for training targets,
+/// every backward (with the state-keeping forward it reads). (The conv and norm pieces join when
+/// the runtime's layer executor does.)
 pub fn model_kernels(model: &crate::ir::Model) -> Result<Vec<ModelKernel>, LowerError> {
     let mut out = Vec::new();
     for (h, m) in model.mixers.iter() {
@@ -126,6 +127,11 @@ pub fn model_kernels(model: &crate::ir::Model) -> Result<Vec<ModelKernel>, Lower
                 role: "attn_decode",
                 kernel: attention::decode(&cfg, 64)?,
             });
+            if model.target.mode == crate::ir::Mode::Training {
+                let bwd = attention::backward(&cfg, tiling)?;
+                out.push(ModelKernel { name: format!("{}_bwd_dq", m.name), mixer: h.index(), role: "attn_bwd_dq", kernel: bwd.dq });
+                out.push(ModelKernel { name: format!("{}_bwd_dkv", m.name), mixer: h.index(), role: "attn_bwd_dkv", kernel: bwd.dkv });
+            }
             continue;
         }
         let (Some(class), Some(math)) = (&m.class, &m.instance.math) else { continue };
