@@ -298,3 +298,112 @@ fn the_verifier_rejects_ill_typed_programs() {
     let err = verify(&b.finish()).expect_err("shape mismatch");
     assert!(err.to_string().contains("binary operand types"), "{err}");
 }
+
+#[test]
+fn exp_is_accurate_over_the_whole_range() {
+    // Across the range, into the subnormal results, past overflow, and the special values; with
+    // 16 lanes plus a tail of 3, both the vector and the scalar code run.
+    let mut x: Vec<f32> = vec![-200.0, -104.0, -103.5, -100.0, -90.0, -88.0, -87.5, -1e-8, 0.0, 1e-8, 0.5, 88.5, 88.72, 89.0, 100.0];
+    x.extend([f32::INFINITY, f32::NEG_INFINITY, f32::NAN, -0.346_573_6]);
+    let mut rng = Rng(11);
+    x.extend(rng.vec(1000, 87.0));
+    let n = x.len() as u32;
+    let mut y = vec![0.0f32; x.len()];
+    run(unary_kernel(UnOp::Exp, 1, n), &mut [Arg::F32(&x), Arg::F32Mut(&mut y)], &[1]).expect("runs");
+    for (a, got) in x.iter().zip(&y) {
+        let want = f64::from(*a).exp();
+        if a.is_nan() {
+            assert!(got.is_nan(), "exp(NaN) = {got}");
+            continue;
+        }
+        let want32 = want as f32;
+        if want32.is_infinite() || want32 == 0.0 {
+            assert_eq!(*got, want32, "exp({a})");
+            continue;
+        }
+        // Within 2 ulp of the exact value (in absolute terms near the subnormal range).
+        let ulp = f64::from(f32::from_bits(want32.abs().to_bits() + 1)) - f64::from(want32.abs());
+        let err = (f64::from(*got) - want).abs();
+        assert!(err <= 2.0 * ulp, "exp({a}): got {got}, want {want} ({:.2} ulp)", err / ulp);
+    }
+}
+
+#[test]
+fn vector_paths_with_tails_match_f64() {
+    // Dot products whose widths leave partial vector groups and scalar columns, an odd row count,
+    // row sums over a whole-vector axis, a forward cumsum over columns with a tail, and a select
+    // on a computed mask, all against f64.
+    let (m, k, n1, n2) = (5u32, 7u32, 22u32, 24u32);
+    let mut rng = Rng(13);
+    let a = rng.vec((m * k) as usize, 1.0);
+    let b1 = rng.vec((k * n1) as usize, 1.0);
+    let b2 = rng.vec((k * n2) as usize, 1.0);
+    let mut b = Builder::new("lanes", &["one"]);
+    let pa = b.ptr("a", DType::F32, false);
+    let pb1 = b.ptr("b1", DType::F32, false);
+    let pb2 = b.ptr("b2", DType::F32, false);
+    let out = b.ptr("out", DType::F32, true);
+    let grid_off = |b: &mut Builder, rows: u32, cols: u32, base: i64| {
+        let r = b.iota(rows);
+        let c = b.iota(cols);
+        let cv = b.i64(i64::from(cols));
+        let rc = b.col(r);
+        let rr = b.mul(rc, cv);
+        let cr = b.row(c);
+        let o = b.add(rr, cr);
+        let base = b.i64(base);
+        b.add(o, base)
+    };
+    let oa = grid_off(&mut b, m, k, 0);
+    let ta = b.load(pa, oa, None, 0.0);
+    let o1 = grid_off(&mut b, k, n1, 0);
+    let t1 = b.load(pb1, o1, None, 0.0);
+    let o2 = grid_off(&mut b, k, n2, 0);
+    let t2 = b.load(pb2, o2, None, 0.0);
+    let d1 = b.dot(ta, t1); // [m, n1]
+    let d2 = b.dot(ta, t2); // [m, n2]
+    let mut at = 0i64;
+    let od1 = grid_off(&mut b, m, n1, at);
+    b.store(out, od1, d1, None);
+    at += i64::from(m * n1);
+    let od2 = grid_off(&mut b, m, n2, at);
+    b.store(out, od2, d2, None);
+    at += i64::from(m * n2);
+    let rs = b.sum(d2, 1); // [m]
+    let ri = b.iota(m);
+    let rb = b.i64(at);
+    let ors = b.add(ri, rb);
+    b.store(out, ors, rs, None);
+    at += i64::from(m);
+    let cs = b.cumsum(d1, 0, false); // [m, n1]
+    let ocs = grid_off(&mut b, m, n1, at);
+    b.store(out, ocs, cs, None);
+    at += i64::from(m * n1);
+    let zero = b.f32(0.0);
+    let zt = b.broadcast(zero, &[m, n1]);
+    let pos = b.cmp(CmpOp::Gt, d1, zt);
+    let e = b.exp(d1);
+    let sel = b.select(pos, e, d1);
+    let osel = grid_off(&mut b, m, n1, at);
+    b.store(out, osel, sel, None);
+    at += i64::from(m * n1);
+    let p = b.finish();
+    let mut o = vec![f32::NAN; at as usize];
+    run(p, &mut [Arg::F32(&a), Arg::F32(&b1), Arg::F32(&b2), Arg::F32Mut(&mut o)], &[1]).expect("runs");
+    let (m, k, n1, n2) = (m as usize, k as usize, n1 as usize, n2 as usize);
+    let dot = |bm: &[f32], n: usize, i: usize, j: usize| (0..k).map(|l| f64::from(a[i * k + l]) * f64::from(bm[l * n + j])).sum::<f64>();
+    let mut want = Vec::new();
+    want.extend((0..m * n1).map(|x| dot(&b1, n1, x / n1, x % n1)));
+    want.extend((0..m * n2).map(|x| dot(&b2, n2, x / n2, x % n2)));
+    want.extend((0..m).map(|i| (0..n2).map(|j| dot(&b2, n2, i, j)).sum::<f64>()));
+    want.extend((0..m * n1).map(|x| (0..=x / n1).map(|r| dot(&b1, n1, r, x % n1)).sum::<f64>()));
+    want.extend((0..m * n1).map(|x| {
+        let d = dot(&b1, n1, x / n1, x % n1);
+        if d > 0.0 {
+            d.exp()
+        } else {
+            d
+        }
+    }));
+    close(&o, &want, 1e-5, "lanes");
+}
