@@ -50,7 +50,9 @@ impl Rng {
 pub fn run(model: &Model, batch: usize, tokens: usize, repeats: usize) -> Result<Vec<Measurement>, String> {
     let kernels = model_kernels(model).map_err(|e| e.to_string())?;
     let mut out = Vec::new();
-    for k in kernels {
+    // The recurrences' inference kernels; training and attention kernels are timed on the GPU by
+    // hlac-gpu-bench.
+    for k in kernels.into_iter().filter(|k| matches!(k.role, "chunk_fwd" | "scan_fwd" | "decode")) {
         out.push(measure(model, &k, batch, tokens, repeats.max(1))?);
     }
     Ok(out)
