@@ -43,12 +43,17 @@ fn build_writes_an_artifact_the_runtime_accepts_and_leaves_no_temporaries() {
     assert_eq!(artifact.manifest.model.num_layers, 24);
     assert_eq!(artifact.manifest.target.device, "sm_90");
     assert!(artifact.manifest.tensors.iter().any(|t| t.name == "model.lower_bounds" && t.shape == [24, 1024]));
-    // Its kernels (HGRN-2's chunked forward, decode and backward; attention's forward and decode)
-    // load and compile for the CPU.
+    // Its kernels (HGRN-2's chunked forward, decode and backward; attention's forward, decode and
+    // backward) load and compile for the CPU, and each carries its PTX for the sm_90 target.
     let roles: Vec<&str> = artifact.manifest.kernels.iter().map(|k| k.role.as_str()).collect();
-    assert_eq!(roles, ["chunk_fwd", "decode", "chunk_fwd_states", "chunk_bwd", "attn_fwd", "attn_decode"]);
+    assert_eq!(roles, ["chunk_fwd", "decode", "chunk_fwd_states", "chunk_bwd", "attn_fwd", "attn_decode", "attn_bwd_dq", "attn_bwd_dkv"]);
+    for k in &artifact.manifest.kernels {
+        let ptx = k.ptx.as_ref().expect("a GPU artifact has PTX");
+        let text = std::fs::read_to_string(out.join(ptx)).expect("the PTX file exists");
+        assert!(text.contains(".target sm_90"), "{}", k.name);
+    }
     let (_, ids) = hlac_runtime::cpu::CpuModule::load(&artifact).expect("kernels compile");
-    assert_eq!(ids.len(), 6);
+    assert_eq!(ids.len(), 8);
     let leftovers: Vec<_> = std::fs::read_dir(dir.path()).expect("readable").filter_map(Result::ok).map(|e| e.file_name()).collect();
     assert_eq!(leftovers, vec![std::ffi::OsString::from("art")], "only the artifact remains");
 

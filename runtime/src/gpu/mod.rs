@@ -359,13 +359,109 @@ impl GpuModule {
 
     /// Runs a kernel over `grid` (one extent per grid axis, at most three) and waits for it.
     pub fn launch(&self, id: GpuKernelId, args: &mut [GpuArg<'_>], grid: &[u64]) -> Result<(), GpuError> {
-        let k =
-            self.kernels.get(id.0).ok_or_else(|| GpuError::Arguments { kernel: format!("#{}", id.0), reason: "no such kernel".into() })?;
+        let (k, dims, total) = self.validate(id, grid)?;
+        check_arg_count(k, args.len())?;
+        if total == 0 {
+            return Ok(());
+        }
+        let p = &k.program;
+        let scratch_len = scratch_len(k, total)?;
+        let in_kernel = |what: String| move |cause| memory(format!("{what} for kernel `{}`", p.name), cause);
+        let mut scratch =
+            self.stream.alloc_zeros::<u8>(scratch_len.max(256)).map_err(in_kernel(format!("allocating {scratch_len} bytes of scratch")))?;
+        let mut error = self.stream.alloc_zeros::<u64>(1).map_err(in_kernel("allocating the error word".into()))?;
+        self.enqueue(k, args, dims, &mut scratch, &mut error)?;
+        self.finish(k, &error)
+    }
+
+    /// A workspace for launching kernel `id` over `grid` (or any smaller grid) with
+    /// [`GpuModule::launch_async`]: its scratch (zeroed now) and its error word, allocated once so
+    /// that repeated launches allocate nothing.
+    pub fn workspace(&self, id: GpuKernelId, grid: &[u64]) -> Result<GpuWorkspace, GpuError> {
+        let (k, _, total) = self.validate(id, grid)?;
+        let len = scratch_len(k, total)?;
+        let what = |w: &str| format!("{w} for kernel `{}`", k.program.name);
+        let scratch = self
+            .stream
+            .alloc_zeros::<u8>(len.max(256))
+            .map_err(|cause| memory(what(&format!("allocating {len} bytes of scratch")), cause))?;
+        let error = self.stream.alloc_zeros::<u64>(1).map_err(|cause| memory(what("allocating the error word"), cause))?;
+        Ok(GpuWorkspace { kernel: id, scratch, scratch_len: len, error })
+    }
+
+    /// Queues a launch of kernel `id` over `grid` on the module's stream and returns without
+    /// waiting, so that launches can be queued back to back (and timed with [`GpuEvent`]s).
+    ///
+    /// Unlike [`GpuModule::launch`] it neither allocates nor zeroes scratch per launch: it uses
+    /// `workspace`'s, which is zero when made and afterwards holds whatever the previous launch
+    /// left; call [`GpuModule::clear_workspace`] first where a launch's results must follow the
+    /// ABI's zero-initialised contract exactly. Launch failures that the driver reports at queue
+    /// time come back here; faults while running and out-of-bounds accesses come back from
+    /// [`GpuModule::check_workspace`], which waits for the stream.
+    pub fn launch_async(
+        &self,
+        id: GpuKernelId,
+        args: &mut [GpuArg<'_>],
+        grid: &[u64],
+        workspace: &mut GpuWorkspace,
+    ) -> Result<(), GpuError> {
+        let (k, dims, total) = self.validate(id, grid)?;
+        check_arg_count(k, args.len())?;
+        if total == 0 {
+            return Ok(());
+        }
+        let bad = |reason: String| GpuError::Arguments { kernel: k.program.name.clone(), reason };
+        if workspace.kernel != id {
+            return Err(bad(format!("a workspace made for kernel #{}", workspace.kernel.0)));
+        }
+        let need = scratch_len(k, total)?;
+        if need > workspace.scratch_len {
+            return Err(bad(format!("the grid needs {need} bytes of scratch; the workspace has {}", workspace.scratch_len)));
+        }
+        self.enqueue(k, args, dims, &mut workspace.scratch, &mut workspace.error)
+    }
+
+    /// Queues zeroing `workspace`'s scratch on the module's stream (no wait).
+    pub fn clear_workspace(&self, workspace: &mut GpuWorkspace) -> Result<(), GpuError> {
+        self.stream.memset_zeros(&mut workspace.scratch).map_err(|cause| memory("zeroing a kernel's scratch".into(), cause))
+    }
+
+    /// Waits for everything queued on the module's stream, then reports what the launches queued
+    /// with `workspace` since the last check did: a fault, or the first parameter accessed out of
+    /// bounds (the error word keeps the code of the launch that last stored one). Resets the
+    /// error word for the next launches.
+    pub fn check_workspace(&self, workspace: &mut GpuWorkspace) -> Result<(), GpuError> {
+        let k = self.kernels.get(workspace.kernel.0).ok_or_else(|| no_kernel(workspace.kernel))?;
+        self.finish(k, &workspace.error)?;
+        self.stream.memset_zeros(&mut workspace.error).map_err(|cause| memory("resetting the error word".into(), cause))
+    }
+
+    /// Waits for everything queued on the module's stream.
+    pub fn synchronize(&self) -> Result<(), GpuError> {
+        self.stream.synchronize().map_err(|cause| GpuError::Driver { what: "waiting for the stream".into(), cause })?;
+        self.ctx.check_err().map_err(|cause| GpuError::Driver { what: "waiting for the stream".into(), cause })
+    }
+
+    /// A new event that records timing, for [`GpuModule::record`] and [`GpuEvent::elapsed_ms`].
+    pub fn event(&self) -> Result<GpuEvent, GpuError> {
+        self.ctx
+            .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map(GpuEvent)
+            .map_err(|cause| GpuError::Driver { what: "creating an event".into(), cause })
+    }
+
+    /// Records `event` at the current end of the module's stream: it completes when everything
+    /// queued before it has run.
+    pub fn record(&self, event: &GpuEvent) -> Result<(), GpuError> {
+        event.0.record(&self.stream).map_err(|cause| GpuError::Driver { what: "recording an event".into(), cause })
+    }
+
+    /// Checks a launch's grid against the kernel, returning the kernel, the CUDA grid and the
+    /// number of program instances.
+    fn validate(&self, id: GpuKernelId, grid: &[u64]) -> Result<(&Kernel, [u32; 3], u64), GpuError> {
+        let k = self.kernels.get(id.0).ok_or_else(|| no_kernel(id))?;
         let p = &k.program;
         let bad = |reason: String| GpuError::Arguments { kernel: p.name.clone(), reason };
-        if args.len() != p.params.len() {
-            return Err(bad(format!("{} arguments for {} parameters", args.len(), p.params.len())));
-        }
         if grid.len() != p.grid.len() {
             return Err(bad(format!("a grid of {} axes for {} axes", grid.len(), p.grid.len())));
         }
@@ -379,11 +475,21 @@ impl GpuModule {
             }
             dims[axis] = extent as u32;
         }
-        let total: u64 = grid.iter().product();
-        if total == 0 {
-            return Ok(());
-        }
+        Ok((k, dims, grid.iter().product()))
+    }
 
+    /// Queues one launch of `k` with `args` (already counted by [`GpuModule::validate`]), the
+    /// given scratch (at least `scratch_bytes` per instance) and error word. Does not wait.
+    fn enqueue(
+        &self,
+        k: &Kernel,
+        args: &mut [GpuArg<'_>],
+        dims: [u32; 3],
+        scratch: &mut CudaSlice<u8>,
+        error: &mut CudaSlice<u64>,
+    ) -> Result<(), GpuError> {
+        let p = &k.program;
+        let bad = |reason: String| GpuError::Arguments { kernel: p.name.clone(), reason };
         // Kernel parameter values, in ABI order; the launch takes their addresses, so this vector
         // is complete (never reallocated) before the first one is pushed. Integers travel as u64
         // words: the driver copies the bytes, and i64 and u64 share their representation.
@@ -416,42 +522,40 @@ impl GpuModule {
                 _ => return Err(wrong()),
             }
         }
-
-        let scratch_len = total
-            .checked_mul(k.scratch_bytes)
-            .ok_or_else(|| bad(format!("{total} instances × {} scratch bytes overflow", k.scratch_bytes)))?;
-        let scratch_len = usize::try_from(scratch_len).map_err(|_| bad(format!("{scratch_len} bytes of scratch")))?;
-        let in_kernel = |what: String| move |cause| memory(format!("{what} for kernel `{}`", p.name), cause);
-        let mut scratch =
-            self.stream.alloc_zeros::<u8>(scratch_len.max(256)).map_err(in_kernel(format!("allocating {scratch_len} bytes of scratch")))?;
-        let mut error = self.stream.alloc_zeros::<u64>(1).map_err(in_kernel("allocating the error word".into()))?;
-        {
-            let (scratch_ptr, scratch_guard) = scratch.device_ptr_mut(&self.stream);
-            let (error_ptr, error_guard) = error.device_ptr_mut(&self.stream);
-            words.extend([scratch_ptr, error_ptr]);
-            let mut launch = self.stream.launch_builder(&k.func);
-            for w in &words {
-                launch.arg(w);
-            }
-            let cfg = LaunchConfig { grid_dim: (dims[0], dims[1], dims[2]), block_dim: (k.threads, 1, 1), shared_mem_bytes: 0 };
-            // SAFETY: `func` comes from PTX the compiler generated for this verified program, with
-            // the parameter list documented in this module: `words` holds exactly one value per
-            // kernel parameter (checked above: one (address, length) pair per pointer, one word per
-            // integer, then scratch and error), each a u64/i64 the kernel reads by value. Every
-            // address is a live device allocation of this context, borrowed from `args` (mutably for
-            // written buffers) or owned here, and outlives the launch because we synchronise below
-            // before any of them is dropped. The kernel bounds-checks every access against the
-            // lengths passed and reports violations through `error` instead of touching memory.
-            // `scratch` holds `scratch_bytes` for every instance. Instances write disjoint output
-            // elements by construction of the lowering, as on the CPU.
-            unsafe { launch.launch(cfg) }.map_err(|cause| GpuError::Launch { kernel: p.name.clone(), stage: "to launch", cause })?;
-            drop((scratch_guard, error_guard));
+        let (scratch_ptr, scratch_guard) = scratch.device_ptr_mut(&self.stream);
+        let (error_ptr, error_guard) = error.device_ptr_mut(&self.stream);
+        words.extend([scratch_ptr, error_ptr]);
+        let mut launch = self.stream.launch_builder(&k.func);
+        for w in &words {
+            launch.arg(w);
         }
-        drop(guards);
+        let cfg = LaunchConfig { grid_dim: (dims[0], dims[1], dims[2]), block_dim: (k.threads, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: `func` comes from PTX the compiler generated for this verified program, with
+        // the parameter list documented in this module: `words` holds exactly one value per
+        // kernel parameter (checked above: one (address, length) pair per pointer, one word per
+        // integer, then scratch and error), each a u64/i64 the kernel reads by value. Every
+        // address is a live device allocation of this context, borrowed from `args` (mutably for
+        // written buffers) or from the caller's scratch and error word, and stays valid while the
+        // kernel runs even if the caller drops it right after this returns: cudarc frees device
+        // memory stream-ordered (`cuMemFreeAsync` on this stream, or a synchronise before a
+        // plain free), so the free runs after the queued kernel. The kernel bounds-checks every
+        // access against the lengths passed and reports violations through `error` instead of
+        // touching memory. `scratch` holds `scratch_bytes` for every instance (checked by the
+        // callers). Instances write disjoint output elements by construction of the lowering, as
+        // on the CPU.
+        unsafe { launch.launch(cfg) }.map_err(|cause| GpuError::Launch { kernel: p.name.clone(), stage: "to launch", cause })?;
+        drop((scratch_guard, error_guard, guards));
+        Ok(())
+    }
+
+    /// Waits for the stream and turns a fault or the error word's code into an error for `k`.
+    fn finish(&self, k: &Kernel, error: &CudaSlice<u64>) -> Result<(), GpuError> {
+        let p = &k.program;
         self.stream.synchronize().map_err(|cause| GpuError::Launch { kernel: p.name.clone(), stage: "while running", cause })?;
         // Errors recorded asynchronously by cudarc (frees, event waits) surface here.
         self.ctx.check_err().map_err(|cause| GpuError::Launch { kernel: p.name.clone(), stage: "while running", cause })?;
-        let code = self.stream.clone_dtoh(&error).map_err(in_kernel("reading the error word".into()))?;
+        let code =
+            self.stream.clone_dtoh(error).map_err(|cause| memory(format!("reading the error word for kernel `{}`", p.name), cause))?;
         match code.first().copied().unwrap_or(0) {
             0 => Ok(()),
             v => {
@@ -461,6 +565,53 @@ impl GpuModule {
             }
         }
     }
+}
+
+/// The scratch and error word of one kernel's launches through [`GpuModule::launch_async`], made
+/// by [`GpuModule::workspace`].
+pub struct GpuWorkspace {
+    kernel: GpuKernelId,
+    scratch: CudaSlice<u8>,
+    scratch_len: usize,
+    error: CudaSlice<u64>,
+}
+
+impl GpuWorkspace {
+    /// Bytes of scratch it holds (for the largest grid it was made for).
+    pub fn scratch_bytes(&self) -> usize {
+        self.scratch_len
+    }
+}
+
+/// A CUDA event on a [`GpuModule`]'s stream, for timing launches on the device.
+pub struct GpuEvent(cudarc::driver::CudaEvent);
+
+impl GpuEvent {
+    /// Milliseconds of device time between this event and `end` (both recorded); waits for both.
+    pub fn elapsed_ms(&self, end: &GpuEvent) -> Result<f32, GpuError> {
+        self.0.elapsed_ms(&end.0).map_err(|cause| GpuError::Driver { what: "reading an event's time".into(), cause })
+    }
+}
+
+fn no_kernel(id: GpuKernelId) -> GpuError {
+    GpuError::Arguments { kernel: format!("#{}", id.0), reason: "no such kernel".into() }
+}
+
+fn check_arg_count(k: &Kernel, n: usize) -> Result<(), GpuError> {
+    let want = k.program.params.len();
+    if n == want {
+        Ok(())
+    } else {
+        Err(GpuError::Arguments { kernel: k.program.name.clone(), reason: format!("{n} arguments for {want} parameters") })
+    }
+}
+
+/// Bytes of scratch `total` instances of `k` need.
+fn scratch_len(k: &Kernel, total: u64) -> Result<usize, GpuError> {
+    let bad = |reason: String| GpuError::Arguments { kernel: k.program.name.clone(), reason };
+    let len =
+        total.checked_mul(k.scratch_bytes).ok_or_else(|| bad(format!("{total} instances × {} scratch bytes overflow", k.scratch_bytes)))?;
+    usize::try_from(len).map_err(|_| bad(format!("{len} bytes of scratch")))
 }
 
 fn memory(what: String, cause: DriverError) -> GpuError {
