@@ -57,7 +57,7 @@ fn unary_kernel(op: UnOp, rows: u32, cols: u32) -> Program {
 fn unary_operations_match_f64() {
     let mut rng = Rng(1);
     type Reference = fn(f64) -> f64;
-    let cases: [(UnOp, Reference); 12] = [
+    let cases: [(UnOp, Reference); 13] = [
         (UnOp::Neg, |x| -x),
         (UnOp::Exp, f64::exp),
         (UnOp::Abs, f64::abs),
@@ -70,6 +70,7 @@ fn unary_operations_match_f64() {
         (UnOp::Log, |x| x.abs().ln()),
         (UnOp::Sin, f64::sin),
         (UnOp::Cos, f64::cos),
+        (UnOp::Round, |x| (x as f32).round_ties_even() as f64),
     ];
     for (op, f) in cases {
         let (rows, cols) = (3u32, 50u32);
@@ -406,4 +407,18 @@ fn vector_paths_with_tails_match_f64() {
         }
     }));
     close(&o, &want, 1e-5, "lanes");
+}
+
+#[test]
+fn tables_hold_their_values() {
+    let values = [0.5, -1.25, 3.0e-7, 1.0e6, 0.0];
+    let mut b = Builder::new("table", &["one"]);
+    let out = b.ptr("out", DType::F32, true);
+    let t = b.table(&values);
+    let i = b.iota(values.len() as u32);
+    b.store(out, i, t, None);
+    let mut o = vec![f32::NAN; values.len()];
+    run(b.finish(), &mut [Arg::F32Mut(&mut o)], &[1]).expect("runs");
+    let want: Vec<f32> = values.iter().map(|v| *v as f32).collect();
+    assert_eq!(o, want);
 }

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use hlac_grammar::ast::{BinOp as AstBin, Expr, ExprKind, UnOp as AstUn};
-use hlac_runtime::kir::{BinOp, Builder, CmpOp, DType, UnOp, Value};
+use hlac_runtime::kir::{BinOp, Builder, CmpOp, UnOp, Value};
 
 /// fla's epsilon inside L2 normalisation.
 pub const L2_EPS: f64 = 1e-6;
@@ -128,19 +128,50 @@ pub fn rope_parts(b: &mut Builder, d: u32, pos: Value, base: f64) -> (Value, Val
     let down = b.select(is_down, posv, zero);
     let upper_half = b.select(paired, down, zero);
     let p = b.select(lower, up, upper_half);
-    // Frequencies: base^(−2k/D) for k = i mod D/2; the unpaired last channel gets frequency 0.
-    let k = b.binary(BinOp::Rem, iota, h);
-    let k = b.cast(k, DType::F32);
-    let scale = b.f32(-2.0 * base.ln() / f64::from(d));
-    let e = b.mul(k, scale);
-    let freq = b.exp(e);
-    let paired_col = b.cmp(CmpOp::Lt, iota, two_h);
-    let freq = b.select(paired_col, freq, zero);
-    let freq = b.row(freq);
-    let theta = b.mul(pos, freq);
+    // Angles θ = pos · f with f = base^(−2k/D) (k = i mod D/2; the unpaired last channel gets 0),
+    // formed accurately in f32: f is computed in f64 here and split into f_hi (8 significant bits,
+    // so pos · f_hi is exact for pos < 2¹⁶) and f_lo; pos · f_hi is reduced mod 2π with 2π in three
+    // parts (Cody–Waite; k · C1 is exact), then pos · f_lo is added. A plain f32 product loses
+    // about pos · 2⁻²⁴ rad, 2.4e-4 at position 4096.
+    let freq = |i: u32| if i < 2 * half { base.powf(-2.0 * f64::from(i % half) / f64::from(d)) } else { 0.0 };
+    let (hi, lo): (Vec<f64>, Vec<f64>) = (0..d)
+        .map(|i| {
+            let f = freq(i);
+            let f_hi = round_to_bits(f, 8);
+            (f_hi, f - f_hi)
+        })
+        .unzip();
+    let f_hi = b.table(&hi);
+    let f_hi = b.row(f_hi);
+    let f_lo = b.table(&lo);
+    let f_lo = b.row(f_lo);
+    let a = b.mul(pos, f_hi);
+    let inv_tau = b.f32(1.0 / std::f64::consts::TAU);
+    let turns = b.mul(a, inv_tau);
+    let turns = b.unary(UnOp::Round, turns);
+    const C1: f64 = 6.28125;
+    let c2 = f64::from((std::f64::consts::TAU - C1) as f32);
+    let c3 = std::f64::consts::TAU - C1 - c2;
+    let mut r = a;
+    for c in [C1, c2, c3] {
+        let cv = b.f32(c);
+        let t = b.mul(turns, cv);
+        r = b.sub(r, t);
+    }
+    let small = b.mul(pos, f_lo);
+    let theta = b.add(r, small);
     let cos = b.unary(UnOp::Cos, theta);
     let sin = b.unary(UnOp::Sin, theta);
     (p, cos, sin)
+}
+
+/// `x` rounded to `bits` significant bits (0 stays 0).
+fn round_to_bits(x: f64, bits: i32) -> f64 {
+    if x == 0.0 {
+        return 0.0;
+    }
+    let scale = 2f64.powi(bits - 1 - x.abs().log2().floor() as i32);
+    (x * scale).round() / scale
 }
 
 /// log α for a decay expression: the argument of a top-level `exp` when there is one (exact, as

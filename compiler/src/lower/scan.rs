@@ -237,7 +237,13 @@ pub fn backward(r: &Recurrence<'_>, block: u32) -> Result<Kernel, LowerError> {
 /// Declares the token inputs and per-head inputs (`lower_bound` included) the expressions use.
 fn declare_inputs(b: &mut Builder, r: &Recurrence<'_>, used: &[String]) -> (Vec<(String, Ptr)>, Vec<(String, Ptr)>) {
     let is_used = |n: &str| used.iter().any(|u| u == n);
-    let tokens = r.math.tokens.iter().filter(|t| is_used(&t.name.name)).map(|t| (t.name.name.clone(), b.ptr(&t.name.name, DType::F32, false))).collect();
+    let tokens = r
+        .math
+        .tokens
+        .iter()
+        .filter(|t| is_used(&t.name.name))
+        .map(|t| (t.name.name.clone(), b.ptr(&t.name.name, DType::F32, false)))
+        .collect();
     let per_head = r
         .math
         .head_params

@@ -498,6 +498,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                     UnOp::Log => self.log(x)?,
                     UnOp::Sin => self.trig(x, "llvm.nvvm.sin.approx.f")?,
                     UnOp::Cos => self.trig(x, "llvm.nvvm.cos.approx.f")?,
+                    UnOp::Round => self.call(self.intrinsic("llvm.rint", &[f32t])?, &[x])?,
                     UnOp::Sigmoid => self.sigmoid(x)?,
                     UnOp::Silu => {
                         let s = self.sigmoid(x)?.into_float_value();
@@ -784,6 +785,24 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                     Const::Bool(b) => self.ctx.bool_type().const_int(u64::from(*b), false).into(),
                 };
                 self.scalars.insert(res()?, Scalar::Val(v));
+            }
+            Op::Table(xs) => {
+                let out = res()?;
+                self.alloc(out);
+                // Thread 0 writes the (short) table; the barrier publishes it.
+                let zero = self.i64c(0);
+                let first = self.b.build_int_compare(IntPredicate::EQ, self.tid, zero, "").map_err(e)?;
+                let w = self.ctx.append_basic_block(self.func, "table");
+                let j = self.ctx.append_basic_block(self.func, "table_done");
+                self.b.build_conditional_branch(first, w, j).map_err(e)?;
+                self.b.position_at_end(w);
+                for (i, x) in xs.iter().enumerate() {
+                    let at = self.i64c(i as i64);
+                    self.write(out, at, self.f32c(*x))?;
+                }
+                self.b.build_unconditional_branch(j).map_err(e)?;
+                self.b.position_at_end(j);
+                self.barrier()?;
             }
             Op::Iota(n) => {
                 let out = res()?;

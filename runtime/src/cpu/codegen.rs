@@ -471,6 +471,7 @@ impl Gen<'_> {
                     UnOp::Tanh => self.call("hlac_tanhf", &[x]),
                     UnOp::Sin => self.call("hlac_sinf", &[x]),
                     UnOp::Cos => self.call("hlac_cosf", &[x]),
+                    UnOp::Round => self.fb.ins().nearest(x),
                     UnOp::Sigmoid => {
                         let n = self.fb.ins().fneg(x);
                         let e = self.exp(n);
@@ -779,6 +780,16 @@ impl Gen<'_> {
                     Const::Bool(b) => self.fb.ins().iconst(types::I8, i64::from(*b)),
                 };
                 self.scalars.insert(res()?, Scalar::Val(x));
+            }
+            Op::Table(xs) => {
+                let out = res()?;
+                self.alloc(out);
+                // Unrolled stores: tables are short (a head's worth of channels).
+                for (i, x) in xs.iter().enumerate() {
+                    let at = self.fb.ins().iconst(types::I64, i as i64);
+                    let v = self.fb.ins().f32const(*x as f32);
+                    self.write(out, at, v);
+                }
             }
             Op::Iota(n) => {
                 let out = res()?;

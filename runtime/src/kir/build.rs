@@ -97,6 +97,11 @@ impl Builder {
         self.op(Op::Const(Const::Bool(x)), Ty::scalar(DType::Bool))
     }
 
+    /// An f32 vector of constants.
+    pub fn table(&mut self, values: &[f64]) -> Value {
+        self.op(Op::Table(values.to_vec()), Ty::tile(DType::F32, &[values.len() as u32]))
+    }
+
     /// 0..n as an i64 vector.
     pub fn iota(&mut self, n: u32) -> Value {
         self.op(Op::Iota(n), Ty::tile(DType::I64, &[n]))

@@ -12,7 +12,8 @@
 //!
 //! Meaning of the operations, all elementwise unless said otherwise:
 //! - `program_id a`: this instance's index on grid axis `a` (i64 scalar). `param i`: an integer
-//!   parameter's value. `const`: a scalar constant. `iota n`: the i64 vector 0..n.
+//!   parameter's value. `const`: a scalar constant. `iota n`: the i64 vector 0..n. `table [..]`:
+//!   an f32 vector of constants.
 //! - `unary`/`binary`/`cmp`/`select`/`cast`: arithmetic in the operand type; comparisons give bool.
 //! - `broadcast`: repeats size-1 axes (or a scalar) to a shape; `reshape` keeps the elements in
 //!   row-major order; `transpose` swaps the two axes of a matrix.
@@ -168,6 +169,8 @@ pub enum UnOp {
     Sin,
     /// cos x (radians)
     Cos,
+    /// x rounded to the nearest integer, ties to even
+    Round,
     /// ¬x for bools
     Not,
 }
@@ -252,6 +255,9 @@ pub enum Op {
     Const(Const),
     /// 0..n as i64.
     Iota(u32),
+    /// An f32 vector of the given values (tables the compiler computes in f64, such as
+    /// rotary frequencies).
+    Table(Vec<f64>),
     /// Elementwise unary.
     Unary(UnOp, Value),
     /// Elementwise binary.

@@ -64,6 +64,7 @@ fn block(p: &Program, b: &Block, depth: usize, out: &mut String) -> fmt::Result 
             Op::Const(Const::Int(x)) => write!(out, "const {x}")?,
             Op::Const(Const::Bool(x)) => write!(out, "const {x}")?,
             Op::Iota(n) => write!(out, "iota {n}")?,
+            Op::Table(xs) => write!(out, "table [{}]", xs.iter().map(|x| format!("{:?}", *x as f32)).collect::<Vec<_>>().join(", "))?,
             Op::Unary(op, a) => write!(out, "{} {a}", snake(op))?,
             Op::Binary(op, a, b) => write!(out, "{} {a}, {b}", snake(op))?,
             Op::Cmp(op, a, b) => write!(out, "cmp {} {a}, {b}", snake(op))?,

@@ -190,6 +190,11 @@ impl Verifier<'_> {
                     return Err(bad("constant of the wrong type"));
                 }
             }
+            Op::Table(xs) => {
+                if xs.is_empty() || out != Ty::tile(DType::F32, &[xs.len() as u32]) {
+                    return Err(bad("table must give a non-empty f32 vector of its length"));
+                }
+            }
             Op::Iota(n) => {
                 if *n == 0 || out != Ty::tile(DType::I64, &[*n]) {
                     return Err(bad("iota must give a non-empty i64 vector"));
