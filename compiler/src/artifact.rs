@@ -88,6 +88,7 @@ pub fn manifest(model: &Model, kernels: &[ModelKernel], ptx: &[Compiled]) -> Man
                     file: kernel_file(&k.name),
                     grid: k.kernel.grid.clone(),
                     ptx: gpu.map(|_| ptx_file(&k.name)),
+                    cubin: gpu.filter(|c| c.cubin.is_some()).map(|_| cubin_file(&k.name)),
                     entry: gpu.map(|c| c.entry.clone()),
                     threads: gpu.map(|_| crate::nvptx::THREADS),
                     scratch_bytes: gpu.map(|c| c.scratch_bytes),
@@ -97,18 +98,34 @@ pub fn manifest(model: &Model, kernels: &[ModelKernel], ptx: &[Compiled]) -> Man
     }
 }
 
+/// Where a kernel's cubin is stored, relative to the artifact.
+fn cubin_file(name: &str) -> String {
+    format!("kernels/{name}.cubin")
+}
+
 /// Where a kernel's PTX is stored, relative to the artifact.
 fn ptx_file(name: &str) -> String {
     format!("kernels/{name}.ptx")
 }
 
-/// Compiles every kernel to PTX when the model targets a GPU (nothing for the CPU).
+/// Compiles every kernel to PTX when the model targets a GPU (nothing for the CPU), and to a cubin
+/// too when ptxas is available.
 pub fn compile_gpu(model: &Model, kernels: &[ModelKernel]) -> Result<Vec<Compiled>, crate::nvptx::NvptxError> {
     let device = model.target.device;
     if device == crate::ir::Device::Cpu {
         return Ok(Vec::new());
     }
-    kernels.iter().map(|k| crate::nvptx::compile(&k.kernel.program, device.name())).collect()
+    let ptxas = crate::nvptx::find_ptxas();
+    kernels
+        .iter()
+        .map(|k| {
+            let mut c = crate::nvptx::compile(&k.kernel.program, device.name())?;
+            if let Some(ptxas) = &ptxas {
+                c.cubin = crate::nvptx::assemble(ptxas, &c.ptx, device.name()).ok();
+            }
+            Ok(c)
+        })
+        .collect()
 }
 
 /// Where a kernel's program is stored, relative to the artifact.
@@ -151,6 +168,9 @@ pub fn write(model: &Model, kernels: &[ModelKernel], ptx: &[Compiled], out: &Pat
         }
         for (k, c) in kernels.iter().zip(ptx) {
             std::fs::write(tmp.join(ptx_file(&k.name)), &c.ptx)?;
+            if let Some(cubin) = &c.cubin {
+                std::fs::write(tmp.join(cubin_file(&k.name)), cubin)?;
+            }
         }
         if out.exists() {
             // A directory cannot be renamed over a non-empty one: move the old artifact aside first.

@@ -109,6 +109,10 @@ pub struct KernelInfo {
     /// `file` when it loads the artifact instead).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ptx: Option<String>,
+    /// The kernel assembled for the target by ptxas at build time (a cubin, relative to the artifact
+    /// directory), when ptxas was available; loading it skips the driver's PTX compilation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cubin: Option<String>,
     /// The PTX entry point's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entry: Option<String>,
@@ -289,7 +293,7 @@ impl Manifest {
                 return Err(format!("kernel `{}` refers to mixer {} of {}", k.name, k.mixer, self.mixers.len()));
             }
             // Kernel files live inside the artifact.
-            for file in std::iter::once(&k.file).chain(k.ptx.as_ref()) {
+            for file in std::iter::once(&k.file).chain(k.ptx.as_ref()).chain(k.cubin.as_ref()) {
                 if file.contains("..") || file.starts_with('/') {
                     return Err(format!("kernel `{}` has file `{}` outside the artifact", k.name, file));
                 }

@@ -50,6 +50,8 @@ pub struct Compiled {
     pub entry: String,
     /// Workspace bytes per program instance.
     pub scratch_bytes: u64,
+    /// The machine code ptxas made of the PTX, when it was run.
+    pub cubin: Option<Vec<u8>>,
 }
 
 /// The PTX target for a device name (`sm_80`, `sm_90`).
@@ -87,7 +89,7 @@ pub fn compile(program: &Program, device: &str) -> Result<Compiled, NvptxError> 
     module.run_passes("default<O3>", &machine, PassBuilderOptions::create()).map_err(|e| fail(e.to_string()))?;
     let buffer = machine.write_to_memory_buffer(&module, FileType::Assembly).map_err(|e| fail(e.to_string()))?;
     let ptx = String::from_utf8_lossy(buffer.as_slice()).into_owned();
-    Ok(Compiled { ptx, entry, scratch_bytes })
+    Ok(Compiled { ptx, entry, scratch_bytes, cubin: None })
 }
 
 /// A PTX-safe identifier.
@@ -1135,3 +1137,44 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         Ok(())
     }
 }
+
+/// The ptxas to assemble with: `HLAC_PTXAS`, else `ptxas` on PATH, else the one `.ci/deps`
+/// installs under `.deps/` in the working directory.
+pub fn find_ptxas() -> Option<std::path::PathBuf> {
+    let candidates = [
+        std::env::var_os("HLAC_PTXAS").map(std::path::PathBuf::from),
+        Some(std::path::PathBuf::from("ptxas")),
+        Some(std::path::PathBuf::from(".deps/nvcc/nvidia/cuda_nvcc/bin/ptxas")),
+    ];
+    candidates.into_iter().flatten().find(|p| std::process::Command::new(p).arg("--version").output().is_ok_and(|o| o.status.success()))
+}
+
+/// Assembles PTX to a cubin for `device` with ptxas; the error is ptxas's message.
+pub fn assemble(ptxas: &std::path::Path, ptx: &str, device: &str) -> Result<Vec<u8>, String> {
+    let dir = std::env::temp_dir().join(format!(
+        "hlac-ptxas-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let src = dir.join("k.ptx");
+    let out = dir.join("k.cubin");
+    let result = (|| {
+        std::fs::write(&src, ptx).map_err(|e| e.to_string())?;
+        let run = std::process::Command::new(ptxas)
+            .arg(format!("-arch={device}"))
+            .arg("-o")
+            .arg(&out)
+            .arg(&src)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !run.status.success() {
+            return Err(String::from_utf8_lossy(&run.stderr).into_owned());
+        }
+        std::fs::read(&out).map_err(|e| e.to_string())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

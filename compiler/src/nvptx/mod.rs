@@ -19,4 +19,4 @@
 
 mod codegen;
 
-pub use codegen::{compile, Compiled, NvptxError, THREADS};
+pub use codegen::{assemble, compile, find_ptxas, Compiled, NvptxError, THREADS};

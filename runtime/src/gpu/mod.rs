@@ -267,11 +267,18 @@ impl GpuModule {
             if text.contains('\0') || entry.contains('\0') {
                 return Err(fail(format!("{} or its entry name contains a NUL byte", path.display())));
             }
-            let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(text)).map_err(|cause| GpuError::ModuleLoad {
-                kernel: info.name.clone(),
-                ptx: path.clone(),
-                cause,
-            })?;
+            // A cubin assembled for the target loads in microseconds; the PTX (which the driver
+            // compiles, seconds for large kernels) is the fallback, e.g. for an sm_80 cubin on a
+            // Hopper card.
+            let cubin = info.cubin.as_ref().and_then(|c| std::fs::read(artifact.dir.join(c)).ok());
+            let module = match cubin.map(|bytes| ctx.load_module(cudarc::nvrtc::Ptx::from_binary(bytes))) {
+                Some(Ok(m)) => m,
+                _ => ctx.load_module(cudarc::nvrtc::Ptx::from_src(text)).map_err(|cause| GpuError::ModuleLoad {
+                    kernel: info.name.clone(),
+                    ptx: path.clone(),
+                    cause,
+                })?,
+            };
             let func = module.load_function(entry).map_err(|cause| GpuError::ModuleLoad {
                 kernel: info.name.clone(),
                 ptx: path.clone(),
