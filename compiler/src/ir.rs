@@ -44,7 +44,7 @@ impl<T> std::fmt::Debug for Handle<T> {
 /// A growable store whose elements are addressed by [`Handle`].
 #[derive(Debug)]
 pub struct Arena<T> {
-    items: Vec<T>,
+    pub(crate) items: Vec<T>,
 }
 
 impl<T> Default for Arena<T> {
@@ -272,6 +272,18 @@ pub struct Model {
 }
 
 impl Model {
+    /// Moves the model to another device (`hlac build --target`). The CPU computes in f32, so a
+    /// model moved there stores its weights in f32 too.
+    pub fn retarget(&mut self, device: Device) {
+        self.target.device = device;
+        if device == Device::Cpu && self.target.dtype != DType::F32 {
+            self.target.dtype = DType::F32;
+            for t in &mut self.tensors.items {
+                t.dtype = DType::F32;
+            }
+        }
+    }
+
     /// The IR's text form (the snapshot format).
     pub fn print(&self) -> String {
         let mut s = String::new();

@@ -13,7 +13,7 @@ use hlac::{compile, Compilation};
     name = "hlac",
     version,
     about = "A static compiler for hybrid linear-attention language models",
-    after_help = "Examples:\n  hlac check specs/hgrn2-r3.hla\n  hlac build specs/hgrn2-r3.hla -o out/hgrn2-r3\n  hlac inspect specs/gdn-r3-340m.hla --json\n  hlac fmt --check specs/*.hla\n  hlac import config.json -o my-model.hla\n  hlac export-config specs/gla-r3-340m.hla -o config.json"
+    after_help = "Examples:\n  hlac check specs/hgrn2-r3.hla\n  hlac build specs/hgrn2-r3.hla -o out/hgrn2-r3\n  hlac build specs/gdn-r3-340m.hla --target cpu\n  hlac inspect specs/gdn-r3-340m.hla --json\n  hlac fmt --check specs/*.hla\n  hlac import config.json -o my-model.hla\n  hlac export-config specs/gla-r3-340m.hla -o config.json"
 )]
 struct Cli {
     /// Colour diagnostics: auto (when stderr is a terminal), always or never.
@@ -28,6 +28,28 @@ enum Color {
     Auto,
     Always,
     Never,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TargetDevice {
+    /// The host CPU (Cranelift).
+    Cpu,
+    /// NVIDIA Ampere.
+    #[value(name = "sm_80")]
+    Sm80,
+    /// NVIDIA Hopper.
+    #[value(name = "sm_90")]
+    Sm90,
+}
+
+impl TargetDevice {
+    fn device(self) -> hlac::ir::Device {
+        match self {
+            TargetDevice::Cpu => hlac::ir::Device::Cpu,
+            TargetDevice::Sm80 => hlac::ir::Device::Sm80,
+            TargetDevice::Sm90 => hlac::ir::Device::Sm90,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -62,6 +84,9 @@ enum Command {
         /// The artifact directory (default: out/<spec name>).
         #[arg(short, long)]
         out: Option<PathBuf>,
+        /// Compile for this device instead of the spec's target (cpu uses f32).
+        #[arg(long, value_enum)]
+        target: Option<TargetDevice>,
         /// Also print a stage of the compilation to stdout.
         #[arg(long, value_enum)]
         emit: Option<Stage>,
@@ -85,7 +110,8 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
-    /// Time a spec's recurrence kernels on this machine's CPU (Cranelift back end).
+    /// Time a spec's recurrence kernels on this machine's CPU (Cranelift back end; the spec's
+    /// target is moved to the CPU).
     #[command(after_help = "Example:\n  hlac bench specs/gdn-r3-340m.hla --batch 2 --tokens 1024")]
     Bench {
         /// The spec.
@@ -230,9 +256,12 @@ fn run(command: Command, color: bool) -> Result<(), Failure> {
                 Ok(())
             }
         }
-        Command::Build { spec, out, emit: stage } => {
-            let c = checked(&spec, color)?;
+        Command::Build { spec, out, target, emit: stage } => {
+            let mut c = checked(&spec, color)?;
             model_of(&c, &spec)?;
+            if let (Some(t), Some(m)) = (target, c.model.as_mut()) {
+                m.retarget(t.device());
+            }
             let Some(model) = &c.model else { return Err(Failure::Reported) };
             let out = out.unwrap_or_else(|| PathBuf::from("out").join(spec.file_stem().unwrap_or_default()));
             let kernels = hlac::lower::model_kernels(model).map_err(|e| Failure::Message(e.to_string()))?;
@@ -272,8 +301,12 @@ fn run(command: Command, color: bool) -> Result<(), Failure> {
         }
         Command::Fmt { files, check } => fmt(&files, check, color),
         Command::Bench { spec, batch, tokens, repeats, json } => {
-            let c = checked(&spec, color)?;
+            let mut c = checked(&spec, color)?;
             model_of(&c, &spec)?;
+            // The CPU back end runs here whatever the spec targets (GPU kernels: hlac-gpu-bench).
+            if let Some(m) = c.model.as_mut() {
+                m.retarget(hlac::ir::Device::Cpu);
+            }
             let Some(model) = &c.model else { return Err(Failure::Reported) };
             if batch == 0 || tokens == 0 {
                 return Err(Failure::Message("--batch and --tokens must be positive".into()));

@@ -124,3 +124,19 @@ fn help_shows_examples() {
     let o = hlac(&["build", "--help"], &root());
     assert!(String::from_utf8_lossy(&o.stdout).contains("Example:"));
 }
+
+#[test]
+fn build_can_retarget_to_the_cpu_and_bench_runs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("cpu");
+    let o = hlac(&["build", "specs/gdn-r3-340m.hla", "--target", "cpu", "-o", out.to_str().unwrap_or_default()], &root());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let artifact = hlac_runtime::Artifact::open(&out).expect("opens");
+    assert_eq!((artifact.manifest.target.device.as_str(), artifact.manifest.target.dtype.as_str()), ("cpu", "f32"));
+    assert!(artifact.manifest.kernels.iter().all(|k| k.ptx.is_none()), "no PTX for the CPU");
+    assert!(artifact.manifest.tensors.iter().all(|t| t.dtype == "f32"));
+    let o = hlac(&["bench", "specs/hgrn-r3-340m.hla", "--batch", "1", "--tokens", "8", "--repeats", "1", "--json"], &root());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON");
+    assert_eq!(rows[0]["kernel"], "HGRN_scan_fwd");
+}
