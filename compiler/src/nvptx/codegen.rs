@@ -83,7 +83,7 @@ pub fn compile(program: &Program, device: &str) -> Result<Compiled, NvptxError> 
     let scratch_bytes = {
         let mut g = Gen::new(&context, &module, program, &entry)?;
         g.emit()?;
-        g.next_slot
+        g.layout.bytes.max(64)
     };
     module.verify().map_err(|e| fail(format!("invalid LLVM IR: {e}")))?;
     module.run_passes("default<O3>", &machine, PassBuilderOptions::create()).map_err(|e| fail(e.to_string()))?;
@@ -127,7 +127,7 @@ struct Gen<'a, 'ctx> {
     tid: IntValue<'ctx>,
     slots: HashMap<Value, u64>,
     scalars: HashMap<Value, Scalar<'ctx>>,
-    next_slot: u64,
+    layout: kir::layout::Layout,
 }
 
 type R<T> = Result<T, NvptxError>;
@@ -187,7 +187,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             tid: i64t.const_zero(),
             slots: HashMap::new(),
             scalars: HashMap::new(),
-            next_slot: 0,
+            layout: kir::layout::plan(p),
         };
         g.tid = g.sreg("llvm.nvvm.read.ptx.sreg.tid.x")?;
         Ok(g)
@@ -250,11 +250,9 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         }
     }
 
+    /// Places a tile at its planned offset ([`kir::layout`] reuses a dead tile's storage).
     fn alloc(&mut self, v: Value) -> u64 {
-        let ty = self.p.ty(v).clone();
-        let bytes = ty.numel() * Self::elem_bytes(ty.dtype) as u64;
-        let at = self.next_slot;
-        self.next_slot += bytes.div_ceil(64) * 64;
+        let at = self.layout.offset(v);
         self.slots.insert(v, at);
         at
     }
@@ -398,7 +396,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         let body = self.p.body.clone();
         self.block(&body)?;
         self.b.build_return(None).map_err(e)?;
-        size_global.set_initializer(&self.ctx.i64_type().const_int(self.next_slot.max(64), false));
+        size_global.set_initializer(&self.ctx.i64_type().const_int(self.layout.bytes.max(64), false));
         Ok(())
     }
 
@@ -855,6 +853,8 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                 } else if self.p.ty(out).is_scalar() {
                     let x = self.read(*a, self.i64c(0))?;
                     self.scalars.insert(out, Scalar::Val(x));
+                    // As above: the storage may be reused by the next instruction.
+                    self.barrier()?;
                 } else {
                     let at = self.slots.get(a).copied().unwrap_or(0);
                     self.slots.insert(out, at);
@@ -975,6 +975,8 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                     body(self, self.i64c(0))?;
                     let v = self.b.build_load(t, acc, "").map_err(e)?;
                     self.scalars.insert(out, Scalar::Val(v));
+                    // Every thread read the tile; none may reuse its storage until all have.
+                    self.barrier()?;
                 } else {
                     self.par(outer * inner, &mut body)?;
                 }

@@ -2,9 +2,10 @@
 //!
 //! This first version maps the kernel IR onto the GPU directly, as a sibling of the Cranelift back
 //! end: one program instance is one thread block of [`THREADS`] threads; every tile lives in a
-//! per-instance global-memory workspace at the same offsets the CPU back end uses; every tile
+//! per-instance global-memory workspace at the offsets `kir::layout` plans for both back ends; every tile
 //! operation is a loop over its elements strided across the block's threads, followed by a block
-//! barrier; scalars are computed by every thread alike. `dot`, reductions and scans give each
+//! barrier (as is every read of a tile into a scalar, since the workspace layout reuses a dead
+//! tile's storage for the next one); scalars are computed by every thread alike. `dot`, reductions and scans give each
 //! thread whole output elements or lines; `tri_inv` proceeds a row at a time. Every global access
 //! is bounds-checked against the length passed with its pointer, and an out-of-bounds access is
 //! recorded in the `error` word, exactly as on the CPU. Transcendentals use the approximate PTX

@@ -167,15 +167,16 @@ impl Jit {
                 slots: HashMap::new(),
                 scalars: HashMap::new(),
                 splats: HashMap::new(),
-                // The first 64 bytes hold the out-of-bounds error word.
-                next_slot: 64,
+                layout: crate::kir::layout::plan(program),
             };
             g.block(&program.body)?;
             g.fb.ins().return_(&[]);
             g.fb.seal_all_blocks();
             // Vector reads of bool tiles fetch 8 bytes for 4 lanes, so the last tile may be read up to
             // 4 bytes past its end: pad the scratch so that stays inside it.
-            scratch_bytes = g.next_slot as usize + 64;
+            // The first 64 bytes hold the out-of-bounds error word; 64 more past the last tile allow
+            // a vector read of a bool tile to run 4 bytes over its end.
+            scratch_bytes = 64 + g.layout.bytes as usize + 64;
             g.fb.finalize(self.module.target_config());
         }
         self.module.define_function(id, &mut ctx).map_err(|e| fail(format!("{e:?}")))?;
@@ -227,7 +228,7 @@ struct Gen<'a> {
     /// Tiles all of whose elements are one scalar (broadcasts and reshapes of scalars): never
     /// materialised; readers splat the scalar instead.
     splats: HashMap<Value, ClValue>,
-    next_slot: u64,
+    layout: crate::kir::layout::Layout,
 }
 
 fn mem() -> MemFlagsData {
@@ -252,12 +253,10 @@ impl Gen<'_> {
         self.p.ty(v)
     }
 
+    /// Places a tile at its planned offset (after the 64-byte error word; see [`crate::kir::layout`],
+    /// which reuses a dead tile's storage and aligns every tile to 64 bytes).
     fn alloc(&mut self, v: Value) -> u64 {
-        let ty = self.ty(v).clone();
-        let bytes = ty.numel() * self.elem_bytes(ty.dtype) as u64;
-        let at = self.next_slot;
-        // 64-byte alignment keeps every tile on its own cache lines.
-        self.next_slot += bytes.div_ceil(64) * 64;
+        let at = 64 + self.layout.offset(v);
         self.slots.insert(v, at);
         at
     }

@@ -28,6 +28,7 @@
 //! [`verify`] checks every invariant a back end relies on; back ends accept only verified programs.
 
 pub mod build;
+pub mod layout;
 mod print;
 pub mod verify;
 

@@ -1,0 +1,202 @@
+//! Where each tile lives in a program instance's workspace: offsets shared by both back ends,
+//! reusing storage once a tile is dead (liveness over the structured program).
+//!
+//! Each tile is live from its definition to its last use; a tile used inside a loop but defined
+//! outside it stays live to the loop's end (the loop reads it again), and a loop's carried tiles
+//! live through the whole loop. Tiles that share storage — a `reshape` and its operand, a loop's
+//! carried argument and its result — form one group, live for the union of their intervals.
+//! Groups are placed first-fit in order of definition; storage is reused only by a group defined
+//! after every use of the previous occupant, so an instruction never overwrites one of its own
+//! operands. Every offset is a multiple of 64 bytes.
+
+use std::collections::HashMap;
+
+use super::{Block, DType, Op, Program, Value};
+
+/// Workspace offsets of every tile, and the workspace's size.
+#[derive(Debug, Clone, Default)]
+pub struct Layout {
+    offsets: HashMap<Value, u64>,
+    /// Bytes the workspace needs (from offset 0).
+    pub bytes: u64,
+}
+
+impl Layout {
+    /// The offset of a tile (0 for a value that is not a tile).
+    pub fn offset(&self, v: Value) -> u64 {
+        self.offsets.get(&v).copied().unwrap_or(0)
+    }
+}
+
+/// Bytes a tile of `numel` elements of `dtype` takes, rounded up to 64.
+fn bytes_of(numel: u64, dtype: DType) -> u64 {
+    let e = match dtype {
+        DType::Bool => 1,
+        DType::I64 => 8,
+        DType::Bf16 | DType::F16 | DType::F32 => 4,
+    };
+    (numel * e).div_ceil(64) * 64
+}
+
+#[derive(Default)]
+struct Walk {
+    pos: u64,
+    def: HashMap<Value, u64>,
+    last: HashMap<Value, u64>,
+    /// Union-find parent for storage groups.
+    parent: HashMap<Value, Value>,
+}
+
+impl Walk {
+    fn find(&mut self, v: Value) -> Value {
+        let p = *self.parent.get(&v).unwrap_or(&v);
+        if p == v {
+            return v;
+        }
+        let root = self.find(p);
+        self.parent.insert(v, root);
+        root
+    }
+
+    fn union(&mut self, a: Value, b: Value) {
+        let (ra, rb) = (self.find(a), self.find(b));
+        if ra != rb {
+            self.parent.insert(rb, ra);
+        }
+    }
+
+    fn use_at(&mut self, v: Value, at: u64) {
+        let e = self.last.entry(v).or_insert(at);
+        *e = (*e).max(at);
+    }
+
+    /// Walks a block; `loops` holds the (start, end) positions of the enclosing loops.
+    fn block(&mut self, p: &Program, b: &Block, loops: &mut Vec<(u64, u64, Vec<Value>)>) {
+        for inst in &b.insts {
+            self.pos += 1;
+            let here = self.pos;
+            let mut operands = Vec::new();
+            collect_operands(&inst.op, &mut operands);
+            for v in operands {
+                self.use_at(v, here);
+                // A value defined outside an enclosing loop is read again on every iteration.
+                for (start, end, _) in loops.iter() {
+                    if self.def.get(&v).is_some_and(|d| *d < *start) {
+                        self.use_at(v, *end);
+                    }
+                }
+            }
+            match &inst.op {
+                Op::For { body, .. } => {
+                    // The loop occupies positions here..end; its body is walked inside.
+                    let start = here;
+                    for a in &body.args {
+                        self.def.insert(*a, start);
+                    }
+                    loops.push((start, u64::MAX, body.args.clone()));
+                    let before = self.pos;
+                    // First pass to learn the end position, then walk for real.
+                    let end = before + count(body) + 1;
+                    if let Some(l) = loops.last_mut() {
+                        l.1 = end;
+                    }
+                    self.block(p, body, loops);
+                    loops.pop();
+                    self.pos = end;
+                    for a in &body.args {
+                        self.use_at(*a, end);
+                    }
+                    for (k, r) in inst.results.iter().enumerate() {
+                        self.def.insert(*r, end);
+                        if let Some(arg) = body.args.get(k + 1) {
+                            self.union(*arg, *r);
+                        }
+                    }
+                }
+                Op::Reshape(a) => {
+                    for r in &inst.results {
+                        self.def.insert(*r, here);
+                        if !p.ty(*a).is_scalar() && !p.ty(*r).is_scalar() {
+                            self.union(*a, *r);
+                        }
+                    }
+                }
+                _ => {
+                    for r in &inst.results {
+                        self.def.insert(*r, here);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Instructions in a block, nested ones included.
+fn count(b: &Block) -> u64 {
+    b.insts.iter().map(|i| 1 + if let Op::For { body, .. } = &i.op { count(body) + 1 } else { 0 }).sum()
+}
+
+fn collect_operands(op: &Op, out: &mut Vec<Value>) {
+    match op {
+        Op::ProgramId(_) | Op::Param(_) | Op::Const(_) | Op::Iota(_) | Op::Table(_) => {}
+        Op::Unary(_, a) | Op::Cast(a, _) | Op::Broadcast(a) | Op::Reshape(a) | Op::Transpose(a) | Op::TriInv(a) => out.push(*a),
+        Op::Reduce(_, a, _) => out.push(*a),
+        Op::Scan { value, .. } => out.push(*value),
+        Op::Binary(_, a, b) | Op::Cmp(_, a, b) | Op::Dot(a, b) => out.extend([*a, *b]),
+        Op::Select { cond, then, otherwise } => out.extend([*cond, *then, *otherwise]),
+        Op::Load { offsets, mask, .. } => {
+            out.push(*offsets);
+            out.extend(mask);
+        }
+        Op::Store { offsets, value, mask, .. } => {
+            out.extend([*offsets, *value]);
+            out.extend(mask);
+        }
+        Op::For { lo, hi, step, init, .. } => {
+            out.extend([*lo, *hi, *step]);
+            out.extend(init);
+        }
+        Op::Yield(vs) => out.extend(vs),
+    }
+}
+
+/// Plans the workspace of a verified program.
+pub fn plan(p: &Program) -> Layout {
+    let mut w = Walk::default();
+    w.block(p, &p.body, &mut Vec::new());
+    // Group intervals and sizes over the tiles.
+    let mut groups: HashMap<Value, (u64, u64, u64)> = HashMap::new();
+    let tiles: Vec<Value> = w.def.keys().copied().filter(|v| !p.ty(*v).is_scalar()).collect();
+    for v in &tiles {
+        let root = w.find(*v);
+        let d = w.def.get(v).copied().unwrap_or(0);
+        let l = w.last.get(v).copied().unwrap_or(d);
+        let size = bytes_of(p.ty(*v).numel(), p.ty(*v).dtype);
+        let e = groups.entry(root).or_insert((d, l, size));
+        e.0 = e.0.min(d);
+        e.1 = e.1.max(l);
+        e.2 = e.2.max(size);
+    }
+    let mut order: Vec<(Value, (u64, u64, u64))> = groups.into_iter().collect();
+    order.sort_by_key(|(v, (d, _, _))| (*d, v.0));
+    // Placed groups: (offset, size, last use).
+    let mut placed: Vec<(u64, u64, u64)> = Vec::new();
+    let mut root_offset: HashMap<Value, u64> = HashMap::new();
+    let mut bytes = 0u64;
+    for (root, (def, last, size)) in order {
+        // First fit among offsets whose occupants are all dead before `def`.
+        let mut candidates: Vec<u64> = std::iter::once(0).chain(placed.iter().map(|(o, s, _)| o + s)).collect();
+        candidates.sort_unstable();
+        let fits = |at: u64| placed.iter().all(|(o, s, l)| *l < def || at + size <= *o || *o + s <= at);
+        let at = candidates.into_iter().find(|c| fits(*c)).unwrap_or(bytes);
+        placed.push((at, size, last));
+        root_offset.insert(root, at);
+        bytes = bytes.max(at + size);
+    }
+    let mut offsets = HashMap::new();
+    for v in tiles {
+        let root = w.find(v);
+        offsets.insert(v, root_offset.get(&root).copied().unwrap_or(0));
+    }
+    Layout { offsets, bytes }
+}
