@@ -94,7 +94,12 @@ fn measure(model: &Model, k: &ModelKernel, batch: usize, tokens: usize, repeats:
     let mut module = CpuModule::new().map_err(|e| e.to_string())?;
     let id = module.add(program.clone()).map_err(|e| e.to_string())?;
     let compile_ms = started.elapsed().as_secs_f64() * 1e3;
-    let value_blocks = k.kernel.grid.get(1).and_then(|g| g.split(" / ").collect::<Vec<_>>().get(1).and_then(|b| b.parse::<usize>().ok())).map_or(1, |b| vd / b);
+    let value_blocks = k
+        .kernel
+        .grid
+        .get(1)
+        .and_then(|g| g.split(" / ").collect::<Vec<_>>().get(1).and_then(|b| b.parse::<usize>().ok()))
+        .map_or(1, |b| vd / b);
     let grid: Vec<u64> = if k.role == "scan_fwd" {
         vec![batch as u64, heads.div_ceil(64) as u64]
     } else {

@@ -246,7 +246,7 @@ pub fn classify(math: &Math) -> Result<RecurrenceClass, Vec<Diagnostic>> {
     }
     cx.ty(output).map_err(|d| vec![d])?;
     let update_class = cx.update(update).map_err(|d| vec![d])?;
-    let (query, scale, query_expr, scale_expr) = cx.output(output).map_err(|d| vec![d])?;
+    let ReadOut { query, scale, query_expr, scale_expr } = cx.output(output).map_err(|d| vec![d])?;
     let exprs = ClassExprs { query: query_expr, scale: scale_expr, ..update_class.exprs.clone() };
     Ok(RecurrenceClass { query, scale, exprs, ..update_class })
 }
@@ -822,7 +822,7 @@ impl Cx<'_> {
     }
 
     /// `S^T * q * c` (or the state itself when K = 1): returns the query and the scale.
-    fn output(&self, e: &Expr) -> Result<(Option<String>, Option<String>, Option<Expr>, Option<Expr>), Diagnostic> {
+    fn output(&self, e: &Expr) -> Result<ReadOut, Diagnostic> {
         let mut fs = Vec::new();
         factors(e, &mut fs);
         let bad =
@@ -870,8 +870,16 @@ impl Cx<'_> {
             let t = product_text(&scale);
             Some(if t.starts_with(" / ") { format!("1{t}") } else { t })
         };
-        Ok((query, scale, query_expr, scale_expr))
+        Ok(ReadOut { query, scale, query_expr, scale_expr })
     }
+}
+
+/// The read-out `c · Sᵀ q`: its query and scale as text and as expressions.
+struct ReadOut {
+    query: Option<String>,
+    scale: Option<String>,
+    query_expr: Option<Expr>,
+    scale_expr: Option<Expr>,
 }
 
 fn is_one(s: &str) -> bool {

@@ -19,8 +19,8 @@ pub mod inspect;
 pub mod ir;
 pub mod load;
 pub mod lower;
-pub mod nvptx;
 pub mod mixer;
+pub mod nvptx;
 pub mod value;
 
 use std::path::Path;

@@ -60,6 +60,9 @@ fn mixer(spec: &str) -> hlac::ir::Mixer {
     c.model.expect("model").mixers.iter().next().map(|(_, m)| m.clone()).expect("mixer")
 }
 
+/// The f64 reference of a test: (inputs by name, initial states, cu_seqlens) → (o, final states).
+type Reference<'a> = dyn Fn(&HashMap<&str, Vec<f64>>, &[Vec<f64>], &[usize]) -> (T3, Vec<Vec<f64>>) + 'a;
+
 /// One differentiable input of a test: its name, its values and its shape (for the reference).
 struct Input {
     name: &'static str,
@@ -70,14 +73,7 @@ struct Input {
 
 /// Checks the backward kernel of a decay-class mixer against central differences of `reference`,
 /// which maps (inputs by name, h0) to (o, S_T).
-fn check_backward(
-    spec: &str,
-    inputs: Vec<Input>,
-    lengths: &[usize],
-    chunk: u32,
-    seed: u64,
-    reference: &dyn Fn(&HashMap<&str, Vec<f64>>, &[Vec<f64>], &[usize]) -> (T3, Vec<Vec<f64>>),
-) {
+fn check_backward(spec: &str, inputs: Vec<Input>, lengths: &[usize], chunk: u32, seed: u64, reference: &Reference) {
     let m = mixer(spec);
     let math = m.instance.math.as_ref().expect("math");
     let class = m.class.as_ref().expect("class");
@@ -207,7 +203,8 @@ fn gla_backward_matches_central_differences() {
 fn hgrn2_backward_with_lower_bound_matches_central_differences() {
     let spec = "model m {\n  hidden_size = 16\n  pattern = HGRN2\n  mixer HGRN2 {\n    expand_ratio = 4\n  }\n}\n";
     let (k, v, h) = (4usize, 4usize, 4usize);
-    for (seed, lengths) in [(11u64, vec![6usize, 11])] {
+    {
+        let (seed, lengths) = (11u64, vec![6usize, 11]);
         let total: usize = lengths.iter().sum();
         let mut rng = Rng::new(seed);
         let inputs = vec![
@@ -233,7 +230,8 @@ fn hgrn2_backward_with_lower_bound_matches_central_differences() {
 fn retnet_backward_through_rotary_embeddings_matches_central_differences() {
     let spec = "model m {\n  hidden_size = 16\n  pattern = RetNet\n  mixer RetNet {\n    num_heads = 2\n    expand_v = 1.0\n  }\n}\n";
     let (k, v, h) = (8usize, 8usize, 2usize);
-    for (seed, lengths) in [(21u64, vec![7usize, 10])] {
+    {
+        let (seed, lengths) = (21u64, vec![7usize, 10]);
         let total: usize = lengths.iter().sum();
         let mut rng = Rng::new(seed);
         let inputs = vec![

@@ -58,6 +58,7 @@ fn specs_are_canonically_formatted_and_formatting_is_idempotent() {
     files.extend(hla_files("specs/errors"));
     files.extend(hla_files("specs/errors/lib"));
     files.extend(hla_files("examples"));
+    files.extend(hla_files("examples/bench"));
     files.push(hlac_tests::root().join("compiler/prelude/prelude.hla"));
     for path in files {
         let text = std::fs::read_to_string(&path).expect("readable");
@@ -85,7 +86,8 @@ fn fmt_canonicalises_messy_layout_and_keeps_comments() {
 
 #[test]
 fn examples_check() {
-    let examples = hla_files("examples");
+    let mut examples = hla_files("examples");
+    examples.extend(hla_files("examples/bench"));
     assert!(!examples.is_empty());
     for path in examples {
         let c = compile_rel(&rel(&path));

@@ -19,6 +19,16 @@ enum Axis {
     Scalar,
 }
 
+/// Which rows of `[tokens, heads, …]` tensors to read: `row` is token·heads + head ([R, 1]), `valid`
+/// marks the rows inside the sequence.
+#[derive(Clone, Copy)]
+pub struct Rows {
+    /// Row indices, [R, 1].
+    pub row: Value,
+    /// Rows to read, [R, 1] bool.
+    pub valid: Value,
+}
+
 /// The inputs a recurrence's expressions read: token inputs, per-head parameters and
 /// `lower_bound`, declared as kernel parameters in that order.
 pub struct Inputs {
@@ -73,7 +83,8 @@ impl Inputs {
 
     /// Loads every token input for the rows `row` ([R, 1] token·heads + head) where `valid`; an
     /// input over V reads the columns `v_cols` only.
-    pub fn load_rows(&self, b: &mut Builder, r: &Recurrence<'_>, env: &mut Env, row: Value, valid: Value, k_cols: Value, v_cols: Value) {
+    pub fn load_rows(&self, b: &mut Builder, r: &Recurrence<'_>, env: &mut Env, rows: Rows, k_cols: Value, v_cols: Value) {
+        let Rows { row, valid } = rows;
         for (name, p, axis) in &self.tokens {
             let (cols, width) = match axis {
                 Axis::K => (k_cols, r.k()),
@@ -203,10 +214,7 @@ impl Scaffold {
         let env = inputs.bind_head(&mut b, r, head, k_cols);
         let needs_position =
             [&r.class.exprs.key, &r.class.exprs.query].iter().any(|e| e.as_ref().is_some_and(|e| super::expr::mentions_call(e, "rope")));
-        let states = match states_ptrs {
-            Some((p, offsets)) => Some((p, load_scalar(&mut b, offsets, seq))),
-            None => None,
-        };
+        let states = states_ptrs.map(|(p, offsets)| (p, load_scalar(&mut b, offsets, seq)));
         Ok((
             b,
             Scaffold {
@@ -250,7 +258,7 @@ impl Scaffold {
             let pos = b.cast(pos, DType::F32);
             env.insert(super::expr::POSITION.into(), pos);
         }
-        self.inputs.load_rows(b, r, &mut env, row, valid, self.k_cols, self.v_cols);
+        self.inputs.load_rows(b, r, &mut env, Rows { row, valid }, self.k_cols, self.v_cols);
         Chunk { env, valid, row }
     }
 

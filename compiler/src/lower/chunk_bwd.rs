@@ -22,7 +22,7 @@
 use hlac_grammar::ast::{Expr, ExprKind, Ident};
 use hlac_runtime::kir::{BinOp, Builder, CmpOp, DType, Value};
 
-use super::chunk::{load_scalar, used_names, Inputs};
+use super::chunk::{load_scalar, used_names, Inputs, Rows};
 use super::decay::{causal_mask, decay_matrix};
 use super::delta_bwd::delta_core;
 use super::expr::{self, POSITION};
@@ -146,7 +146,7 @@ pub fn backward(r: &Recurrence<'_>, tiling: Tiling) -> Result<Kernel, LowerError
                 let pos = b.cast(pos, DType::F32);
                 env.insert(POSITION.into(), pos);
             }
-            inputs.load_rows(b, r, &mut env, row, valid, k_cols, v_cols);
+            inputs.load_rows(b, r, &mut env, Rows { row, valid }, k_cols, v_cols);
             let cn = b.add(n, chunk_base);
             let st = b.mul(cn, h_count);
             let st = b.add(st, head);

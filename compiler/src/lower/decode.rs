@@ -11,7 +11,7 @@
 
 use hlac_runtime::kir::{BinOp, Builder, DType, Value};
 
-use super::chunk::{used_names, Inputs};
+use super::chunk::{used_names, Inputs, Rows};
 use super::expr;
 use super::{Kernel, LowerError, Recurrence};
 use crate::classify::{Decay, Family};
@@ -52,7 +52,7 @@ pub fn decode(r: &Recurrence<'_>, block_v: u32) -> Result<Kernel, LowerError> {
     let row = b.reshape(pid0, &[1, 1]);
     let yes = b.bool(true);
     let valid = b.reshape(yes, &[1, 1]);
-    inputs.load_rows(&mut b, r, &mut env, row, valid, k_cols, v_cols);
+    inputs.load_rows(&mut b, r, &mut env, Rows { row, valid }, k_cols, v_cols);
     if let Some(p) = pos_ptr {
         let seq = b.binary(BinOp::Div, pid0, h_count);
         let pos = super::chunk::load_scalar(&mut b, p, seq);

@@ -102,7 +102,7 @@ pub struct ModelKernel {
 
 /// The largest divisor of `v` that is at most `cap` (the value block of an instance).
 fn block_of(v: u32, cap: u32) -> u32 {
-    (1..=cap.min(v)).rev().find(|d| v % d == 0).unwrap_or(1)
+    (1..=cap.min(v)).rev().find(|d| v.is_multiple_of(*d)).unwrap_or(1)
 }
 
 /// Every recurrence kernel a model needs: for each linear mixer its forward and, for the decay and

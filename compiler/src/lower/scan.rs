@@ -235,7 +235,10 @@ pub fn backward(r: &Recurrence<'_>, block: u32) -> Result<Kernel, LowerError> {
 }
 
 /// Declares the token inputs and per-head inputs (`lower_bound` included) the expressions use.
-fn declare_inputs(b: &mut Builder, r: &Recurrence<'_>, used: &[String]) -> (Vec<(String, Ptr)>, Vec<(String, Ptr)>) {
+/// Named pointer parameters.
+type Named = Vec<(String, Ptr)>;
+
+fn declare_inputs(b: &mut Builder, r: &Recurrence<'_>, used: &[String]) -> (Named, Named) {
     let is_used = |n: &str| used.iter().any(|u| u == n);
     let tokens = r
         .math

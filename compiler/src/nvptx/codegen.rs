@@ -441,7 +441,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         let ratio = self.b.build_float_div(xf, um1, "").map_err(e)?;
         let r = self.b.build_float_mul(lu, ratio, "").map_err(e)?;
         let exact = self.b.build_float_compare(FloatPredicate::OEQ, u, one, "").map_err(e)?;
-        Ok(self.b.build_select(exact, xf, r, "").map_err(e)?)
+        self.b.build_select(exact, xf, r, "").map_err(e)
     }
 
     /// sin or cos after reducing the argument to [−π, π] (the approximate unit is accurate there).
