@@ -1,6 +1,7 @@
 //! Helpers shared by the integration and snapshot tests in `tests/tests/`: where the repository's
 //! specs and fixtures are, and how to compile a spec into the text forms the snapshots pin.
 
+pub mod kernels;
 pub mod reference;
 
 use std::path::{Path, PathBuf};

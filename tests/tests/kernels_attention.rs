@@ -7,6 +7,7 @@
 
 use hlac::lower::attention::{self, AttnConfig, AttnTiling};
 use hlac_runtime::cpu::{Arg, CpuModule};
+use hlac_tests::kernels::{f32s, f64s, packing, rel_l2};
 use hlac_tests::reference::attention::{attention, attention_step, AttnOpts, KvCache};
 use hlac_tests::reference::grad::{numeric_grad, weighted_sum};
 use hlac_tests::reference::ops::rope_t3;
@@ -14,21 +15,6 @@ use hlac_tests::reference::rng::Rng;
 use hlac_tests::reference::{positions, seq_ranges, T3};
 
 const TOL: f64 = 1e-5;
-
-fn f32s(x: &[f64]) -> Vec<f32> {
-    x.iter().map(|v| *v as f32).collect()
-}
-
-fn f64s(x: &[f32]) -> Vec<f64> {
-    x.iter().map(|v| f64::from(*v)).collect()
-}
-
-fn rel_l2(got: &[f32], want: &[f64]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let num: f64 = got.iter().zip(want).map(|(g, w)| (f64::from(*g) - w).powi(2)).sum();
-    let den: f64 = want.iter().map(|w| w * w).sum();
-    (num / den.max(1e-300)).sqrt()
-}
 
 /// One attention layer's shape: heads, kv heads, head dim, value dim, window, RoPE base.
 #[derive(Clone, Copy, Debug)]
@@ -58,16 +44,6 @@ impl Shape {
     fn opts(&self) -> AttnOpts {
         AttnOpts { window: self.window, rope_theta: self.rope }
     }
-}
-
-/// Cumulative offsets as usize (reference) and i64 (kernel).
-fn packing(lengths: &[usize]) -> (Vec<usize>, Vec<i64>) {
-    let mut cu = vec![0usize];
-    for l in lengths {
-        cu.push(cu.last().copied().unwrap_or(0) + l);
-    }
-    let cu64 = cu.iter().map(|&x| x as i64).collect();
-    (cu, cu64)
 }
 
 /// Seeded q, k, v for `total` tokens.

@@ -5,30 +5,11 @@
 
 use hlac::lower::{chunk_forward, decay, Recurrence, Tiling};
 use hlac_runtime::cpu::{Arg, CpuModule};
+use hlac_tests::kernels::{f32s, mixer, packing, rel_l2};
 use hlac_tests::reference::linear::forward;
 use hlac_tests::reference::mixers;
 use hlac_tests::reference::rng::Rng;
 use hlac_tests::reference::T3;
-
-/// A model's first mixer, compiled from spec text: (class, math, heads).
-fn mixer(spec: &str) -> hlac::ir::Mixer {
-    let c = hlac::compile_str("<kernel test>", spec, &hlac_tests::root());
-    assert!(!c.failed(), "{}", c.render(false));
-    let model = c.model.expect("model");
-    let m = model.mixers.iter().next().map(|(_, m)| m.clone()).expect("a mixer");
-    m
-}
-
-fn f32s(x: &[f64]) -> Vec<f32> {
-    x.iter().map(|v| *v as f32).collect()
-}
-
-fn rel_l2(got: &[f32], want: &[f64]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let num: f64 = got.iter().zip(want).map(|(g, w)| (f64::from(*g) - w).powi(2)).sum();
-    let den: f64 = want.iter().map(|w| w * w).sum();
-    (num / den.max(1e-300)).sqrt()
-}
 
 /// Runs a lowered forward kernel: `inputs` are bound to the program's parameters by name.
 fn run_forward(m: &hlac::ir::Mixer, tiling: Tiling, inputs: &[(&str, Vec<f32>)], cu: &[i64], h0: Option<&[f32]>) -> (Vec<f32>, Vec<f32>) {
@@ -64,16 +45,6 @@ fn run_forward(m: &hlac::ir::Mixer, tiling: Tiling, inputs: &[(&str, Vec<f32>)],
         module.launch(id, &mut args, &[(seqs * h) as u64, (v as u32 / tiling.block_v) as u64]).expect("launches");
     }
     (o, ht)
-}
-
-/// Packs sequences of the given lengths: cumulative offsets as usize (reference) and i64 (kernel).
-fn packing(lengths: &[usize]) -> (Vec<usize>, Vec<i64>) {
-    let mut cu = vec![0usize];
-    for l in lengths {
-        cu.push(cu.last().copied().unwrap_or(0) + l);
-    }
-    let cu64 = cu.iter().map(|&x| x as i64).collect();
-    (cu, cu64)
 }
 
 fn states_flat(states: &[Vec<f64>]) -> Vec<f64> {

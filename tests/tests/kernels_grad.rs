@@ -3,6 +3,7 @@
 //! initial state) for loss ℓ = Σ W_o ⊙ o + Σ W_s ⊙ S_T with random weights, on packed
 //! sequences spanning several chunks. Tolerance: relative L2 error ≤ 1e-4.
 
+use hlac_tests::kernels::{f32s, mixer, rel_l2};
 use std::collections::HashMap;
 
 use hlac::classify::Family;
@@ -41,23 +42,6 @@ fn launch(program: &hlac_runtime::kir::Program, mut bufs: HashMap<String, Buf>, 
         module.launch(id, &mut args, grid).expect("launches");
     }
     bufs.into_iter().filter_map(|(n, b)| if let Buf::Out(v) = b { Some((n, v)) } else { None }).collect()
-}
-
-fn f32s(x: &[f64]) -> Vec<f32> {
-    x.iter().map(|v| *v as f32).collect()
-}
-
-fn rel_l2(got: &[f32], want: &[f64]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let num: f64 = got.iter().zip(want).map(|(g, w)| (f64::from(*g) - w).powi(2)).sum();
-    let den: f64 = want.iter().map(|w| w * w).sum();
-    (num / den.max(1e-300)).sqrt()
-}
-
-fn mixer(spec: &str) -> hlac::ir::Mixer {
-    let c = hlac::compile_str("<grad test>", spec, &hlac_tests::root());
-    assert!(!c.failed(), "{}", c.render(false));
-    c.model.expect("model").mixers.iter().next().map(|(_, m)| m.clone()).expect("mixer")
 }
 
 /// The f64 reference of a test: (inputs by name, initial states, cu_seqlens) → (o, final states).

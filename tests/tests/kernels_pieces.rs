@@ -10,6 +10,7 @@
 use hlac::lower::pieces::{self, Conv, Norm};
 use hlac::lower::Kernel;
 use hlac_runtime::cpu::{Arg, CpuModule};
+use hlac_tests::kernels::{f32s, f64s, packing, rel_l2_f64 as rel_l2};
 use hlac_tests::reference::grad::numeric_grad;
 use hlac_tests::reference::ops::{rms_norm, rms_norm_gated, short_conv, ShortConv};
 use hlac_tests::reference::rng::Rng;
@@ -45,37 +46,6 @@ fn launch(kernel: &Kernel, binds: Vec<(&str, Bind<'_>)>, grid: &[u64]) {
         });
     }
     module.launch(id, &mut args, grid).unwrap_or_else(|e| panic!("{e}"));
-}
-
-fn f32s(x: &[f64]) -> Vec<f32> {
-    x.iter().map(|v| *v as f32).collect()
-}
-
-fn f64s(x: &[f32]) -> Vec<f64> {
-    x.iter().map(|v| f64::from(*v)).collect()
-}
-
-/// ‖got − want‖₂ / ‖want‖₂ (NaN anywhere makes it infinite).
-fn rel_l2(got: &[f64], want: &[f64]) -> f64 {
-    assert_eq!(got.len(), want.len(), "lengths differ");
-    if got.iter().any(|g| !g.is_finite()) {
-        return f64::INFINITY;
-    }
-    let num: f64 = got.iter().zip(want).map(|(g, w)| (g - w).powi(2)).sum();
-    let den: f64 = want.iter().map(|w| w * w).sum();
-    if den == 0.0 {
-        return num.sqrt();
-    }
-    (num / den).sqrt()
-}
-
-fn packing(lengths: &[usize]) -> (Vec<usize>, Vec<i64>) {
-    let mut cu = vec![0usize];
-    for l in lengths {
-        cu.push(cu.last().copied().unwrap_or(0) + l);
-    }
-    let cu64 = cu.iter().map(|&x| x as i64).collect();
-    (cu, cu64)
 }
 
 /// Sums partials `[parts, cols]` with the `sum_partials` kernel.

@@ -342,3 +342,27 @@ pub fn chunked_forward(r: &Recurrence<'_>, tiling: Tiling, store_states: bool, s
     let grid = vec!["sequences * heads".into(), format!("{} / {}", r.v(), sc.bv)];
     Ok(super::Kernel { program: sc.finish(b, out[0]), grid })
 }
+
+/// A chunk's effective q' = scale · query, key and value as [C, K], [C, K] and [C, block_v] tiles,
+/// with k and v zero on rows past the sequence's end.
+pub fn chunk_qkv(r: &Recurrence<'_>, sc: &Scaffold, b: &mut Builder, chunk: &Chunk) -> Result<(Value, Value, Value), String> {
+    let ex = &r.class.exprs;
+    let key = ex.key.as_ref().ok_or("no key expression")?;
+    let value = ex.value.as_ref().ok_or("no value expression")?;
+    let query = ex.query.as_ref().ok_or("the read-out has no query")?;
+    let (env, valid) = (&chunk.env, chunk.valid);
+    let zero = b.f32(0.0);
+    let mut q = super::expr::lower(b, query, env)?;
+    if let Some(scale) = &ex.scale {
+        let s = super::expr::lower(b, scale, env)?;
+        q = b.mul(q, s);
+    }
+    let q = b.broadcast(q, &[sc.c, sc.k]);
+    let k = super::expr::lower(b, key, env)?;
+    let k = b.broadcast(k, &[sc.c, sc.k]);
+    let k = b.select(valid, k, zero);
+    let v = super::expr::lower(b, value, env)?;
+    let v = b.broadcast(v, &[sc.c, sc.bv]);
+    let v = b.select(valid, v, zero);
+    Ok((q, k, v))
+}

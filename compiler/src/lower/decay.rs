@@ -17,7 +17,7 @@
 use hlac_runtime::kir::{Builder, CmpOp, Value};
 
 pub use super::chunk::load_scalar;
-use super::chunk::{chunked_forward, Chunk, Scaffold};
+use super::chunk::{chunk_qkv, chunked_forward, Chunk, Scaffold};
 use super::expr;
 use super::{Kernel, LowerError, Recurrence, Tiling};
 use crate::classify::{Decay, Family};
@@ -41,22 +41,9 @@ pub fn forward(r: &Recurrence<'_>, tiling: Tiling, store_states: bool) -> Result
 /// One chunk: stores its output and returns the next state.
 fn step(r: &Recurrence<'_>, sc: &Scaffold, b: &mut Builder, chunk: &Chunk, s: Value) -> Result<Value, String> {
     let ex = &r.class.exprs;
-    let (key, value) = (ex.key.as_ref().ok_or("no key expression")?, ex.value.as_ref().ok_or("no value expression")?);
-    let query = ex.query.as_ref().ok_or("the read-out has no query")?;
-    let (kd, c, bv, env, valid) = (sc.k, sc.c, sc.bv, &chunk.env, chunk.valid);
+    let (kd, c, env, valid) = (sc.k, sc.c, &chunk.env, chunk.valid);
     let zero = b.f32(0.0);
-    let mut q = expr::lower(b, query, env)?;
-    if let Some(scale) = &ex.scale {
-        let s = expr::lower(b, scale, env)?;
-        q = b.mul(q, s);
-    }
-    let q = b.broadcast(q, &[c, kd]);
-    let k = expr::lower(b, key, env)?;
-    let k = b.broadcast(k, &[c, kd]);
-    let k = b.select(valid, k, zero);
-    let v = expr::lower(b, value, env)?;
-    let v = b.broadcast(v, &[c, bv]);
-    let v = b.select(valid, v, zero);
+    let (q, k, v) = chunk_qkv(r, sc, b, chunk)?;
     let causal = causal_mask(b, c);
     let never = b.f32(-1e30);
     let Some(decay) = ex.decay.as_ref().filter(|_| !matches!(r.class.decay, Decay::None)) else {

@@ -14,7 +14,7 @@
 
 use hlac_runtime::kir::{Builder, CmpOp, Value};
 
-use super::chunk::{chunked_forward, Chunk, Scaffold};
+use super::chunk::{chunk_qkv, chunked_forward, Chunk, Scaffold};
 use super::decay::{causal_mask, decay_matrix};
 use super::expr;
 use super::{Kernel, LowerError, Recurrence, Tiling};
@@ -33,23 +33,9 @@ pub fn forward(r: &Recurrence<'_>, tiling: Tiling, store_states: bool) -> Result
 
 fn step(r: &Recurrence<'_>, sc: &Scaffold, b: &mut Builder, chunk: &Chunk, s: Value) -> Result<Value, String> {
     let ex = &r.class.exprs;
-    let key = ex.key.as_ref().ok_or("no key expression")?;
-    let value = ex.value.as_ref().ok_or("no value expression")?;
-    let query = ex.query.as_ref().ok_or("the read-out has no query")?;
-    let (kd, c, bv, env, valid) = (sc.k, sc.c, sc.bv, &chunk.env, chunk.valid);
+    let (c, env, valid) = (sc.c, &chunk.env, chunk.valid);
     let zero = b.f32(0.0);
-    let mut q = expr::lower(b, query, env)?;
-    if let Some(scale) = &ex.scale {
-        let s = expr::lower(b, scale, env)?;
-        q = b.mul(q, s);
-    }
-    let q = b.broadcast(q, &[c, kd]);
-    let k = expr::lower(b, key, env)?;
-    let k = b.broadcast(k, &[c, kd]);
-    let k = b.select(valid, k, zero);
-    let v = expr::lower(b, value, env)?;
-    let v = b.broadcast(v, &[c, bv]);
-    let v = b.select(valid, v, zero);
+    let (q, k, v) = chunk_qkv(r, sc, b, chunk)?;
     let beta = match &ex.beta {
         Some(e) => expr::lower(b, e, env)?,
         None => b.f32(1.0),

@@ -218,25 +218,14 @@ fn shape_of(b: &Builder, e: &Expr, env: &Env) -> Result<Vec<u32>, String> {
     Ok(match &e.kind {
         ExprKind::Name(n) => b.shape(*env.get(n).ok_or_else(|| format!("`{n}` is not available in this kernel"))?),
         ExprKind::Paren(x) | ExprKind::Unary { operand: x, .. } | ExprKind::Transpose(x) => shape_of(b, x, env)?,
-        ExprKind::Binary { lhs, rhs, .. } => broadcast_shape(&shape_of(b, lhs, env)?, &shape_of(b, rhs, env)?),
+        ExprKind::Binary { lhs, rhs, .. } => Builder::common(&shape_of(b, lhs, env)?, &shape_of(b, rhs, env)?),
         ExprKind::Call { args, .. } => {
             let mut s = Vec::new();
             for a in args {
-                s = broadcast_shape(&s, &shape_of(b, a, env)?);
+                s = Builder::common(&s, &shape_of(b, a, env)?);
             }
             s
         }
         _ => Vec::new(),
     })
-}
-
-fn broadcast_shape(a: &[u32], b: &[u32]) -> Vec<u32> {
-    let n = a.len().max(b.len());
-    (0..n)
-        .map(|i| {
-            let x = if i + a.len() >= n { a[i + a.len() - n] } else { 1 };
-            let y = if i + b.len() >= n { b[i + b.len() - n] } else { 1 };
-            x.max(y)
-        })
-        .collect()
 }

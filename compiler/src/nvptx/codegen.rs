@@ -364,15 +364,6 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         let one = self.i64c(1);
         self.counted(zero, end, one, body)
     }
-
-    /// Splits a flat index into (outer, extent position, inner) around `axis`.
-    fn split(shape: &[u32], axis: u8) -> (u64, u64, u64) {
-        let a = axis as usize;
-        let outer = shape[..a].iter().map(|&x| u64::from(x)).product();
-        let inner = shape[a + 1..].iter().map(|&x| u64::from(x)).product();
-        (outer, u64::from(shape[a]), inner)
-    }
-
     fn emit(&mut self) -> R<()> {
         // This block's workspace: scratch + linear block id × scratch bytes (patched below once the
         // size is known, through a placeholder multiply by a global constant).
@@ -661,19 +652,10 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             g.write(to, i, x)
         })
     }
-
-    fn strides(shape: &[u32]) -> Vec<i64> {
-        let mut s = vec![1i64; shape.len()];
-        for k in (0..shape.len().saturating_sub(1)).rev() {
-            s[k] = s[k + 1] * i64::from(shape[k + 1]);
-        }
-        s
-    }
-
     /// Per-axis indices of a flat index into `shape`.
     fn unflatten(&self, flat: IntValue<'ctx>, shape: &[u32]) -> R<Vec<IntValue<'ctx>>> {
         let e = |x| self.llvm(x);
-        let strides = Self::strides(shape);
+        let strides = kir::strides(shape);
         let mut rest = flat;
         let mut out = Vec::new();
         for (k, s) in strides.iter().enumerate() {
@@ -870,7 +852,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                     self.par(self.p.ty(out).numel(), &mut |g, i| g.write(out, i, x))?;
                 } else {
                     let ishape = self.p.ty(a).shape.clone();
-                    let istr = Self::strides(&ishape);
+                    let istr = kir::strides(&ishape);
                     self.par(self.p.ty(out).numel(), &mut |g, i| {
                         let idx = g.unflatten(i, &oshape)?;
                         let mut src = g.i64c(0);
@@ -935,7 +917,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                 let (op, a, axis) = (*op, *a, *axis);
                 let d = self.p.ty(a).dtype;
                 let t = self.reg_type(d)?;
-                let (outer, extent, inner) = Self::split(&self.p.ty(a).shape, axis);
+                let (outer, extent, inner) = kir::split(&self.p.ty(a).shape, axis);
                 let acc = self.stack_slot(t)?;
                 let bop = match op {
                     ReduceOp::Sum => BinOp::Add,
@@ -984,7 +966,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             Op::Scan { value, axis, reverse } => {
                 let out = res()?;
                 let (a, axis, reverse) = (*value, *axis, *reverse);
-                let (outer, extent, inner) = Self::split(&self.p.ty(a).shape, axis);
+                let (outer, extent, inner) = kir::split(&self.p.ty(a).shape, axis);
                 self.alloc(out);
                 let t: BasicTypeEnum = self.ctx.f32_type().into();
                 let acc = self.stack_slot(t)?;

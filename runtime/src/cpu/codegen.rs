@@ -725,16 +725,6 @@ impl Gen<'_> {
             Ok(())
         })
     }
-
-    /// Row-major strides of a shape.
-    fn strides(shape: &[u32]) -> Vec<i64> {
-        let mut s = vec![1i64; shape.len()];
-        for k in (0..shape.len().saturating_sub(1)).rev() {
-            s[k] = s[k + 1] * i64::from(shape[k + 1]);
-        }
-        s
-    }
-
     /// Emits nested loops over `shape`, calling `body` with the flat index and the per-axis indices.
     fn nest(&mut self, shape: &[u32], body: &mut NestFn<'_, Self>) -> Result<(), CodegenError> {
         self.nest_from(shape, &mut Vec::new(), body)
@@ -742,7 +732,7 @@ impl Gen<'_> {
 
     fn nest_from(&mut self, shape: &[u32], idx: &mut Vec<ClValue>, body: &mut NestFn<'_, Self>) -> Result<(), CodegenError> {
         if idx.len() == shape.len() {
-            let strides = Self::strides(shape);
+            let strides = crate::kir::strides(shape);
             let mut flat = self.fb.ins().iconst(types::I64, 0);
             for (k, i) in idx.iter().enumerate() {
                 let t = self.fb.ins().imul_imm_s(*i, strides[k]);
@@ -867,7 +857,7 @@ impl Gen<'_> {
                 self.alloc(out);
                 let oshape = self.ty(out).shape.clone();
                 let ishape = self.ty(a).shape.clone();
-                let istr = Self::strides(&ishape);
+                let istr = crate::kir::strides(&ishape);
                 let last = oshape.len() - 1;
                 let row = u64::from(oshape[last]);
                 // Row by row along the last axis: copied when `a` has that axis, else filled with
@@ -1155,19 +1145,10 @@ impl Gen<'_> {
         };
         self.binary(bop, d, a, b)
     }
-
-    /// Shape split around `axis`: (outer, extent, inner) element counts.
-    fn split(shape: &[u32], axis: u8) -> (u64, u64, u64) {
-        let a = axis as usize;
-        let outer = shape[..a].iter().map(|&x| u64::from(x)).product();
-        let inner = shape[a + 1..].iter().map(|&x| u64::from(x)).product();
-        (outer, u64::from(shape[a]), inner)
-    }
-
     fn reduce(&mut self, out: Value, op: ReduceOp, a: Value, axis: u8) -> Result<(), CodegenError> {
         let d = self.ty(a).dtype;
         let t = self.cl_type(d)?;
-        let (outer, extent, inner) = Self::split(&self.ty(a).shape.clone(), axis);
+        let (outer, extent, inner) = crate::kir::split(&self.ty(a).shape.clone(), axis);
         let scalar_out = self.ty(out).is_scalar();
         if !scalar_out {
             self.alloc(out);
@@ -1271,7 +1252,7 @@ impl Gen<'_> {
     }
 
     fn scan(&mut self, out: Value, a: Value, axis: u8, reverse: bool) -> Result<(), CodegenError> {
-        let (outer, extent, inner) = Self::split(&self.ty(a).shape.clone(), axis);
+        let (outer, extent, inner) = crate::kir::split(&self.ty(a).shape.clone(), axis);
         self.alloc(out);
         // LANES neighbouring columns at a time while they fill whole vectors (the same sums in the
         // same order as one at a time).

@@ -152,8 +152,9 @@ impl Builder {
         self.op(Op::Transpose(v), Ty::tile(ty.dtype, &shape))
     }
 
-    /// The common numpy broadcast shape of two shapes, if any.
-    fn common(a: &[u32], b: &[u32]) -> Vec<u32> {
+    /// The common numpy broadcast shape of two shapes (each axis the larger of the two, missing
+    /// leading axes counting as 1).
+    pub fn common(a: &[u32], b: &[u32]) -> Vec<u32> {
         let n = a.len().max(b.len());
         (0..n)
             .map(|i| {

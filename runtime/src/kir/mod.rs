@@ -90,6 +90,24 @@ pub struct Ty {
     pub shape: Vec<u32>,
 }
 
+/// Row-major strides (in elements) of a shape.
+pub fn strides(shape: &[u32]) -> Vec<i64> {
+    let mut s = vec![1i64; shape.len()];
+    for k in (0..shape.len().saturating_sub(1)).rev() {
+        s[k] = s[k + 1] * i64::from(shape[k + 1]);
+    }
+    s
+}
+
+/// A shape split around `axis` into element counts (before, along, after) — the loop nest of a
+/// reduction or scan over that axis.
+pub fn split(shape: &[u32], axis: u8) -> (u64, u64, u64) {
+    let a = axis as usize;
+    let outer = shape[..a].iter().map(|&x| u64::from(x)).product();
+    let inner = shape[a + 1..].iter().map(|&x| u64::from(x)).product();
+    (outer, u64::from(shape[a]), inner)
+}
+
 impl Ty {
     /// A scalar.
     pub fn scalar(dtype: DType) -> Ty {
