@@ -183,7 +183,7 @@ fn query_blocks_past_every_sequence_store_nothing() {
 
 #[test]
 fn forward_on_a_long_rotated_sequence() {
-    // Positions up to 2047 stress the f32 rotation angles (position × θ^(−2i/d)).
+    // Positions up to 2047: the rotation angles (position × θ^(−2i/d)) must be formed accurately for 1e-5.
     check_forward(Shape { kv_heads: 1, rope: Some(10000.0), ..mha(32) }, &[2048], TILE, 601);
 }
 

@@ -448,7 +448,8 @@ fn every_prelude_mixers_kernels_are_pinned_and_compile() {
         let kind = mixer_spec.split_whitespace().next().unwrap_or_default();
         // Training targets carry every kernel: forward, decode, the state-keeping forward and
         // the backward.
-        let spec = format!("model m {{\n  hidden_size = 64\n  pattern = {kind}\n  mixer {mixer_spec}\n}}\ntarget {{\n  mode = training\n}}\n");
+        let spec =
+            format!("model m {{\n  hidden_size = 64\n  pattern = {kind}\n  mixer {mixer_spec}\n}}\ntarget {{\n  mode = training\n}}\n");
         let c = hlac::compile_str("<kernels>", &spec, &hlac_tests::root());
         assert!(!c.failed(), "{name}: {}", c.render(false));
         let model = c.model.expect("model");

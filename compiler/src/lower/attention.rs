@@ -677,8 +677,10 @@ fn load_heads(
 /// position 783 and 3e-6 at 2048 (tests/tests/kernels_attention.rs); far longer contexts would
 /// want the angle reduced in extended precision.
 struct Rope {
-    /// θ^(−2i/d) for the pair of each column, `[1, d]`.
-    inv_freq: Value,
+    /// Head dimension.
+    d: u32,
+    /// The rotary base.
+    theta: f64,
     /// −1 on the first half, +1 on the second, `[1, d]`.
     sign: Value,
     /// (c + d/2) mod d: the partner column of each column, `[1, d]`.
@@ -693,21 +695,12 @@ impl Rope {
         let shifted = b.add(cols, half);
         let partner_cols = b.binary(BinOp::Rem, shifted, d_v);
         let partner_cols = b.row(partner_cols);
-        let pair = b.binary(BinOp::Rem, cols, half);
-        let pair = b.cast(pair, DType::F32);
-        // θ^(−2i/d) by pow rather than e^{−2i/d · ln θ}: with d a power of two the exponent is
-        // exact, and pow rounds once, where exp would also amplify the rounding of ln θ.
-        let step = b.f32(-2.0 / f64::from(d));
-        let exponent = b.mul(pair, step);
-        let theta_v = b.f32(theta);
-        let inv_freq = b.binary(BinOp::Pow, theta_v, exponent);
-        let inv_freq = b.row(inv_freq);
         let first_half = b.cmp(CmpOp::Lt, cols, half);
         let minus = b.f32(-1.0);
         let plus = b.f32(1.0);
         let sign = b.select(first_half, minus, plus);
         let sign = b.row(sign);
-        Rope { inv_freq, sign, partner_cols }
+        Rope { d, theta, sign, partner_cols }
     }
 
     /// Rotates `x` `[n, d]`, whose partner-column tile is `partner`, at `positions` (`[n]`, i64).
@@ -727,9 +720,8 @@ impl Rope {
     fn turn(&self, b: &mut Builder, x: Value, partner: Value, positions: Value, op: BinOp) -> Value {
         let pos = b.cast(positions, DType::F32);
         let pos = b.col(pos);
-        let angle = b.mul(pos, self.inv_freq);
-        let cos = b.unary(UnOp::Cos, angle);
-        let sin = b.unary(UnOp::Sin, angle);
+        // The same accurate angles as the recurrences' RoPE (f64 frequencies, reduced mod 2π).
+        let (cos, sin) = super::expr::rope_angles(b, self.d, pos, self.theta);
         let xc = b.mul(x, cos);
         let ps = b.mul(partner, sin);
         let ps = b.mul(ps, self.sign);

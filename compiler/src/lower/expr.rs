@@ -128,6 +128,14 @@ pub fn rope_parts(b: &mut Builder, d: u32, pos: Value, base: f64) -> (Value, Val
     let down = b.select(is_down, posv, zero);
     let upper_half = b.select(paired, down, zero);
     let p = b.select(lower, up, upper_half);
+    let (cos, sin) = rope_angles(b, d, pos, base);
+    (p, cos, sin)
+}
+
+/// cos θ and sin θ ([R, D]) of the rotary angles θ_ri = pos_r · base^(−2(i mod D/2)/D) (the
+/// unpaired last channel of an odd D gets θ = 0), from a [R, 1] f32 tile of positions.
+pub fn rope_angles(b: &mut Builder, d: u32, pos: Value, base: f64) -> (Value, Value) {
+    let half = d / 2;
     // Angles θ = pos · f with f = base^(−2k/D) (k = i mod D/2; the unpaired last channel gets 0),
     // formed accurately in f32: f is computed in f64 here and split into f_hi (8 significant bits,
     // so pos · f_hi is exact for pos < 2¹⁶) and f_lo; pos · f_hi is reduced mod 2π with 2π in three
@@ -162,7 +170,7 @@ pub fn rope_parts(b: &mut Builder, d: u32, pos: Value, base: f64) -> (Value, Val
     let theta = b.add(r, small);
     let cos = b.unary(UnOp::Cos, theta);
     let sin = b.unary(UnOp::Sin, theta);
-    (p, cos, sin)
+    (cos, sin)
 }
 
 /// `x` rounded to `bits` significant bits (0 stays 0).
