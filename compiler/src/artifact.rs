@@ -92,6 +92,7 @@ pub fn manifest(model: &Model, kernels: &[ModelKernel], ptx: &[Compiled]) -> Man
                     entry: gpu.map(|c| c.entry.clone()),
                     threads: gpu.map(|_| crate::nvptx::THREADS),
                     scratch_bytes: gpu.map(|c| c.scratch_bytes),
+                    shared_bytes: gpu.map(|c| c.shared_bytes).filter(|&b| b > 0),
                 }
             })
             .collect(),

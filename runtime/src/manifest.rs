@@ -122,6 +122,10 @@ pub struct KernelInfo {
     /// Bytes of zero-initialised global workspace each program instance needs (absent: none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scratch_bytes: Option<u64>,
+    /// Bytes of dynamic shared memory each block needs (absent: none); the workspace lives there
+    /// when it fits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_bytes: Option<u64>,
 }
 
 /// The whole manifest.

@@ -48,10 +48,25 @@ pub struct Compiled {
     pub ptx: String,
     /// The entry point's name.
     pub entry: String,
-    /// Workspace bytes per program instance.
+    /// Global-memory workspace bytes per program instance (0 when the workspace is in shared memory).
     pub scratch_bytes: u64,
+    /// Dynamic shared-memory bytes per block: the whole workspace, when it fits (0 otherwise).
+    pub shared_bytes: u64,
     /// The machine code ptxas made of the PTX, when it was run.
     pub cubin: Option<Vec<u8>>,
+}
+
+/// The most dynamic shared memory one block may use on `device` (the opt-in maximum per block).
+fn shared_limit(device: &str) -> u64 {
+    match device {
+        "sm_90" => 227 * 1024,
+        _ => 163 * 1024,
+    }
+}
+
+/// Workspace bytes per instance: the planned bytes rounded up to whole 16-byte lines (at least 64).
+fn shared_size(layout: &kir::layout::Layout) -> u64 {
+    layout.bytes.max(64).div_ceil(16) * 16
 }
 
 /// The PTX target for a device name (`sm_80`, `sm_90`).
@@ -80,16 +95,21 @@ pub fn compile(program: &Program, device: &str) -> Result<Compiled, NvptxError> 
     module.set_triple(&triple);
     module.set_data_layout(&machine.get_target_data().get_data_layout());
     let entry = sanitize(&program.name);
-    let scratch_bytes = {
-        let mut g = Gen::new(&context, &module, program, &entry)?;
+    let (scratch_bytes, shared_bytes) = {
+        let mut g = Gen::new(&context, &module, program, &entry, shared_limit(device))?;
         g.emit()?;
-        g.layout.bytes.max(64)
+        let bytes = shared_size(&g.layout);
+        if g.smem.is_some() {
+            (0, bytes)
+        } else {
+            (bytes, 0)
+        }
     };
     module.verify().map_err(|e| fail(format!("invalid LLVM IR: {e}")))?;
     module.run_passes("default<O3>", &machine, PassBuilderOptions::create()).map_err(|e| fail(e.to_string()))?;
     let buffer = machine.write_to_memory_buffer(&module, FileType::Assembly).map_err(|e| fail(e.to_string()))?;
     let ptx = String::from_utf8_lossy(buffer.as_slice()).into_owned();
-    Ok(Compiled { ptx, entry, scratch_bytes, cubin: None })
+    Ok(Compiled { ptx, entry, scratch_bytes, shared_bytes, cubin: None })
 }
 
 /// A PTX-safe identifier.
@@ -121,8 +141,11 @@ struct Gen<'a, 'ctx> {
     /// Pointer parameters by kir parameter index; integer parameters' values.
     globals: HashMap<u32, GlobalParam<'ctx>>,
     ints: HashMap<u32, IntValue<'ctx>>,
-    /// This block's workspace, as an i64 address.
+    /// This block's workspace, as an i64 address (when it is in global memory).
     scratch: IntValue<'ctx>,
+    /// The workspace in dynamic shared memory, when the whole of it fits: tile accesses then cost
+    /// shared-memory latency instead of a round trip through L1/L2.
+    smem: Option<PointerValue<'ctx>>,
     error: IntValue<'ctx>,
     tid: IntValue<'ctx>,
     slots: HashMap<Value, u64>,
@@ -133,7 +156,7 @@ struct Gen<'a, 'ctx> {
 type R<T> = Result<T, NvptxError>;
 
 impl<'a, 'ctx> Gen<'a, 'ctx> {
-    fn new(ctx: &'ctx Context, module: &'a Module<'ctx>, p: &'a Program, entry: &str) -> R<Self> {
+    fn new(ctx: &'ctx Context, module: &'a Module<'ctx>, p: &'a Program, entry: &str, shared_limit: u64) -> R<Self> {
         let i64t = ctx.i64_type();
         let mut params = Vec::new();
         for param in &p.params {
@@ -173,6 +196,15 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             }
         }
         let (Some(scratch_base), Some(error)) = (arg(at), arg(at + 1)) else { unreachable!("declared above") };
+        let layout = kir::layout::plan(p);
+        let smem = (shared_size(&layout) <= shared_limit).then(|| {
+            // `extern __shared__`: a zero-length array in the shared address space whose size is
+            // the launch's dynamic shared memory.
+            let g = module.add_global(ctx.i8_type().array_type(0), Some(AddressSpace::from(3)), "hlac_workspace");
+            g.set_linkage(inkwell::module::Linkage::External);
+            g.set_alignment(16);
+            g.as_pointer_value()
+        });
         let mut g = Gen {
             ctx,
             module,
@@ -183,11 +215,12 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             globals,
             ints,
             scratch: scratch_base,
+            smem,
             error,
             tid: i64t.const_zero(),
             slots: HashMap::new(),
             scalars: HashMap::new(),
-            layout: kir::layout::plan(p),
+            layout,
         };
         g.tid = g.sreg("llvm.nvvm.read.ptx.sreg.tid.x")?;
         Ok(g)
@@ -264,8 +297,22 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         let e = |x| self.llvm(x);
         let off = self.b.build_int_mul(i, self.i64c(size), "").map_err(e)?;
         let off = self.b.build_int_add(off, self.i64c(base), "").map_err(e)?;
+        if self.smem.is_some() {
+            return self.smem_ptr(off);
+        }
         let addr = self.b.build_int_add(self.scratch, off, "").map_err(e)?;
         self.b.build_int_to_ptr(addr, self.ctx.ptr_type(AddressSpace::from(1)), "").map_err(e)
+    }
+
+    /// Pointer to byte `off` of the shared-memory workspace (integer arithmetic, which LLVM folds
+    /// into the address: the compiler crate has no `unsafe` for a GEP).
+    fn smem_ptr(&self, off: IntValue<'ctx>) -> R<PointerValue<'ctx>> {
+        let Some(smem) = self.smem else { return Err(self.llvm("no shared workspace")) };
+        let e = |x| self.llvm(x);
+        let shared = self.ctx.ptr_type(AddressSpace::from(3));
+        let base = self.b.build_ptr_to_int(smem, self.ctx.i64_type(), "").map_err(e)?;
+        let addr = self.b.build_int_add(base, off, "").map_err(e)?;
+        self.b.build_int_to_ptr(addr, shared, "").map_err(e)
     }
 
     fn read(&mut self, v: Value, i: IntValue<'ctx>) -> R<BasicValueEnum<'ctx>> {
@@ -384,6 +431,18 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         let size = self.b.build_load(self.ctx.i64_type(), size_global.as_pointer_value(), "").map_err(e)?.into_int_value();
         let off = self.b.build_int_mul(lin, size, "").map_err(e)?;
         self.scratch = self.b.build_int_add(self.scratch, off, "").map_err(e)?;
+        if self.smem.is_some() {
+            // The kernels may rely on a zero-initialised workspace (the global one is zeroed by
+            // the runtime); shared memory starts undefined, so clear it.
+            let words = shared_size(&self.layout) / 4;
+            let zero = self.ctx.i32_type().const_zero();
+            self.par(words, &mut |g, i| {
+                let off = g.b.build_int_mul(i, g.i64c(4), "").map_err(e)?;
+                let ptr = g.smem_ptr(off)?;
+                g.b.build_store(ptr, zero).map_err(e)?;
+                Ok(())
+            })?;
+        }
         let body = self.p.body.clone();
         self.block(&body)?;
         self.b.build_return(None).map_err(e)?;

@@ -20,6 +20,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError, LaunchConfig, PushKernelArg};
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 
 use crate::kir::{DType, ParamKind, Program};
 
@@ -224,6 +225,8 @@ struct Kernel {
     func: CudaFunction,
     threads: u32,
     scratch_bytes: u64,
+    /// Dynamic shared memory per block.
+    shared_bytes: u32,
 }
 
 /// The kernels of an artifact loaded on device 0, with the stream they run on.
@@ -284,7 +287,20 @@ impl GpuModule {
                 ptx: path.clone(),
                 cause,
             })?;
-            kernels.push(Kernel { program: program.clone(), func, threads, scratch_bytes: info.scratch_bytes.unwrap_or(0) });
+            let shared_bytes = info.shared_bytes.unwrap_or(0);
+            let max_shared = ctx
+                .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+                .map_err(driver("reading the shared-memory limit"))?;
+            let shared_bytes = match u32::try_from(shared_bytes) {
+                Ok(b) if i64::from(b) <= i64::from(max_shared) => b,
+                _ => return Err(fail(format!("needs {shared_bytes} bytes of shared memory per block; {} allows {max_shared}", device.name))),
+            };
+            // Above 48 KiB a kernel must opt in to its dynamic shared memory.
+            if shared_bytes > 48 * 1024 {
+                func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_bytes as i32)
+                    .map_err(|cause| GpuError::ModuleLoad { kernel: info.name.clone(), ptx: path.clone(), cause })?;
+            }
+            kernels.push(Kernel { program: program.clone(), func, threads, scratch_bytes: info.scratch_bytes.unwrap_or(0), shared_bytes });
         }
         let ids = (0..kernels.len()).map(GpuKernelId).collect();
         Ok((GpuModule { ctx, stream, device, kernels }, ids))
@@ -536,7 +552,7 @@ impl GpuModule {
         for w in &words {
             launch.arg(w);
         }
-        let cfg = LaunchConfig { grid_dim: (dims[0], dims[1], dims[2]), block_dim: (k.threads, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig { grid_dim: (dims[0], dims[1], dims[2]), block_dim: (k.threads, 1, 1), shared_mem_bytes: k.shared_bytes };
         // SAFETY: `func` comes from PTX the compiler generated for this verified program, with
         // the parameter list documented in this module: `words` holds exactly one value per
         // kernel parameter (checked above: one (address, length) pair per pointer, one word per
