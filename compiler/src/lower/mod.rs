@@ -101,6 +101,25 @@ pub struct ModelKernel {
 }
 
 /// The largest divisor of `v` that is at most `cap` (the value block of an instance).
+/// Whether a kernel's whole workspace fits in one block's shared memory on a GPU `device` (where
+/// the NVPTX back end then places it, much faster than its global-memory fallback). On the CPU
+/// any size fits.
+fn fits_shared(device: crate::ir::Device, k: &Kernel) -> bool {
+    device == crate::ir::Device::Cpu || hlac_runtime::kir::layout::plan(&k.program).bytes <= crate::nvptx::shared_limit(device.name())
+}
+
+/// The kernel built with the largest block size (64, 32 or 16 keys) that `fits`; 64 when none
+/// does. Smaller blocks shrink the workspace at the price of more, smaller steps.
+fn largest_fitting<K>(build: impl Fn(u32) -> Result<K, LowerError>, fits: impl Fn(&K) -> bool) -> Result<K, LowerError> {
+    for b in [64, 32, 16] {
+        let k = build(b)?;
+        if fits(&k) {
+            return Ok(k);
+        }
+    }
+    build(64)
+}
+
 fn block_of(v: u32, cap: u32) -> u32 {
     (1..=cap.min(v)).rev().find(|d| v.is_multiple_of(*d)).unwrap_or(1)
 }
@@ -114,6 +133,11 @@ pub fn model_kernels(model: &crate::ir::Model) -> Result<Vec<ModelKernel>, Lower
     for (h, m) in model.mixers.iter() {
         if m.instance.kind == hlac_grammar::ast::DeclKind::Attention {
             let cfg = attention_config(m).map_err(|reason| LowerError { mixer: m.name.clone(), reason })?;
+            let fits = |k: &Kernel| fits_shared(model.target.device, k);
+            // Forward and backward keep 64-row blocks: at D = 128 the 32-row forward that fits in
+            // shared memory measured 1.9× slower than the 64-row one in global memory (H200,
+            // BENCHMARKS.md), twice the instances for no faster tile access. The decode step,
+            // one instance per head, gains from its workspace in shared memory (6.2 → 4.9 ms).
             let tiling = attention::AttnTiling { block_q: 64, block_k: 64 };
             out.push(ModelKernel {
                 name: format!("{}_flash_fwd", m.name),
@@ -121,12 +145,8 @@ pub fn model_kernels(model: &crate::ir::Model) -> Result<Vec<ModelKernel>, Lower
                 role: "attn_fwd",
                 kernel: attention::forward(&cfg, tiling)?,
             });
-            out.push(ModelKernel {
-                name: format!("{}_decode", m.name),
-                mixer: h.index(),
-                role: "attn_decode",
-                kernel: attention::decode(&cfg, 64)?,
-            });
+            let decode = largest_fitting(|b| attention::decode(&cfg, b), fits)?;
+            out.push(ModelKernel { name: format!("{}_decode", m.name), mixer: h.index(), role: "attn_decode", kernel: decode });
             if model.target.mode == crate::ir::Mode::Training {
                 let bwd = attention::backward(&cfg, tiling)?;
                 out.push(ModelKernel { name: format!("{}_bwd_dq", m.name), mixer: h.index(), role: "attn_bwd_dq", kernel: bwd.dq });
@@ -188,6 +208,21 @@ pub fn model_kernels(model: &crate::ir::Model) -> Result<Vec<ModelKernel>, Lower
         }
     }
     Ok(out)
+}
+
+impl ModelKernel {
+    /// Where the GPU back end places its workspace. Attention's forward and backward run one
+    /// instance per 64 query (or key) rows — thousands per launch — and a shared workspace of
+    /// 105–227 KB would leave one block per SM: at D = 64 on an H200 the forward took 119 ms with
+    /// it against 77 ms in global memory, `bwd_dq` 100 against 83. Kernels with one instance per
+    /// (sequence, head, value block) gain from it instead (GDN decode 0.048 → 0.035 ms, HGRN
+    /// scan 7.2 → 6.4 ms).
+    pub fn workspace(&self) -> crate::nvptx::Workspace {
+        match self.role {
+            "attn_fwd" | "attn_bwd_dq" | "attn_bwd_dkv" => crate::nvptx::Workspace::Global,
+            _ => crate::nvptx::Workspace::SharedWhenFits,
+        }
+    }
 }
 
 /// The attention kernels' configuration from an attention mixer's hyper-parameters.

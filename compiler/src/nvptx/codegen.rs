@@ -57,7 +57,7 @@ pub struct Compiled {
 }
 
 /// The most dynamic shared memory one block may use on `device` (the opt-in maximum per block).
-fn shared_limit(device: &str) -> u64 {
+pub fn shared_limit(device: &str) -> u64 {
     match device {
         "sm_90" => 227 * 1024,
         _ => 163 * 1024,
@@ -78,8 +78,18 @@ fn target_for(device: &str) -> Option<(&'static str, &'static str)> {
     }
 }
 
+/// Where a kernel's workspace goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workspace {
+    /// In the block's dynamic shared memory when the whole of it fits, else in global memory.
+    SharedWhenFits,
+    /// Always in global memory: for kernels launched as many instances per SM, where a large
+    /// shared workspace would leave one block per SM (measured slower: BENCHMARKS.md).
+    Global,
+}
+
 /// Compiles one verified program to PTX for `device`.
-pub fn compile(program: &Program, device: &str) -> Result<Compiled, NvptxError> {
+pub fn compile(program: &Program, device: &str, workspace: Workspace) -> Result<Compiled, NvptxError> {
     kir::verify(program)?;
     let fail = |message: String| NvptxError::Llvm { kernel: program.name.clone(), message };
     let (cpu, features) =
@@ -96,7 +106,8 @@ pub fn compile(program: &Program, device: &str) -> Result<Compiled, NvptxError> 
     module.set_data_layout(&machine.get_target_data().get_data_layout());
     let entry = sanitize(&program.name);
     let (scratch_bytes, shared_bytes) = {
-        let mut g = Gen::new(&context, &module, program, &entry, shared_limit(device))?;
+        let limit = if workspace == Workspace::Global { 0 } else { shared_limit(device) };
+        let mut g = Gen::new(&context, &module, program, &entry, limit)?;
         g.emit()?;
         let bytes = shared_size(&g.layout);
         if g.smem.is_some() {
@@ -197,7 +208,10 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         }
         let (Some(scratch_base), Some(error)) = (arg(at), arg(at + 1)) else { unreachable!("declared above") };
         let layout = kir::layout::plan(p);
-        let smem = (shared_size(&layout) <= shared_limit).then(|| {
+        // HLAC_NVPTX_WORKSPACE=global keeps every workspace in global memory: for measuring
+        // what the shared-memory placement gains, kernel by kernel.
+        let forced_global = std::env::var("HLAC_NVPTX_WORKSPACE").is_ok_and(|v| v == "global");
+        let smem = (!forced_global && shared_size(&layout) <= shared_limit).then(|| {
             // `extern __shared__`: a zero-length array in the shared address space whose size is
             // the launch's dynamic shared memory.
             let g = module.add_global(ctx.i8_type().array_type(0), Some(AddressSpace::from(3)), "hlac_workspace");

@@ -2,7 +2,9 @@
 //!
 //! This first version maps the kernel IR onto the GPU directly, as a sibling of the Cranelift back
 //! end: one program instance is one thread block of [`THREADS`] threads; every tile lives in a
-//! per-instance global-memory workspace at the offsets `kir::layout` plans for both back ends; every tile
+//! per-instance workspace at the offsets `kir::layout` plans for both back ends — in the block's
+//! dynamic shared memory when the whole of it fits (zeroed at entry; the manifest records
+//! `shared_bytes`), else in global memory (`scratch_bytes`; see [`Workspace`]); every tile
 //! operation is a loop over its elements strided across the block's threads, followed by a block
 //! barrier (as is every read of a tile into a scalar, since the workspace layout reuses a dead
 //! tile's storage for the next one); scalars are computed by every thread alike. `dot`, reductions and scans give each
@@ -10,14 +12,15 @@
 //! is bounds-checked against the length passed with its pointer, and an out-of-bounds access is
 //! recorded in the `error` word, exactly as on the CPU. Transcendentals use the approximate PTX
 //! instructions with range reduction (exp via ex2.approx, log via lg2.approx, sin/cos reduced to
-//! [−π, π]). Tensor cores, shared memory and warp-level tiling come later; this back end is the
+//! [−π, π]). Tensor cores, register tiles and warp-level layouts come later; this back end is the
 //! correct baseline they will be measured against.
 //!
 //! Kernel ABI (what the runtime launches): for each kernel-IR parameter in order, a pointer is two
 //! PTX parameters (the device address, then its element count) and an integer is one; then
-//! `scratch` (a workspace of grid size × `scratch_bytes`) and `error` (one u64, zero before the
+//! `scratch` (a workspace of grid size × `scratch_bytes`, unused when it is in shared memory) and
+//! `error` (one u64, zero before the
 //! launch). Grid axes map to blockIdx.x/y/z; blocks are [`THREADS`] × 1 × 1.
 
 mod codegen;
 
-pub use codegen::{assemble, compile, find_ptxas, Compiled, NvptxError, THREADS};
+pub use codegen::{assemble, compile, find_ptxas, shared_limit, Compiled, NvptxError, Workspace, THREADS};

@@ -9,7 +9,9 @@
 //! parameter is one i64. Then `scratch`, the address of a zero-initialised workspace of
 //! `scratch_bytes` per program instance, and `error`, the address of one u64 that is zero before
 //! the launch; the kernel stores `p + 1` there when it accesses parameter `p` out of bounds. One
-//! block of `threads` threads runs one program instance; the launch grid is the program's grid.
+//! block of `threads` threads runs one program instance; the launch grid is the program's grid. A
+//! kernel whose workspace is in shared memory gets `shared_bytes` of dynamic shared memory per
+//! block (opted in above 48 KiB at load, after checking the device allows that much).
 //!
 //! Every driver failure comes back as a [`GpuError`] naming the kernel (where there is one) and the
 //! driver's cause; nothing here panics on a driver error.
@@ -19,8 +21,8 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError, LaunchConfig, PushKernelArg};
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError, LaunchConfig, PushKernelArg};
 
 use crate::kir::{DType, ParamKind, Program};
 
@@ -293,7 +295,9 @@ impl GpuModule {
                 .map_err(driver("reading the shared-memory limit"))?;
             let shared_bytes = match u32::try_from(shared_bytes) {
                 Ok(b) if i64::from(b) <= i64::from(max_shared) => b,
-                _ => return Err(fail(format!("needs {shared_bytes} bytes of shared memory per block; {} allows {max_shared}", device.name))),
+                _ => {
+                    return Err(fail(format!("needs {shared_bytes} bytes of shared memory per block; {} allows {max_shared}", device.name)))
+                }
             };
             // Above 48 KiB a kernel must opt in to its dynamic shared memory.
             if shared_bytes > 48 * 1024 {
