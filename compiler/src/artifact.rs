@@ -90,7 +90,7 @@ pub fn manifest(model: &Model, kernels: &[ModelKernel], ptx: &[Compiled]) -> Man
                     ptx: gpu.map(|_| ptx_file(&k.name)),
                     cubin: gpu.filter(|c| c.cubin.is_some()).map(|_| cubin_file(&k.name)),
                     entry: gpu.map(|c| c.entry.clone()),
-                    threads: gpu.map(|_| crate::nvptx::THREADS),
+                    threads: gpu.map(|c| c.threads),
                     scratch_bytes: gpu.map(|c| c.scratch_bytes),
                     shared_bytes: gpu.map(|c| c.shared_bytes).filter(|&b| b > 0),
                 }

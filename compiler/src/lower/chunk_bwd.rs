@@ -2,7 +2,7 @@
 //! The state entering each chunk comes from the `states` buffer that the forward variant
 //! `chunk_fwd_states` fills (states are recomputed for the backward, not kept from the training
 //! forward); everything else in the chunk is recomputed. The class's core gradients — with respect
-//! to the effective q' = scale · query, k, v, log α and β — come from [`decay_core`]
+//! to the effective q' = scale · query, k, v, log α and β — come from `decay_core`
 //! (algorithms.md §1.3) or [`delta_core`] (§2.2), then flow through the declaration's own
 //! expressions ([`super::grad`]) to the raw token inputs, per-head parameters and lower bound.
 //!

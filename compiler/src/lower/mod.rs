@@ -161,18 +161,22 @@ pub fn model_kernels(model: &crate::ir::Model) -> Result<Vec<ModelKernel>, Lower
         let block_v = if model.target.device == crate::ir::Device::Cpu { r.v() } else { block_of(r.v(), 64) };
         let tiling = Tiling { chunk: model.target.chunk_size as u32, block_v };
         if class.family == crate::classify::Family::Scan {
+            // The scan walks the tokens in order, so its parallelism is the channels: on a GPU,
+            // blocks of 32 channels run as one warp each (`nvptx::threads_for`) and twice as many
+            // blocks share the SMs as with 64.
+            let scan_block = if model.target.device == crate::ir::Device::Cpu { 64 } else { 32 };
             out.push(ModelKernel {
                 name: format!("{}_scan_fwd", m.name),
                 mixer: h.index(),
                 role: "scan_fwd",
-                kernel: scan::forward(&r, 64)?,
+                kernel: scan::forward(&r, scan_block)?,
             });
             if model.target.mode == crate::ir::Mode::Training {
                 out.push(ModelKernel {
                     name: format!("{}_scan_bwd", m.name),
                     mixer: h.index(),
                     role: "scan_bwd",
-                    kernel: scan::backward(&r, 64)?,
+                    kernel: scan::backward(&r, scan_block)?,
                 });
             }
         } else {

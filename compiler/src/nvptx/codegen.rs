@@ -15,8 +15,17 @@ use inkwell::types::BasicTypeEnum;
 use inkwell::values::{BasicValueEnum, FunctionValue, IntValue, PointerValue};
 use inkwell::{AddressSpace, FloatPredicate, IntPredicate, OptimizationLevel};
 
-/// Threads per block.
+/// The most threads per block.
 pub const THREADS: u32 = 128;
+
+/// Threads per block for a program: enough whole warps to give every element of its largest tile
+/// a thread of its own, at most [`THREADS`]. A program of narrow tiles (the elementwise scan over a
+/// block of 32 channels) then runs as one warp instead of leaving most of a 128-thread block idle,
+/// and more of its blocks fit on each SM.
+pub fn threads_for(program: &Program) -> u32 {
+    let widest = program.types.iter().map(|t| t.numel()).max().unwrap_or(1);
+    (widest.div_ceil(32) * 32).clamp(32, u64::from(THREADS)) as u32
+}
 
 /// Why a program could not be compiled to PTX.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +61,8 @@ pub struct Compiled {
     pub scratch_bytes: u64,
     /// Dynamic shared-memory bytes per block: the whole workspace, when it fits (0 otherwise).
     pub shared_bytes: u64,
+    /// Threads per block.
+    pub threads: u32,
     /// The machine code ptxas made of the PTX, when it was run.
     pub cubin: Option<Vec<u8>>,
 }
@@ -120,7 +131,7 @@ pub fn compile(program: &Program, device: &str, workspace: Workspace) -> Result<
     module.run_passes("default<O3>", &machine, PassBuilderOptions::create()).map_err(|e| fail(e.to_string()))?;
     let buffer = machine.write_to_memory_buffer(&module, FileType::Assembly).map_err(|e| fail(e.to_string()))?;
     let ptx = String::from_utf8_lossy(buffer.as_slice()).into_owned();
-    Ok(Compiled { ptx, entry, scratch_bytes, shared_bytes, cubin: None })
+    Ok(Compiled { ptx, entry, scratch_bytes, shared_bytes, threads: threads_for(program), cubin: None })
 }
 
 /// A PTX-safe identifier.
@@ -159,6 +170,8 @@ struct Gen<'a, 'ctx> {
     smem: Option<PointerValue<'ctx>>,
     error: IntValue<'ctx>,
     tid: IntValue<'ctx>,
+    /// Threads per block ([`threads_for`]).
+    threads: u32,
     slots: HashMap<Value, u64>,
     scalars: HashMap<Value, Scalar<'ctx>>,
     layout: kir::layout::Layout,
@@ -232,6 +245,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             smem,
             error,
             tid: i64t.const_zero(),
+            threads: threads_for(p),
             slots: HashMap::new(),
             scalars: HashMap::new(),
             layout,
@@ -409,10 +423,10 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         Ok(())
     }
 
-    /// Each thread takes elements tid, tid + THREADS, … of 0..n; then a block barrier.
+    /// Each thread takes elements tid, tid + threads, … of 0..n; then a block barrier.
     fn par(&mut self, n: u64, body: &mut dyn FnMut(&mut Self, IntValue<'ctx>) -> R<()>) -> R<()> {
         let end = self.i64c(n as i64);
-        let step = self.i64c(i64::from(THREADS));
+        let step = self.i64c(i64::from(self.threads));
         let tid = self.tid;
         self.counted(tid, end, step, body)?;
         self.barrier()
