@@ -100,9 +100,8 @@ pub struct ModelKernel {
     pub kernel: Kernel,
 }
 
-/// The largest divisor of `v` that is at most `cap` (the value block of an instance).
 /// Whether a kernel's whole workspace fits in one block's shared memory on a GPU `device` (where
-/// the NVPTX back end then places it, much faster than its global-memory fallback). On the CPU
+/// the NVPTX back end then places it, for kernels that ask: [`ModelKernel::workspace`]). On the CPU
 /// any size fits.
 fn fits_shared(device: crate::ir::Device, k: &Kernel) -> bool {
     device == crate::ir::Device::Cpu || hlac_runtime::kir::layout::plan(&k.program).bytes <= crate::nvptx::shared_limit(device.name())
@@ -120,6 +119,7 @@ fn largest_fitting<K>(build: impl Fn(u32) -> Result<K, LowerError>, fits: impl F
     build(64)
 }
 
+/// The largest divisor of `v` that is at most `cap` (the value block of an instance).
 fn block_of(v: u32, cap: u32) -> u32 {
     (1..=cap.min(v)).rev().find(|d| v.is_multiple_of(*d)).unwrap_or(1)
 }

@@ -1,8 +1,8 @@
 //! The NVPTX back end: kernel IR → LLVM IR (through inkwell, LLVM 19) → PTX for sm_80 and sm_90.
 //!
 //! This first version maps the kernel IR onto the GPU directly, as a sibling of the Cranelift back
-//! end: one program instance is one thread block of up to [`THREADS`] threads
-//! ([`threads_for`]: whole warps enough for its widest tile, recorded in the manifest); every tile lives in a
+//! end: one program instance is one thread block of up to [`THREADS`] threads ([`threads_for`]:
+//! whole warps enough for its widest tile, recorded in the manifest); every tile lives in a
 //! per-instance workspace at the offsets `kir::layout` plans for both back ends — in the block's
 //! dynamic shared memory when the whole of it fits (zeroed at entry; the manifest records
 //! `shared_bytes`), else in global memory (`scratch_bytes`; see [`Workspace`]); every tile
@@ -19,8 +19,7 @@
 //! Kernel ABI (what the runtime launches): for each kernel-IR parameter in order, a pointer is two
 //! PTX parameters (the device address, then its element count) and an integer is one; then
 //! `scratch` (a workspace of grid size × `scratch_bytes`, unused when it is in shared memory) and
-//! `error` (one u64, zero before the
-//! launch). Grid axes map to blockIdx.x/y/z; blocks are `threads` × 1 × 1.
+//! `error` (one u64, zero before the launch). Grid axes map to blockIdx.x/y/z; blocks are `threads` × 1 × 1.
 
 mod codegen;
 
