@@ -173,6 +173,9 @@ struct Gen<'a, 'ctx> {
     /// Threads per block ([`threads_for`]).
     threads: u32,
     slots: HashMap<Value, u64>,
+    /// Workspace regions (offset, element bytes, length in bytes) that elementwise operations have
+    /// touched since the last barrier, whose barrier is still owed (see [`Gen::elementwise`]).
+    unsynced: Vec<(u64, i64, u64)>,
     scalars: HashMap<Value, Scalar<'ctx>>,
     layout: kir::layout::Layout,
 }
@@ -247,6 +250,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             tid: i64t.const_zero(),
             threads: threads_for(p),
             slots: HashMap::new(),
+            unsynced: Vec::new(),
             scalars: HashMap::new(),
             layout,
         };
@@ -480,9 +484,24 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
 
     fn block(&mut self, b: &Block) -> R<()> {
         for inst in &b.insts {
+            // Only elementwise operations may run on without a barrier after the one before.
+            let elementwise = matches!(inst.op, Op::Unary(..) | Op::Binary(..) | Op::Cmp(..) | Op::Select { .. } | Op::Cast(..));
+            if !elementwise {
+                self.sync()?;
+            }
             self.inst(inst)?;
         }
-        Ok(())
+        // A barrier owed inside a block is paid inside it (before a loop's back edge, say).
+        self.sync()
+    }
+
+    /// Pays the barrier owed by the elementwise operations emitted since the last one.
+    fn sync(&mut self) -> R<()> {
+        if self.unsynced.is_empty() {
+            return Ok(());
+        }
+        self.unsynced.clear();
+        self.barrier()
     }
 
     fn f32c(&self, x: f64) -> BasicValueEnum<'ctx> {
@@ -722,11 +741,38 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         }
         self.alloc(out);
         let n = self.p.ty(out).numel();
-        self.par(n, &mut |g, i| {
+        // Element i of every tile here is handled by thread i mod threads, as in every other
+        // elementwise operation. So a chain of them needs no barrier between its links as long as
+        // each byte is touched by one thread only: two regions touched since the last barrier must
+        // be the same tile placement (same offset and element size) or disjoint. The layout reuses
+        // dead tiles' storage, so a partial overlap (a WAR race across threads) forces a barrier.
+        let regions: Vec<(u64, i64, u64)> = operands
+            .iter()
+            .chain(std::iter::once(&out))
+            .filter(|v| !self.p.ty(**v).is_scalar())
+            .map(|v| {
+                let size = Self::elem_bytes(self.p.ty(*v).dtype);
+                (self.slots.get(v).copied().unwrap_or(0), size, self.p.ty(*v).numel() * size as u64)
+            })
+            .collect();
+        let clash = |a: &(u64, i64, u64), b: &(u64, i64, u64)| {
+            let disjoint = a.0 + a.2 <= b.0 || b.0 + b.2 <= a.0;
+            let same_placement = a.0 == b.0 && a.1 == b.1;
+            !disjoint && !same_placement
+        };
+        if regions.iter().any(|r| self.unsynced.iter().any(|u| clash(r, u))) {
+            self.sync()?;
+        }
+        let end = self.i64c(n as i64);
+        let step = self.i64c(i64::from(self.threads));
+        let tid = self.tid;
+        self.counted(tid, end, step, &mut |g, i| {
             let xs = operands.iter().map(|o| g.read(*o, i)).collect::<R<Vec<_>>>()?;
             let r = f(g, &xs)?;
             g.write(out, i, r)
-        })
+        })?;
+        self.unsynced.extend(regions);
+        Ok(())
     }
 
     fn copy(&mut self, from: Value, to: Value) -> R<()> {

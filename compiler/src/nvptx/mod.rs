@@ -7,9 +7,10 @@
 //! dynamic shared memory when the whole of it fits (zeroed at entry; the manifest records
 //! `shared_bytes`), else in global memory (`scratch_bytes`; see [`Workspace`]); every tile
 //! operation is a loop over its elements strided across the block's threads, followed by a block
-//! barrier (as is every read of a tile into a scalar, since the workspace layout reuses a dead
-//! tile's storage for the next one); scalars are computed by every thread alike. `dot`, reductions and scans give each
-//! thread whole output elements or lines; `tri_inv` proceeds a row at a time. Every global access
+//! barrier, as is every read of a tile into a scalar, since the workspace layout reuses a dead
+//! tile's storage for the next one (a chain of elementwise operations that touch each byte from
+//! one thread only pays one barrier at its end); scalars are computed by every thread alike.
+//! `dot`, reductions and scans give each thread whole output elements or lines; `tri_inv` proceeds a row at a time. Every global access
 //! is bounds-checked against the length passed with its pointer, and an out-of-bounds access is
 //! recorded in the `error` word, exactly as on the CPU. Transcendentals use the approximate PTX
 //! instructions with range reduction (exp via ex2.approx, log via lg2.approx, sin/cos reduced to
