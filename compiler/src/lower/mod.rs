@@ -104,7 +104,7 @@ pub struct ModelKernel {
 /// the NVPTX back end then places it, for kernels that ask: [`ModelKernel::workspace`]). On the CPU
 /// any size fits.
 fn fits_shared(device: crate::ir::Device, k: &Kernel) -> bool {
-    device == crate::ir::Device::Cpu || hlac_runtime::kir::layout::plan(&k.program).bytes <= crate::nvptx::shared_limit(device.name())
+    device == crate::ir::Device::Cpu || crate::nvptx::workspace_fits_shared(&k.program, device.name())
 }
 
 /// The kernel built with the largest block size (64, 32 or 16 keys) that `fits`; 64 when none

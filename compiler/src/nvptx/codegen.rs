@@ -80,6 +80,12 @@ fn shared_size(layout: &kir::layout::Layout) -> u64 {
     layout.bytes.max(64).div_ceil(16) * 16
 }
 
+/// Whether `program`'s whole workspace fits in one block's shared memory on `device` (the test
+/// [`compile`] applies for [`Workspace::SharedWhenFits`]).
+pub fn workspace_fits_shared(program: &Program, device: &str) -> bool {
+    shared_size(&kir::layout::plan(program)) <= shared_limit(device)
+}
+
 /// The PTX target for a device name (`sm_80`, `sm_90`).
 fn target_for(device: &str) -> Option<(&'static str, &'static str)> {
     match device {
@@ -117,7 +123,10 @@ pub fn compile(program: &Program, device: &str, workspace: Workspace) -> Result<
     module.set_data_layout(&machine.get_target_data().get_data_layout());
     let entry = sanitize(&program.name);
     let (scratch_bytes, shared_bytes) = {
-        let limit = if workspace == Workspace::Global { 0 } else { shared_limit(device) };
+        // HLAC_NVPTX_WORKSPACE=global keeps every workspace in global memory: for measuring what
+        // the shared-memory placement gains, kernel by kernel.
+        let forced_global = std::env::var("HLAC_NVPTX_WORKSPACE").is_ok_and(|v| v == "global");
+        let limit = if workspace == Workspace::Global || forced_global { 0 } else { shared_limit(device) };
         let mut g = Gen::new(&context, &module, program, &entry, limit)?;
         g.emit()?;
         let bytes = shared_size(&g.layout);
@@ -224,10 +233,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         }
         let (Some(scratch_base), Some(error)) = (arg(at), arg(at + 1)) else { unreachable!("declared above") };
         let layout = kir::layout::plan(p);
-        // HLAC_NVPTX_WORKSPACE=global keeps every workspace in global memory: for measuring
-        // what the shared-memory placement gains, kernel by kernel.
-        let forced_global = std::env::var("HLAC_NVPTX_WORKSPACE").is_ok_and(|v| v == "global");
-        let smem = (!forced_global && shared_size(&layout) <= shared_limit).then(|| {
+        let smem = (shared_size(&layout) <= shared_limit).then(|| {
             // `extern __shared__`: a zero-length array in the shared address space whose size is
             // the launch's dynamic shared memory.
             let g = module.add_global(ctx.i8_type().array_type(0), Some(AddressSpace::from(3)), "hlac_workspace");

@@ -24,4 +24,6 @@
 
 mod codegen;
 
-pub use codegen::{assemble, compile, find_ptxas, shared_limit, threads_for, Compiled, NvptxError, Workspace, THREADS};
+pub use codegen::{
+    assemble, compile, find_ptxas, shared_limit, threads_for, workspace_fits_shared, Compiled, NvptxError, Workspace, THREADS,
+};

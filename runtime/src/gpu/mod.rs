@@ -257,6 +257,9 @@ impl GpuModule {
         check_target(&artifact.manifest.target.device, &device.name, device.compute_capability)?;
         let stream = ctx.default_stream();
         let mut kernels = Vec::with_capacity(artifact.programs.len());
+        let max_shared = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(driver("reading the shared-memory limit"))?;
         for (info, program) in artifact.manifest.kernels.iter().zip(&artifact.programs) {
             let fail = |reason: String| GpuError::Ptx { kernel: info.name.clone(), reason };
             let (Some(ptx), Some(entry), Some(threads)) = (&info.ptx, &info.entry, info.threads) else {
@@ -290,9 +293,6 @@ impl GpuModule {
                 cause,
             })?;
             let shared_bytes = info.shared_bytes.unwrap_or(0);
-            let max_shared = ctx
-                .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-                .map_err(driver("reading the shared-memory limit"))?;
             let shared_bytes = match u32::try_from(shared_bytes) {
                 Ok(b) if i64::from(b) <= i64::from(max_shared) => b,
                 _ => {
