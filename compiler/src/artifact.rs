@@ -93,6 +93,7 @@ pub fn manifest(model: &Model, kernels: &[ModelKernel], ptx: &[Compiled]) -> Man
                     threads: gpu.map(|c| c.threads),
                     scratch_bytes: gpu.map(|c| c.scratch_bytes),
                     shared_bytes: gpu.map(|c| c.shared_bytes).filter(|&b| b > 0),
+                    piece: k.piece.clone(),
                 }
             })
             .collect(),

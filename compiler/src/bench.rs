@@ -59,7 +59,7 @@ pub fn run(model: &Model, batch: usize, tokens: usize, repeats: usize) -> Result
 }
 
 fn measure(model: &Model, k: &ModelKernel, batch: usize, tokens: usize, repeats: usize) -> Result<Measurement, String> {
-    let mixer = model.mixers.iter().nth(k.mixer).map(|(_, m)| m).ok_or("kernel without a mixer")?;
+    let mixer = k.mixer.and_then(|i| model.mixers.iter().nth(i)).map(|(_, m)| m).ok_or("kernel without a mixer")?;
     let math = mixer.instance.math.as_ref().ok_or("kernel of a mixer without math")?;
     let (kd, vd, heads) = (math.key_axis.1 as usize, math.value_axis.1 as usize, mixer.instance.heads as usize);
     let decode = k.role == "decode";

@@ -44,16 +44,36 @@ fn build_writes_an_artifact_the_runtime_accepts_and_leaves_no_temporaries() {
     assert_eq!(artifact.manifest.target.device, "sm_90");
     assert!(artifact.manifest.tensors.iter().any(|t| t.name == "model.lower_bounds" && t.shape == [24, 1024]));
     // Its kernels (HGRN-2's chunked forward, decode and backward; attention's forward, decode and
-    // backward) load and compile for the CPU, and each carries its PTX for the sm_90 target.
+    // backward; one RMSNorm over the hidden size, forward and backward, which serves HGRN-2's
+    // output norm and the block norms alike, and the reduction of its weight gradients) load and
+    // compile for the CPU, and each carries its PTX for the sm_90 target.
     let roles: Vec<&str> = artifact.manifest.kernels.iter().map(|k| k.role.as_str()).collect();
-    assert_eq!(roles, ["chunk_fwd", "decode", "chunk_fwd_states", "chunk_bwd", "attn_fwd", "attn_decode", "attn_bwd_dq", "attn_bwd_dkv"]);
+    assert_eq!(
+        roles,
+        [
+            "chunk_fwd",
+            "decode",
+            "chunk_fwd_states",
+            "chunk_bwd",
+            "attn_fwd",
+            "attn_decode",
+            "attn_bwd_dq",
+            "attn_bwd_dkv",
+            "norm_fwd",
+            "norm_bwd",
+            "reduce_partials"
+        ]
+    );
+    let norm = artifact.manifest.kernels.iter().find(|k| k.role == "norm_fwd").and_then(|k| k.piece.as_ref()).expect("a norm piece");
+    // 24 layers × (attn_norm, g_norm of the 18 HGRN-2 layers, mlp_norm) + the final norm.
+    assert_eq!((norm.width, norm.uses.len()), (1024, 24 * 2 + 18 + 1));
     for k in &artifact.manifest.kernels {
         let ptx = k.ptx.as_ref().expect("a GPU artifact has PTX");
         let text = std::fs::read_to_string(out.join(ptx)).expect("the PTX file exists");
         assert!(text.contains(".target sm_90"), "{}", k.name);
     }
     let (_, ids) = hlac_runtime::cpu::CpuModule::load(&artifact).expect("kernels compile");
-    assert_eq!(ids.len(), 8);
+    assert_eq!(ids.len(), 11);
     let leftovers: Vec<_> = std::fs::read_dir(dir.path()).expect("readable").filter_map(Result::ok).map(|e| e.file_name()).collect();
     assert_eq!(leftovers, vec![std::ffi::OsString::from("art")], "only the artifact remains");
 

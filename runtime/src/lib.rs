@@ -10,5 +10,6 @@ pub mod kir;
 mod manifest;
 
 pub use manifest::{
-    Artifact, ArtifactError, KernelInfo, LayerInfo, Manifest, MixerInfo, ModelInfo, TargetInfo, TensorInfo, FORMAT_VERSION, MANIFEST_FILE,
+    Artifact, ArtifactError, KernelInfo, LayerInfo, Manifest, MixerInfo, ModelInfo, PieceInfo, PieceUse, TargetInfo, TensorInfo,
+    FORMAT_VERSION, MANIFEST_FILE,
 };

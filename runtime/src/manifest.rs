@@ -97,9 +97,14 @@ pub struct TensorInfo {
 pub struct KernelInfo {
     /// The kernel's name (unique in the artifact).
     pub name: String,
-    /// Index into [`Manifest::mixers`] of the mixer it belongs to.
-    pub mixer: usize,
-    /// What it computes: `chunk_fwd`, `scan_fwd` or `decode`.
+    /// Index into [`Manifest::mixers`] of the mixer it belongs to; absent for the pieces around
+    /// the mixers ([`PieceInfo`]), which one kernel serves wherever its configuration recurs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mixer: Option<usize>,
+    /// What it computes: a recurrence's `chunk_fwd`, `chunk_fwd_states`, `chunk_bwd`, `scan_fwd`,
+    /// `scan_bwd` or `decode`; attention's `attn_fwd`, `attn_decode`, `attn_bwd_dq`, `attn_bwd_dkv`;
+    /// the pieces' `conv_fwd`, `conv_decode`, `conv_bwd`, `norm_fwd`, `norm_bwd`; and
+    /// `reduce_partials`, which sums the partial weight gradients of `conv_bwd` and `norm_bwd`.
     pub role: String,
     /// Its kernel-IR program, relative to the artifact directory (JSON).
     pub file: String,
@@ -126,6 +131,43 @@ pub struct KernelInfo {
     /// when it fits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shared_bytes: Option<u64>,
+    /// For a conv or norm kernel: the sizes compiled into it and the weights it serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub piece: Option<PieceInfo>,
+}
+
+/// What a conv or norm kernel computes and where the model applies it. Its sizes are compiled into
+/// the kernel, so a launcher sizes the kernel's buffers from these (tokens × `width`, or rows × `width`
+/// with rows = tokens × [`PieceUse::rows_per_token`]) rather than from the mixer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PieceInfo {
+    /// `conv` (fla's `ShortConvolution`: causal depthwise, no bias) or `norm` (RMSNorm, gated when
+    /// `activation` is set: fla's `FusedRMSNormGated`).
+    pub kind: String,
+    /// A conv's channels C; a norm's row width D.
+    pub width: u64,
+    /// A conv's kernel size W (0 for a norm).
+    #[serde(default)]
+    pub taps: u64,
+    /// A conv's activation after the convolution, or a gated norm's activation of its gate
+    /// (`silu`, fla's `swish`); absent for none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activation: Option<String>,
+    /// A norm's epsilon (compiled in).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eps: Option<f64>,
+    /// Every weight of the model this kernel applies, in state-dict order.
+    pub uses: Vec<PieceUse>,
+}
+
+/// One weight a piece kernel applies.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PieceUse {
+    /// Index into [`Manifest::tensors`] of the conv's taps or the norm's scale.
+    pub tensor: usize,
+    /// Rows each token contributes: the number of heads for a per-head norm, 1 for a norm over a
+    /// token's whole width and for a conv.
+    pub rows_per_token: u64,
 }
 
 /// The whole manifest.
@@ -293,8 +335,24 @@ impl Manifest {
             if !kernel_names.insert(k.name.as_str()) {
                 return Err(format!("kernel `{}` appears twice", k.name));
             }
-            if k.mixer >= self.mixers.len() {
-                return Err(format!("kernel `{}` refers to mixer {} of {}", k.name, k.mixer, self.mixers.len()));
+            if let Some(m) = k.mixer.filter(|&m| m >= self.mixers.len()) {
+                return Err(format!("kernel `{}` refers to mixer {m} of {}", k.name, self.mixers.len()));
+            }
+            if let Some(piece) = &k.piece {
+                if piece.width == 0 || piece.uses.is_empty() {
+                    return Err(format!("kernel `{}` is a piece of width {} with {} uses", k.name, piece.width, piece.uses.len()));
+                }
+                for u in &piece.uses {
+                    if u.tensor >= self.tensors.len() || u.rows_per_token == 0 {
+                        return Err(format!(
+                            "kernel `{}` applies tensor {} of {} with {} rows per token",
+                            k.name,
+                            u.tensor,
+                            self.tensors.len(),
+                            u.rows_per_token
+                        ));
+                    }
+                }
             }
             // Kernel files live inside the artifact.
             for file in std::iter::once(&k.file).chain(k.ptx.as_ref()).chain(k.cubin.as_ref()) {

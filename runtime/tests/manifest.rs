@@ -21,6 +21,21 @@ fn valid() -> serde_json::Value {
     })
 }
 
+/// A kernel entry with `extra`'s fields added (its program file is never reached: validation fails
+/// first).
+fn kernel(extra: serde_json::Value) -> serde_json::Value {
+    let mut k = json!({"name": "rms_norm_d4_fwd", "role": "norm_fwd", "file": "kernels/rms_norm_d4_fwd.kir.json", "grid": ["rows"]});
+    if let (Some(k), Some(extra)) = (k.as_object_mut(), extra.as_object()) {
+        k.extend(extra.clone());
+    }
+    k
+}
+
+/// A norm piece of width 4 applying tensor `tensor`.
+fn piece(tensor: usize) -> serde_json::Value {
+    json!({"kind": "norm", "width": 4, "eps": 1e-6, "uses": [{"tensor": tensor, "rows_per_token": 1}]})
+}
+
 fn open(manifest: &serde_json::Value) -> Result<Artifact, ArtifactError> {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("manifest.json"), manifest.to_string()).expect("write");
@@ -46,6 +61,9 @@ fn broken_manifests_are_refused_with_the_reason() {
         (Box::new(|m| m["model"]["num_layers"] = json!(3)), "1 layers listed"),
         (Box::new(|m| m["tensors"].as_array_mut().map(|t| t.pop()).map_or((), |_| ())), "lm_head"),
         (Box::new(|m| m["model"] = json!("nope")), "not a valid hlac manifest"),
+        (Box::new(|m| m["kernels"] = json!([kernel(json!({"mixer": 3}))])), "refers to mixer 3"),
+        (Box::new(|m| m["kernels"] = json!([kernel(json!({"piece": piece(9)}))])), "applies tensor 9 of 4"),
+        (Box::new(|m| m["kernels"] = json!([kernel(json!({"piece": {"kind": "norm", "width": 4, "uses": []}}))])), "with 0 uses"),
     ];
     for (mutate, expect) in cases {
         let mut m = valid();

@@ -7,7 +7,10 @@
 
 use hlac::lower::attention::{self, AttnConfig, AttnTiling};
 use hlac_runtime::cpu::{Arg, CpuModule};
-use hlac_tests::kernels::{f32s, f64s, packing, rel_l2};
+use hlac_runtime::kir::DType;
+use std::collections::HashMap;
+
+use hlac_tests::kernels::{check_stored, f32s, f64s, launch, packing, rel_l2, stored, Buf};
 use hlac_tests::reference::attention::{attention, attention_step, AttnOpts, KvCache};
 use hlac_tests::reference::grad::{numeric_grad, weighted_sum};
 use hlac_tests::reference::ops::rope_t3;
@@ -16,7 +19,8 @@ use hlac_tests::reference::{positions, seq_ranges, T3};
 
 const TOL: f64 = 1e-5;
 
-/// One attention layer's shape: heads, kv heads, head dim, value dim, window, RoPE base.
+/// One attention layer's shape: heads, kv heads, head dim, value dim, window, RoPE base, and the
+/// element type q, k, v, o and their gradients are stored as.
 #[derive(Clone, Copy, Debug)]
 struct Shape {
     heads: usize,
@@ -25,6 +29,7 @@ struct Shape {
     dv: usize,
     window: Option<usize>,
     rope: Option<f64>,
+    storage: DType,
 }
 
 impl Shape {
@@ -38,6 +43,7 @@ impl Shape {
             window: self.window.map(|w| w as u32),
             rope_theta: self.rope,
             scale: 1.0 / (self.d as f64).sqrt(),
+            storage: self.storage,
         }
     }
 
@@ -46,10 +52,12 @@ impl Shape {
     }
 }
 
-/// Seeded q, k, v for `total` tokens.
+/// Seeded q, k, v for `total` tokens, rounded to the shape's storage type (so that the reference
+/// sees what the kernels load).
 fn inputs(s: &Shape, total: usize, seed: u64) -> (T3, T3, T3) {
     let mut rng = Rng::new(seed);
-    (rng.t3_normal(total, s.heads, s.d), rng.t3_normal(total, s.kv_heads, s.d), rng.t3_normal(total, s.kv_heads, s.dv))
+    let round = |x: T3| T3::new(x.t, x.h, x.d, stored(s.storage, &x.data));
+    (round(rng.t3_normal(total, s.heads, s.d)), round(rng.t3_normal(total, s.kv_heads, s.d)), round(rng.t3_normal(total, s.kv_heads, s.dv)))
 }
 
 /// Runs the forward kernel: (o, lse).
@@ -60,18 +68,19 @@ fn run_forward(s: &Shape, tiling: AttnTiling, q: &T3, k: &T3, v: &T3, cu: &[i64]
 /// Runs the forward kernel with `spare` more query blocks on grid axis 1 than any sequence needs.
 fn run_forward_with_spare_blocks(s: &Shape, tiling: AttnTiling, q: &T3, k: &T3, v: &T3, cu: &[i64], spare: u64) -> (Vec<f32>, Vec<f32>) {
     let kernel = attention::forward(&s.config(), tiling).expect("lowers");
-    let program = kernel.program.clone();
-    let mut module = CpuModule::new().expect("jit");
-    let id = module.add(kernel.program).unwrap_or_else(|e| panic!("{e}\n{program}"));
     let seqs = cu.len() - 1;
     let max_len = cu.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0) as u64;
-    let mut o = vec![f32::NAN; q.t * s.heads * s.dv];
-    let mut lse = vec![f32::NAN; q.t * s.heads];
-    let (qf, kf, vf) = (f32s(&q.data), f32s(&k.data), f32s(&v.data));
-    let mut args = [Arg::F32(&qf), Arg::F32(&kf), Arg::F32(&vf), Arg::F32Mut(&mut o), Arg::F32Mut(&mut lse), Arg::I64(cu)];
+    let bufs = HashMap::from([
+        ("q".to_string(), Buf::In(f32s(&q.data))),
+        ("k".to_string(), Buf::In(f32s(&k.data))),
+        ("v".to_string(), Buf::In(f32s(&v.data))),
+        ("o".to_string(), Buf::Out(vec![f32::NAN; q.t * s.heads * s.dv])),
+        ("lse".to_string(), Buf::Out(vec![f32::NAN; q.t * s.heads])),
+        ("cu_seqlens".to_string(), Buf::I64(cu.to_vec())),
+    ]);
     let grid = [(seqs * s.heads) as u64, max_len.div_ceil(u64::from(tiling.block_q)).max(1) + spare];
-    module.launch(id, &mut args, &grid).expect("launches");
-    (o, lse)
+    let mut out = launch(&kernel.program, bufs, &grid);
+    (out.remove("o").unwrap_or_default(), out.remove("lse").unwrap_or_default())
 }
 
 /// ln Σ_j e^{s_ij} over the visible keys of every (token, head), in f64.
@@ -113,7 +122,7 @@ fn check_forward(s: Shape, lengths: &[usize], tiling: AttnTiling, seed: u64) {
 const TILE: AttnTiling = AttnTiling { block_q: 64, block_k: 64 };
 
 fn mha(d: usize) -> Shape {
-    Shape { heads: 4, kv_heads: 4, d, dv: d, window: None, rope: None }
+    Shape { heads: 4, kv_heads: 4, d, dv: d, window: None, rope: None, storage: DType::F32 }
 }
 
 #[test]
@@ -351,36 +360,31 @@ fn run_backward(
     spare: u64,
 ) -> [Vec<f32>; 3] {
     let kernels = attention::backward(&s.config(), tiling).expect("lowers");
-    let mut module = CpuModule::new().expect("jit");
-    let dq_program = kernels.dq.program.clone();
-    let dq_id = module.add(kernels.dq.program).unwrap_or_else(|e| panic!("{e}\n{dq_program}"));
-    let dkv_program = kernels.dkv.program.clone();
-    let dkv_id = module.add(kernels.dkv.program).unwrap_or_else(|e| panic!("{e}\n{dkv_program}"));
     let seqs = cu.len() - 1;
     let max_len = cu.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0) as u64;
-    let (qf, kf, vf) = (f32s(&q.data), f32s(&k.data), f32s(&v.data));
     let (o, lse) = fwd;
-    // NaN-filled, so that an element no instance writes fails the comparison.
-    let mut dq = vec![f32::NAN; q.data.len()];
-    let mut dk = vec![f32::NAN; k.data.len()];
-    let mut dv = vec![f32::NAN; v.data.len()];
+    let inputs = || {
+        HashMap::from([
+            ("q".to_string(), Buf::In(f32s(&q.data))),
+            ("k".to_string(), Buf::In(f32s(&k.data))),
+            ("v".to_string(), Buf::In(f32s(&v.data))),
+            ("o".to_string(), Buf::In(o.clone())),
+            ("lse".to_string(), Buf::In(lse.clone())),
+            ("do".to_string(), Buf::In(d_o.to_vec())),
+            ("cu_seqlens".to_string(), Buf::I64(cu.to_vec())),
+        ])
+    };
     let blocks = |block: u32| max_len.div_ceil(u64::from(block)).max(1) + spare;
-    let mut args =
-        [Arg::F32(&qf), Arg::F32(&kf), Arg::F32(&vf), Arg::F32(o), Arg::F32(lse), Arg::F32(d_o), Arg::I64(cu), Arg::F32Mut(&mut dq)];
-    module.launch(dq_id, &mut args, &[(seqs * s.heads) as u64, blocks(tiling.block_q)]).expect("launches");
-    let mut args = [
-        Arg::F32(&qf),
-        Arg::F32(&kf),
-        Arg::F32(&vf),
-        Arg::F32(o),
-        Arg::F32(lse),
-        Arg::F32(d_o),
-        Arg::I64(cu),
-        Arg::F32Mut(&mut dk),
-        Arg::F32Mut(&mut dv),
-    ];
-    module.launch(dkv_id, &mut args, &[(seqs * s.kv_heads) as u64, blocks(tiling.block_k)]).expect("launches");
-    [dq, dk, dv]
+    // NaN-filled, so that an element no instance writes fails the comparison.
+    let mut bufs = inputs();
+    bufs.insert("dq".into(), Buf::Out(vec![f32::NAN; q.data.len()]));
+    let mut dq = launch(&kernels.dq.program, bufs, &[(seqs * s.heads) as u64, blocks(tiling.block_q)]);
+    let mut bufs = inputs();
+    bufs.insert("dk".into(), Buf::Out(vec![f32::NAN; k.data.len()]));
+    bufs.insert("dv".into(), Buf::Out(vec![f32::NAN; v.data.len()]));
+    let mut dkv = launch(&kernels.dkv.program, bufs, &[(seqs * s.kv_heads) as u64, blocks(tiling.block_k)]);
+    let take = |m: &mut HashMap<String, Vec<f32>>, name: &str| m.remove(name).unwrap_or_default();
+    [take(&mut dq, "dq"), take(&mut dkv, "dk"), take(&mut dkv, "dv")]
 }
 
 /// Backward tolerance: f32 kernels against f64 central differences.
@@ -391,11 +395,14 @@ const GRAD_TOL: f64 = 1e-4;
 /// sequences, and the reference attends within each sequence only, so the differences are taken one
 /// sequence at a time on that sequence's term (the same numbers, a fraction of the work); a kernel
 /// that leaked across sequences would still show up as a wrong gradient.
-fn check_backward(s: Shape, lengths: &[usize], tiling: AttnTiling, seed: u64) {
+///
+/// With bf16 or f16 storage, q, k, v and dO are rounded to it first and the gradients are judged
+/// by [`check_stored`]; returns the largest relative error of the three.
+fn check_backward(s: Shape, lengths: &[usize], tiling: AttnTiling, seed: u64) -> f64 {
     let (cu, cu64) = packing(lengths);
     let total = *cu.last().unwrap_or(&0);
     let (q, k, v) = inputs(&s, total, seed);
-    let w = Rng::new(seed ^ 0x5eed).normals(total * s.heads * s.dv);
+    let w = stored(s.storage, &Rng::new(seed ^ 0x5eed).normals(total * s.heads * s.dv));
     let fwd = run_forward(&s, tiling, &q, &k, &v, &cu64);
     let got = run_backward(&s, tiling, &q, &k, &v, &cu64, &fwd, &f32s(&w), 0);
     let mut want = [Vec::new(), Vec::new(), Vec::new()];
@@ -412,10 +419,21 @@ fn check_backward(s: Shape, lengths: &[usize], tiling: AttnTiling, seed: u64) {
     // dq and dk vanish exactly where every query sees a single key (a one-token sequence): there,
     // measure the f32 rounding the kernel leaves against the size of dv, the loss's other gradient.
     let norm = |x: &[f64]| x.iter().map(|v| v * v).sum::<f64>().sqrt();
+    let mut worst = 0.0f64;
     for (name, (g, w)) in ["dq", "dk", "dv"].iter().zip(got.iter().zip(&want)) {
+        if s.storage != DType::F32 && norm(w) > 0.0 {
+            // The backward reads the forward's o, rounded to the storage type on its store, for
+            // D_i = Σ dO ⊙ O: an intermediate perturbed by up to u relative that dq and dk inherit
+            // (fla's backward reads its bf16 o alike).
+            let compute = hlac_tests::kernels::unit_roundoff(s.storage);
+            worst = worst.max(check_stored(&format!("{name} of {s:?} lengths {lengths:?}"), s.storage, g, w, compute));
+            continue;
+        }
         let err = if norm(w) > 0.0 { rel_l2(g, w) } else { norm(&f64s(g)) / norm(&want[2]) };
         assert!(err <= GRAD_TOL, "{name} of {s:?} lengths {lengths:?} {tiling:?}: relative error {err:.2e}");
+        worst = worst.max(err);
     }
+    worst
 }
 
 /// Small blocks, so that even 40 tokens span several query and key blocks (and unequal ones).
@@ -427,7 +445,7 @@ const BWD_TILINGS: [AttnTiling; 4] = [
 ];
 
 fn small(kv_heads: usize, window: Option<usize>, rope: Option<f64>) -> Shape {
-    Shape { heads: 4, kv_heads, d: 8, dv: 8, window, rope }
+    Shape { heads: 4, kv_heads, d: 8, dv: 8, window, rope, storage: DType::F32 }
 }
 
 #[test]
@@ -505,4 +523,43 @@ fn attention_backward_kernel_ir_is_pinned() {
         hlac_runtime::kir::verify(&kernel.program).expect("verifies");
         insta::assert_snapshot!(name, kernel.program.to_string());
     }
+}
+
+/// bf16 storage of q, k, v and o: the forward at awkward lengths and on a packed batch, with GQA,
+/// RoPE and a sliding window, against the reference on the rounded inputs (o by
+/// [`check_stored`], the f32 lse as in f32).
+#[test]
+fn forward_with_bf16_storage_matches_reference() {
+    let bf16 = |s: Shape| Shape { storage: DType::Bf16, ..s };
+    let mut worst = 0.0f64;
+    for (i, (s, lengths)) in [
+        (bf16(mha(16)), vec![65usize]),
+        (bf16(Shape { kv_heads: 1, rope: Some(10000.0), ..mha(32) }), vec![65]),
+        (bf16(Shape { kv_heads: 2, window: Some(16), rope: Some(10000.0), ..mha(16) }), vec![3, 1, 65, 50, 64, 130]),
+        (bf16(Shape { kv_heads: 2, dv: 32, ..mha(16) }), vec![1, 783]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (cu, cu64) = packing(&lengths);
+        let total = *cu.last().unwrap_or(&0);
+        let (q, k, v) = inputs(&s, total, 1400 + i as u64);
+        let want = attention(&q, &k, &v, s.opts(), &cu);
+        let want_lse = reference_lse(&s, &q, &k, &cu);
+        let (o, lse) = run_forward(&s, TILE, &q, &k, &v, &cu64);
+        worst = worst.max(check_stored(&format!("o of {s:?} {lengths:?}"), DType::Bf16, &o, &want.data, TOL));
+        let el = rel_l2(&lse, &want_lse);
+        assert!(el <= TOL, "{s:?} {lengths:?}: lse error {el:.2e}");
+    }
+    println!("bf16 attention forward, largest relative L2 error of o: {worst:.2e}");
+}
+
+/// bf16 storage: the backward (dq, dk, dv in bf16) from the bf16 forward's o, on a packed batch
+/// with a 65-token sequence, GQA, RoPE and a window.
+#[test]
+fn backward_with_bf16_storage_matches_central_differences() {
+    let s = Shape { storage: DType::Bf16, ..small(2, Some(17), Some(10000.0)) };
+    let mut worst = check_backward(s, &[5, 65, 1], BWD_TILINGS[2], 1500);
+    worst = worst.max(check_backward(Shape { window: None, kv_heads: 1, ..s }, &[17, 3], BWD_TILINGS[3], 1501));
+    println!("bf16 attention backward, largest relative L2 error of dq, dk, dv: {worst:.2e}");
 }

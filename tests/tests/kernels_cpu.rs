@@ -5,7 +5,10 @@
 
 use hlac::lower::{chunk_forward, decay, Recurrence, Tiling};
 use hlac_runtime::cpu::{Arg, CpuModule};
-use hlac_tests::kernels::{f32s, mixer, packing, rel_l2};
+use hlac_runtime::kir::DType;
+use std::collections::HashMap;
+
+use hlac_tests::kernels::{check_stored, f32s, launch, launch_compiled, mixer, packing, rel_l2, stored, Buf};
 use hlac_tests::reference::linear::forward;
 use hlac_tests::reference::mixers;
 use hlac_tests::reference::rng::Rng;
@@ -13,38 +16,41 @@ use hlac_tests::reference::T3;
 
 /// Runs a lowered forward kernel: `inputs` are bound to the program's parameters by name.
 fn run_forward(m: &hlac::ir::Mixer, tiling: Tiling, inputs: &[(&str, Vec<f32>)], cu: &[i64], h0: Option<&[f32]>) -> (Vec<f32>, Vec<f32>) {
+    run_forward_as(m, tiling, DType::F32, inputs, cu, h0)
+}
+
+/// [`run_forward`] with the token tensors stored as `storage` (inputs rounded to it on the way in,
+/// `o` widened from it on the way out).
+fn run_forward_as(
+    m: &hlac::ir::Mixer,
+    tiling: Tiling,
+    storage: DType,
+    inputs: &[(&str, Vec<f32>)],
+    cu: &[i64],
+    h0: Option<&[f32]>,
+) -> (Vec<f32>, Vec<f32>) {
     let math = m.instance.math.as_ref().expect("a recurrence");
     let class = m.class.as_ref().expect("classified");
-    let r = Recurrence { name: &m.name, class, math, heads: m.instance.heads };
+    let r = Recurrence { name: &m.name, class, math, heads: m.instance.heads, storage };
     let kernel = chunk_forward(&r, tiling).expect("lowers");
     let (k, v, h) = (math.key_axis.1 as usize, math.value_axis.1 as usize, m.instance.heads as usize);
     let total = *cu.last().unwrap_or(&0) as usize;
     let seqs = cu.len() - 1;
-    let mut o = vec![f32::NAN; total * h * v];
-    let mut ht = vec![f32::NAN; seqs * h * k * v];
-    let empty: Vec<f32> = Vec::new();
-    let h0_buf = h0.unwrap_or(&empty);
-    let mut module = CpuModule::new().expect("jit");
-    let program = kernel.program.clone();
-    let id = module.add(kernel.program).unwrap_or_else(|e| panic!("{e}\n{program}"));
-    {
-        let mut o_slot = Some(&mut o[..]);
-        let mut ht_slot = Some(&mut ht[..]);
-        let mut args: Vec<Arg<'_>> = Vec::new();
-        for p in &program.params {
-            args.push(match p.name.as_str() {
-                "o" => Arg::F32Mut(o_slot.take().expect("once")),
-                "ht" => Arg::F32Mut(ht_slot.take().expect("once")),
-                "h0" => Arg::F32(h0_buf),
-                "cu_seqlens" => Arg::I64(cu),
-                "use_h0" => Arg::Int(i64::from(h0.is_some())),
-                "use_ht" => Arg::Int(1),
-                name => Arg::F32(&inputs.iter().find(|(n, _)| *n == name).unwrap_or_else(|| panic!("no input `{name}`")).1),
-            });
-        }
-        module.launch(id, &mut args, &[(seqs * h) as u64, (v as u32 / tiling.block_v) as u64]).expect("launches");
+    let mut bufs = HashMap::new();
+    for p in &kernel.program.params {
+        let buf = match p.name.as_str() {
+            "o" => Buf::Out(vec![f32::NAN; total * h * v]),
+            "ht" => Buf::Out(vec![f32::NAN; seqs * h * k * v]),
+            "h0" => Buf::In(h0.map(<[f32]>::to_vec).unwrap_or_default()),
+            "cu_seqlens" => Buf::I64(cu.to_vec()),
+            "use_h0" => Buf::Int(i64::from(h0.is_some())),
+            "use_ht" => Buf::Int(1),
+            name => Buf::In(inputs.iter().find(|(n, _)| *n == name).unwrap_or_else(|| panic!("no input `{name}`")).1.clone()),
+        };
+        bufs.insert(p.name.clone(), buf);
     }
-    (o, ht)
+    let mut out = launch(&kernel.program, bufs, &[(seqs * h) as u64, (v as u32 / tiling.block_v) as u64]);
+    (out.remove("o").unwrap_or_default(), out.remove("ht").unwrap_or_default())
 }
 
 fn states_flat(states: &[Vec<f64>]) -> Vec<f64> {
@@ -131,6 +137,7 @@ fn decay_forward_kernel_ir_is_pinned() {
         class: m.class.as_ref().expect("class"),
         math: m.instance.math.as_ref().expect("math"),
         heads: m.instance.heads,
+        storage: DType::F32,
     };
     let kernel = decay::forward(&r, Tiling { chunk: 64, block_v: 16 }, false).expect("lowers");
     hlac_runtime::kir::verify(&kernel.program).expect("verifies");
@@ -254,7 +261,7 @@ fn hgrn_scan_matches_reference() {
     let m = mixer("model m {\n  hidden_size = 48\n  pattern = HGRN\n}\n");
     let math = m.instance.math.as_ref().expect("math");
     let class = m.class.as_ref().expect("class");
-    let r = Recurrence { name: &m.name, class, math, heads: m.instance.heads };
+    let r = Recurrence { name: &m.name, class, math, heads: m.instance.heads, storage: DType::F32 };
     let d = 48usize;
     for (seed, lengths, block) in [(91u64, vec![1usize, 3, 50], 16u32), (92, vec![783, 64], 32)] {
         let kernel = chunk_forward(&r, Tiling { chunk: 64, block_v: block }).expect("lowers");
@@ -303,9 +310,14 @@ enum Input {
 /// Runs the decode kernel token by token over `batch` sequences of `len` tokens each (packed
 /// sequence-major), starting from `h0`; returns the outputs in packed order and the final states.
 fn decode_steps(m: &hlac::ir::Mixer, inputs: &[(&str, Input)], batch: usize, len: usize, h0: &[f64]) -> (Vec<f32>, Vec<f32>) {
+    decode_steps_as(m, DType::F32, inputs, batch, len, h0)
+}
+
+/// [`decode_steps`] with the token tensors stored as `storage` (the state stays f32).
+fn decode_steps_as(m: &hlac::ir::Mixer, storage: DType, inputs: &[(&str, Input)], batch: usize, len: usize, h0: &[f64]) -> (Vec<f32>, Vec<f32>) {
     let math = m.instance.math.as_ref().expect("math");
     let class = m.class.as_ref().expect("class");
-    let r = Recurrence { name: &m.name, class, math, heads: m.instance.heads };
+    let r = Recurrence { name: &m.name, class, math, heads: m.instance.heads, storage };
     let kernel = hlac::lower::decode::decode(&r, 16).expect("lowers");
     let (v, h) = (math.value_axis.1 as usize, m.instance.heads as usize);
     let mut module = CpuModule::new().expect("jit");
@@ -314,31 +326,23 @@ fn decode_steps(m: &hlac::ir::Mixer, inputs: &[(&str, Input)], batch: usize, len
     let mut state = f32s(h0);
     let mut out = vec![f32::NAN; batch * len * h * v];
     for t in 0..len {
-        let step: Vec<(&str, Vec<f32>)> = inputs
-            .iter()
-            .map(|(name, x)| match x {
-                Input::Token(x) => {
-                    let rows: Vec<f64> = (0..batch).flat_map(|s| x.row(s * len + t).to_vec()).collect();
-                    (*name, f32s(&rows))
-                }
-                Input::Head(p) => (*name, f32s(p)),
-            })
-            .collect();
-        let mut o = vec![f32::NAN; batch * h * v];
-        let positions = vec![t as i64; batch];
-        {
-            let (mut o_slot, mut s_slot) = (Some(&mut o[..]), Some(&mut state[..]));
-            let mut args: Vec<Arg<'_>> = Vec::new();
-            for p in &program.params {
-                args.push(match p.name.as_str() {
-                    "o" => Arg::F32Mut(o_slot.take().expect("once")),
-                    "state" => Arg::F32Mut(s_slot.take().expect("once")),
-                    "positions" => Arg::I64(&positions),
-                    name => Arg::F32(&step.iter().find(|(n, _)| *n == name).unwrap_or_else(|| panic!("no input `{name}`")).1),
-                });
-            }
-            module.launch(id, &mut args, &[(batch * h) as u64, (v / 16) as u64]).expect("runs");
+        let mut bufs = HashMap::new();
+        for p in &program.params {
+            let buf = match p.name.as_str() {
+                "o" => Buf::Out(vec![f32::NAN; batch * h * v]),
+                "state" => Buf::Out(state.clone()),
+                "positions" => Buf::I64(vec![t as i64; batch]),
+                name => match inputs.iter().find(|(n, _)| *n == name).map(|(_, x)| x) {
+                    Some(Input::Token(x)) => Buf::In(f32s(&(0..batch).flat_map(|s| x.row(s * len + t).to_vec()).collect::<Vec<_>>())),
+                    Some(Input::Head(p)) => Buf::In(f32s(p)),
+                    None => panic!("no input `{name}`"),
+                },
+            };
+            bufs.insert(p.name.clone(), buf);
         }
+        let mut written = launch_compiled(&module, id, bufs, &[(batch * h) as u64, (v / 16) as u64]);
+        state = written.remove("state").unwrap_or_default();
+        let o = written.remove("o").unwrap_or_default();
         for s in 0..batch {
             let dst = (s * len + t) * h * v;
             out[dst..dst + h * v].copy_from_slice(&o[s * h * v..(s + 1) * h * v]);
@@ -570,7 +574,7 @@ fn hgrn_decode_is_the_scan_on_one_token_sequences() {
     let m = mixer("model m {\n  hidden_size = 32\n  pattern = HGRN\n}\n");
     let math = m.instance.math.as_ref().expect("math");
     let class = m.class.as_ref().expect("class");
-    let r = Recurrence { name: &m.name, class, math, heads: m.instance.heads };
+    let r = Recurrence { name: &m.name, class, math, heads: m.instance.heads, storage: DType::F32 };
     let (d, batch, len) = (32usize, 3usize, 7usize);
     let kernel = chunk_forward(&r, Tiling { chunk: 64, block_v: 16 }).expect("lowers");
     let mut module = CpuModule::new().expect("jit");
@@ -618,4 +622,119 @@ fn hgrn_decode_is_the_scan_on_one_token_sequences() {
 
 fn rng_free(x: &[f32]) -> Vec<f64> {
     x.iter().map(|v| f64::from(*v)).collect()
+}
+
+/// Token inputs rounded to `storage`; per-head parameters and `lower_bound` are stored in f32 and
+/// stay as they are.
+fn rounded(tensors: &[(&'static str, Input)], storage: DType) -> Vec<(&'static str, Input)> {
+    tensors
+        .iter()
+        .map(|(n, x)| match x {
+            Input::Token(t) => (*n, Input::Token(T3::new(t.t, t.h, t.d, stored(storage, &t.data)))),
+            Input::Head(p) => (*n, Input::Head(p.clone())),
+        })
+        .collect()
+}
+
+/// The chunked forward of every mixer with its token tensors stored as `storage` (inputs rounded
+/// to it, `o` rounded on the store; states in f32), against the reference on the rounded inputs:
+/// `o` by [`check_stored`], the final state as in f32. Returns the largest error of `o` per mixer.
+fn check_forward_storage(storage: DType, seed: u64) -> Vec<String> {
+    let mut report = Vec::new();
+    for (spec, what) in [(GLA, "GLA"), (HGRN2, "HGRN2"), (RETNET, "RetNet"), (DELTANET, "DeltaNet"), (GDN, "GDN")] {
+        let m = mixer(spec);
+        let math = m.instance.math.as_ref().expect("math");
+        let (k, v, h) = (math.key_axis.1 as usize, math.value_axis.1 as usize, m.instance.heads as usize);
+        let mut worst = 0.0f64;
+        for (i, lengths) in [vec![65usize], vec![3, 1, 65, 50, 64], vec![1], vec![130, 7]].into_iter().enumerate() {
+            let (cu, cu64) = packing(&lengths);
+            let total = *cu.last().unwrap_or(&0);
+            let mut rng = Rng::new(seed + i as u64);
+            let tensors = rounded(&random_inputs(&m, total, &mut rng, 1.0), storage);
+            let with_h0 = i != 2;
+            let h0: Option<Vec<Vec<f64>>> = with_h0.then(|| (0..lengths.len() * h).map(|_| rng.normals(k * v)).collect());
+            let (want_o, want_s) = forward(&reference_for(what, &tensors, &cu), h0.as_deref(), &cu);
+            let h0_flat = h0.as_ref().map(|s| f32s(&states_flat(s)));
+            let (o, ht) = run_forward_as(&m, Tiling { chunk: 64, block_v: 16 }, storage, &flat_inputs(&tensors), &cu64, h0_flat.as_deref());
+            let label = format!("{what} {} {lengths:?}", storage.name());
+            worst = worst.max(check_stored(&format!("o of {label}"), storage, &o, &want_o.data, 1e-5));
+            let es = rel_l2(&ht, &states_flat(&want_s));
+            assert!(es <= 1e-5, "{label}: state error {es:.2e}");
+        }
+        report.push(format!("{what} {worst:.2e}"));
+    }
+    report
+}
+
+#[test]
+fn every_chunked_mixer_with_bf16_storage_matches_the_reference() {
+    let report = check_forward_storage(DType::Bf16, 2000);
+    println!("bf16 chunked forward, largest relative L2 error of o: {}", report.join(", "));
+}
+
+#[test]
+fn every_chunked_mixer_with_f16_storage_matches_the_reference() {
+    let report = check_forward_storage(DType::F16, 2100);
+    println!("f16 chunked forward, largest relative L2 error of o: {}", report.join(", "));
+}
+
+#[test]
+fn hgrn_scan_with_bf16_storage_matches_reference() {
+    let m = mixer("model m {\n  hidden_size = 48\n  pattern = HGRN\n}\n");
+    let math = m.instance.math.as_ref().expect("math");
+    let class = m.class.as_ref().expect("class");
+    let r = Recurrence { name: &m.name, class, math, heads: m.instance.heads, storage: DType::Bf16 };
+    let d = 48usize;
+    let mut worst = 0.0f64;
+    for (seed, lengths, block) in [(2201u64, vec![65usize], 16u32), (2202, vec![1, 65, 3, 130], 32)] {
+        let kernel = chunk_forward(&r, Tiling { chunk: 64, block_v: block }).expect("lowers");
+        let (cu, cu64) = packing(&lengths);
+        let total = *cu.last().unwrap_or(&0);
+        let mut rng = Rng::new(seed);
+        let i = stored(DType::Bf16, &rng.normals(total * d));
+        let f = stored(DType::Bf16, &rng.normals(total * d).iter().map(|x| x * 3.0).collect::<Vec<_>>());
+        let lb = rng.vec(d, 0.0, 0.9);
+        let h0: Vec<Vec<f64>> = (0..lengths.len()).map(|_| rng.normals(d)).collect();
+        let (want_o, want_s) =
+            mixers::hgrn(&T3::new(total, d, 1, i.clone()), &T3::new(total, d, 1, f.clone()), Some(&lb), Some(&h0), &cu);
+        let bufs = HashMap::from([
+            ("i".to_string(), Buf::In(f32s(&i))),
+            ("f".to_string(), Buf::In(f32s(&f))),
+            ("lower_bound".to_string(), Buf::In(f32s(&lb))),
+            ("o".to_string(), Buf::Out(vec![f32::NAN; total * d])),
+            ("ht".to_string(), Buf::Out(vec![f32::NAN; lengths.len() * d])),
+            ("h0".to_string(), Buf::In(f32s(&states_flat(&h0)))),
+            ("cu_seqlens".to_string(), Buf::I64(cu64)),
+            ("use_h0".to_string(), Buf::Int(1)),
+            ("use_ht".to_string(), Buf::Int(1)),
+        ]);
+        let out = launch(&kernel.program, bufs, &[lengths.len() as u64, (d as u64).div_ceil(u64::from(block))]);
+        worst = worst.max(check_stored(&format!("o of HGRN bf16 {lengths:?}"), DType::Bf16, &out["o"], &want_o.data, 1e-5));
+        let es = rel_l2(&out["ht"], &states_flat(&want_s));
+        assert!(es <= 1e-5, "HGRN bf16 {lengths:?}: state error {es:.2e}");
+    }
+    println!("bf16 HGRN scan, largest relative L2 error of o: {worst:.2e}");
+}
+
+#[test]
+fn decode_with_bf16_storage_matches_the_reference() {
+    let (batch, len) = (3usize, 9usize);
+    let cu: Vec<usize> = (0..=batch).map(|s| s * len).collect();
+    let mut report = Vec::new();
+    for (spec, what) in [(GLA, "GLA"), (HGRN2, "HGRN2"), (RETNET, "RetNet"), (DELTANET, "DeltaNet"), (GDN, "GDN")] {
+        let m = mixer(spec);
+        let math = m.instance.math.as_ref().expect("math");
+        let (k, v, h) = (math.key_axis.1 as usize, math.value_axis.1 as usize, m.instance.heads as usize);
+        let mut rng = Rng::new(2300 + k as u64 + v as u64 + h as u64);
+        let tensors = rounded(&random_inputs(&m, batch * len, &mut rng, 1.0), DType::Bf16);
+        let h0: Vec<f64> = rng.normals(batch * h * k * v);
+        let (o, s) = decode_steps_as(&m, DType::Bf16, &tensors, batch, len, &h0);
+        let h0s: Vec<Vec<f64>> = h0.chunks(k * v).map(<[f64]>::to_vec).collect();
+        let (want_o, want_s) = forward(&reference_for(what, &tensors, &cu), Some(&h0s), &cu);
+        let eo = check_stored(&format!("o of {what} decode (bf16)"), DType::Bf16, &o, &want_o.data, 1e-5);
+        let es = rel_l2(&s, &states_flat(&want_s));
+        assert!(es <= 1e-5, "{what} decode (bf16): state error {es:.2e}");
+        report.push(format!("{what} {eo:.2e}"));
+    }
+    println!("bf16 decode, relative L2 error of o: {}", report.join(", "));
 }

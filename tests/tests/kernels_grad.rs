@@ -3,46 +3,16 @@
 //! initial state) for loss ℓ = Σ W_o ⊙ o + Σ W_s ⊙ S_T with random weights, on packed
 //! sequences spanning several chunks. Tolerance: relative L2 error ≤ 1e-4.
 
-use hlac_tests::kernels::{f32s, mixer, rel_l2};
+use hlac_tests::kernels::{check_stored, f32s, launch, mixer, rel_l2, stored, Buf};
 use std::collections::HashMap;
 
 use hlac::classify::Family;
 use hlac::lower::{chunk_bwd, decay, delta, Recurrence, Tiling};
-use hlac_runtime::cpu::{Arg, CpuModule};
+use hlac_runtime::kir::DType;
 use hlac_tests::reference::grad::numeric_grad;
 use hlac_tests::reference::linear::forward;
 use hlac_tests::reference::rng::Rng;
 use hlac_tests::reference::{mixers, T3};
-
-/// A kernel argument by parameter name.
-enum Buf {
-    In(Vec<f32>),
-    Out(Vec<f32>),
-    I64(Vec<i64>),
-    Int(i64),
-}
-
-/// Launches `program` binding each parameter by name; returns the written buffers by name.
-fn launch(program: &hlac_runtime::kir::Program, mut bufs: HashMap<String, Buf>, grid: &[u64]) -> HashMap<String, Vec<f32>> {
-    let mut module = CpuModule::new().expect("jit");
-    let id = module.add(program.clone()).unwrap_or_else(|e| panic!("{e}\n{program}"));
-    {
-        let mut args: Vec<Arg<'_>> = Vec::new();
-        let mut slots: Vec<(&String, &mut Buf)> = bufs.iter_mut().collect();
-        for p in &program.params {
-            let at = slots.iter().position(|(n, _)| **n == p.name).unwrap_or_else(|| panic!("no buffer for `{}`", p.name));
-            let (_, buf) = slots.swap_remove(at);
-            args.push(match buf {
-                Buf::In(v) => Arg::F32(v),
-                Buf::Out(v) => Arg::F32Mut(v),
-                Buf::I64(v) => Arg::I64(v),
-                Buf::Int(i) => Arg::Int(*i),
-            });
-        }
-        module.launch(id, &mut args, grid).expect("launches");
-    }
-    bufs.into_iter().filter_map(|(n, b)| if let Buf::Out(v) = b { Some((n, v)) } else { None }).collect()
-}
 
 /// The f64 reference of a test: (inputs by name, initial states, cu_seqlens) → (o, final states).
 type Reference<'a> = dyn Fn(&HashMap<&str, Vec<f64>>, &[Vec<f64>], &[usize]) -> (T3, Vec<Vec<f64>>) + 'a;
@@ -58,10 +28,30 @@ struct Input {
 /// Checks the backward kernel of a decay-class mixer against central differences of `reference`,
 /// which maps (inputs by name, h0) to (o, S_T).
 fn check_backward(spec: &str, inputs: Vec<Input>, lengths: &[usize], chunk: u32, seed: u64, reference: &Reference) {
+    check_backward_as(DType::F32, spec, inputs, lengths, chunk, seed, reference);
+}
+
+/// [`check_backward`] with the token tensors (inputs, `do` and the token gradients) stored as
+/// `storage`: the token inputs and `do` are rounded to it first, so the reference differentiates
+/// at the very point the kernels see, and the token gradients are judged by
+/// [`hlac_tests::kernels::check_stored`] (the f32 per-head, lower-bound and initial-state gradients
+/// as in f32). Returns the largest relative error of a token gradient.
+fn check_backward_as(
+    storage: DType,
+    spec: &str,
+    mut inputs: Vec<Input>,
+    lengths: &[usize],
+    chunk: u32,
+    seed: u64,
+    reference: &Reference,
+) -> f64 {
+    for i in inputs.iter_mut().filter(|i| i.token_dim.is_some()) {
+        i.values = stored(storage, &i.values);
+    }
     let m = mixer(spec);
     let math = m.instance.math.as_ref().expect("math");
     let class = m.class.as_ref().expect("class");
-    let r = Recurrence { name: &m.name, class, math, heads: m.instance.heads };
+    let r = Recurrence { name: &m.name, class, math, heads: m.instance.heads, storage };
     let (k, v, h) = (math.key_axis.1 as usize, math.value_axis.1 as usize, m.instance.heads as usize);
     let tiling = Tiling { chunk, block_v: v as u32 };
     let mut cu = vec![0usize];
@@ -78,7 +68,7 @@ fn check_backward(spec: &str, inputs: Vec<Input>, lengths: &[usize], chunk: u32,
     let chunks = *chunk_offsets.last().unwrap_or(&0) as usize;
     let mut rng = Rng::new(seed);
     let h0: Vec<f64> = rng.normals(seqs * h * k * v);
-    let w_o: Vec<f64> = rng.normals(total * h * v);
+    let w_o: Vec<f64> = stored(storage, &rng.normals(total * h * v));
     let w_s: Vec<f64> = rng.normals(seqs * h * k * v);
 
     // The kernels: forward keeping states, then backward.
@@ -127,6 +117,7 @@ fn check_backward(spec: &str, inputs: Vec<Input>, lengths: &[usize], chunk: u32,
         let ss: f64 = s.iter().flatten().zip(&w_s).map(|(a, b)| a * b).sum();
         so + ss
     };
+    let mut worst = 0.0f64;
     for i in &inputs {
         let want = numeric_grad(
             |x| {
@@ -139,6 +130,11 @@ fn check_backward(spec: &str, inputs: Vec<Input>, lengths: &[usize], chunk: u32,
         );
         let got = &grads[&format!("d{}", i.name)];
         // Per-head parameters come back per sequence: sum them.
+        if i.token_dim.is_some() && storage != DType::F32 {
+            let what = format!("d{} of {} ({} storage)", i.name, m.name, storage.name());
+            worst = worst.max(check_stored(&what, storage, got, &want, 1e-4));
+            continue;
+        }
         let got: Vec<f32> = if i.token_dim.is_some() {
             got.clone()
         } else {
@@ -151,6 +147,7 @@ fn check_backward(spec: &str, inputs: Vec<Input>, lengths: &[usize], chunk: u32,
     let want = numeric_grad(|x| loss(&values, x), &h0, 1e-5);
     let err = rel_l2(&grads["dh0"], &want);
     assert!(err <= 1e-4, "dh0 of {}: relative error {err:.2e}", m.name);
+    worst
 }
 
 fn t3(vals: &HashMap<&str, Vec<f64>>, name: &str, total: usize, h: usize, d: usize) -> T3 {
@@ -292,26 +289,35 @@ fn gdn_backward_matches_central_differences() {
 
 #[test]
 fn hgrn_scan_backward_matches_central_differences() {
+    check_scan_backward(DType::F32, 51, &[1, 6, 13]);
+}
+
+/// The elementwise scan's forward then backward against central differences of the reference; the
+/// token tensors (i, f, o, do, di, df) stored as `storage`, with i, f and do rounded to it first
+/// (the `o` the backward reads is the forward's, rounded on its store as in training). Returns the
+/// largest relative error of a token gradient.
+fn check_scan_backward(storage: DType, seed: u64, lengths: &[usize]) -> f64 {
     let m = mixer("model m {\n  hidden_size = 8\n  pattern = HGRN\n}\n");
     let math = m.instance.math.as_ref().expect("math");
     let class = m.class.as_ref().expect("class");
-    let r = Recurrence { name: &m.name, class, math, heads: m.instance.heads };
+    let r = Recurrence { name: &m.name, class, math, heads: m.instance.heads, storage };
     let d = 8usize;
     let block = 4u32;
-    for (seed, lengths) in [(51u64, vec![1usize, 6, 13])] {
+    let mut worst = 0.0f64;
+    {
         let mut cu = vec![0usize];
-        for l in &lengths {
+        for l in lengths {
             cu.push(cu.last().copied().unwrap_or(0) + l);
         }
         let cu64: Vec<i64> = cu.iter().map(|&x| x as i64).collect();
         let total = *cu.last().unwrap_or(&0);
         let seqs = lengths.len();
         let mut rng = Rng::new(seed);
-        let i = rng.normals(total * d);
-        let f = rng.normals(total * d).iter().map(|x| x * 2.0).collect::<Vec<_>>();
+        let i = stored(storage, &rng.normals(total * d));
+        let f = stored(storage, &rng.normals(total * d).iter().map(|x| x * 2.0).collect::<Vec<_>>());
         let lb = rng.vec(d, 0.05, 0.8);
         let h0 = rng.normals(seqs * d);
-        let w_o = rng.normals(total * d);
+        let w_o = stored(storage, &rng.normals(total * d));
         let w_s = rng.normals(seqs * d);
         let fwd = hlac::lower::scan::forward(&r, block).expect("lowers");
         let bwd = hlac::lower::scan::backward(&r, block).expect("lowers");
@@ -358,10 +364,89 @@ fn hgrn_scan_backward_matches_central_differences() {
         ];
         for (name, want) in checks {
             let got = &grads[name];
+            if storage != DType::F32 && ["di", "df"].contains(&name) {
+                // The backward reads h_{t−1} from the forward's `o`, rounded to the storage type:
+                // an intermediate perturbed by up to u relative, which the gradients inherit on
+                // top of their own rounding (fla's HGRN backward reads its bf16 `o` alike).
+                let compute = hlac_tests::kernels::unit_roundoff(storage);
+                worst = worst.max(check_stored(&format!("{name} of HGRN ({} storage)", storage.name()), storage, got, &want, compute));
+                continue;
+            }
             let got: Vec<f32> =
                 if name == "dlower_bound" { (0..d).map(|j| (0..seqs).map(|s| got[s * d + j]).sum()).collect() } else { got.clone() };
+            // The f32 gradients inherit the rounded `o` too (by at most u relative per term).
+            let tol = if storage == DType::F32 { 1e-4 } else { 1e-4 + hlac_tests::kernels::unit_roundoff(storage) };
             let err = rel_l2(&got, &want);
-            assert!(err <= 1e-4, "{name} of HGRN: relative error {err:.2e}");
+            assert!(err <= tol, "{name} of HGRN: relative error {err:.2e}");
+            if storage != DType::F32 {
+                println!("{name} of HGRN ({} storage, stored in f32): relative error {err:.2e}", storage.name());
+            }
         }
     }
+    worst
+}
+
+/// bf16 storage, one backward per class: GLA (decay), GDN (delta, with per-head parameters) and
+/// the HGRN scan, on packed sequences spanning several chunks (a 65-token sequence among them),
+/// against central differences at the bf16-rounded inputs.
+#[test]
+fn backward_with_bf16_storage_matches_central_differences() {
+    let mut report = Vec::new();
+    {
+        let spec = "model m {\n  hidden_size = 16\n  pattern = GLA\n  mixer GLA {\n    num_heads = 2\n  }\n}\n";
+        let (k, v, h) = (4usize, 8usize, 2usize);
+        let (seed, lengths) = (61u64, vec![3usize, 65, 1]);
+        let total: usize = lengths.iter().sum();
+        let mut rng = Rng::new(seed);
+        let inputs = vec![
+            Input { name: "q", values: rng.normals(total * h * k), token_dim: Some(k) },
+            Input { name: "k", values: rng.normals(total * h * k), token_dim: Some(k) },
+            Input { name: "v", values: rng.normals(total * h * v), token_dim: Some(v) },
+            Input { name: "gk", values: rng.normals(total * h * k).iter().map(|x| x * 4.0).collect(), token_dim: Some(k) },
+        ];
+        let err = check_backward_as(DType::Bf16, spec, inputs, &lengths, 16, seed, &|vals, h0, cu| {
+            let total = *cu.last().unwrap_or(&0);
+            let p = mixers::gla(
+                &t3(vals, "q", total, h, k),
+                &t3(vals, "k", total, h, k),
+                &t3(vals, "v", total, h, v),
+                &t3(vals, "gk", total, h, k),
+            );
+            forward(&p, Some(h0), cu)
+        });
+        report.push(format!("GLA chunk_bwd {err:.2e}"));
+    }
+    {
+        let spec = "model m {\n  hidden_size = 16\n  pattern = GDN\n  mixer GDN {\n    num_heads = 2\n    head_dim = 4\n  }\n}\n";
+        let (k, v, h) = (4usize, 8usize, 2usize);
+        let (seed, lengths) = (62u64, vec![65usize, 2, 11]);
+        let total: usize = lengths.iter().sum();
+        let mut rng = Rng::new(seed);
+        let inputs = vec![
+            Input { name: "q", values: rng.normals(total * h * k), token_dim: Some(k) },
+            Input { name: "k", values: rng.normals(total * h * k), token_dim: Some(k) },
+            Input { name: "v", values: rng.normals(total * h * v), token_dim: Some(v) },
+            Input { name: "a", values: rng.normals(total * h), token_dim: Some(1) },
+            Input { name: "b", values: rng.normals(total * h), token_dim: Some(1) },
+            Input { name: "A_log", values: rng.vec(h, -1.0, 0.5), token_dim: None },
+            Input { name: "dt_bias", values: rng.vec(h, -1.0, 1.0), token_dim: None },
+        ];
+        let err = check_backward_as(DType::Bf16, spec, inputs, &lengths, 16, seed, &|vals, h0, cu| {
+            let total = *cu.last().unwrap_or(&0);
+            let p = mixers::gated_deltanet(
+                &t3(vals, "q", total, h, k),
+                &t3(vals, "k", total, h, k),
+                &t3(vals, "v", total, h, v),
+                &t3(vals, "a", total, h, 1),
+                &t3(vals, "b", total, h, 1),
+                &vals["A_log"],
+                &vals["dt_bias"],
+            );
+            forward(&p, Some(h0), cu)
+        });
+        report.push(format!("GDN chunk_bwd {err:.2e}"));
+    }
+    let err = check_scan_backward(DType::Bf16, 63, &[1, 65, 13]);
+    report.push(format!("HGRN scan_bwd {err:.2e}"));
+    println!("bf16 backward, largest relative L2 error of a token gradient: {}", report.join(", "));
 }

@@ -10,6 +10,7 @@
 use hlac::lower::pieces::{self, Conv, Norm};
 use hlac::lower::Kernel;
 use hlac_runtime::cpu::{Arg, CpuModule};
+use hlac_runtime::kir::DType;
 use hlac_tests::kernels::{f32s, f64s, packing, rel_l2_f64 as rel_l2};
 use hlac_tests::reference::grad::numeric_grad;
 use hlac_tests::reference::ops::{rms_norm, rms_norm_gated, short_conv, ShortConv};
@@ -66,7 +67,7 @@ fn finish_partials(partials: &[f32], parts: usize, cols: usize) -> Vec<f32> {
 }
 
 fn conv_spec(channels: usize, silu: bool) -> Conv {
-    Conv { channels: channels as u32, width: WIDTH as u32, silu, block_t: 64, block_c: 16 }
+    Conv { channels: channels as u32, width: WIDTH as u32, silu, block_t: 64, block_c: 16, storage: DType::F32 }
 }
 
 /// Runs the conv forward kernel: (y, final states).
@@ -340,7 +341,7 @@ fn conv_backward_matches_central_differences() {
 }
 
 fn norm_spec(dim: usize, gated: bool) -> Norm {
-    Norm { dim: dim as u32, eps: EPS, gated, block_rows: 16 }
+    Norm { dim: dim as u32, eps: EPS, gated, block_rows: 16, storage: DType::F32 }
 }
 
 /// Random norm inputs: x, g [rows, D], w [D] — already rounded to f32 so that the f64

@@ -52,6 +52,9 @@ pub struct AttnConfig {
     pub rope_theta: Option<f64>,
     /// Score scale (fla: 1/√d).
     pub scale: f64,
+    /// Element type in memory of q, k, v, o, their gradients and the KV cache (`lse` stays f32;
+    /// see [`super::storage`]).
+    pub storage: DType,
 }
 
 /// Static block sizes of the forward kernel.
@@ -90,6 +93,7 @@ impl AttnConfig {
         if !self.scale.is_finite() {
             return Err(self.error("the score scale must be finite"));
         }
+        super::check_storage(&self.name, self.storage)?;
         Ok(self.heads / self.kv_heads)
     }
 }
@@ -108,10 +112,10 @@ pub fn forward(cfg: &AttnConfig, tiling: AttnTiling) -> Result<Kernel, LowerErro
         return Err(cfg.error("block_q and block_k must be positive"));
     }
     let mut b = Builder::new(&format!("{}_flash_fwd", cfg.name), &["sequences * heads", "query blocks"]);
-    let q_ptr = b.ptr("q", DType::F32, false);
-    let k_ptr = b.ptr("k", DType::F32, false);
-    let v_ptr = b.ptr("v", DType::F32, false);
-    let o_ptr = b.ptr("o", DType::F32, true);
+    let q_ptr = b.ptr("q", cfg.storage, false);
+    let k_ptr = b.ptr("k", cfg.storage, false);
+    let v_ptr = b.ptr("v", cfg.storage, false);
+    let o_ptr = b.ptr("o", cfg.storage, true);
     let lse_ptr = b.ptr("lse", DType::F32, true);
     let cu_ptr = b.ptr("cu_seqlens", DType::I64, false);
 
@@ -216,13 +220,13 @@ pub fn decode(cfg: &AttnConfig, block_k: u32) -> Result<Kernel, LowerError> {
         return Err(cfg.error("block_k must be positive"));
     }
     let mut b = Builder::new(&format!("{}_decode", cfg.name), &["sequences * heads"]);
-    let q_ptr = b.ptr("q", DType::F32, false);
-    let k_ptr = b.ptr("k", DType::F32, false);
-    let v_ptr = b.ptr("v", DType::F32, false);
-    let kc_ptr = b.ptr("k_cache", DType::F32, true);
-    let vc_ptr = b.ptr("v_cache", DType::F32, true);
+    let q_ptr = b.ptr("q", cfg.storage, false);
+    let k_ptr = b.ptr("k", cfg.storage, false);
+    let v_ptr = b.ptr("v", cfg.storage, false);
+    let kc_ptr = b.ptr("k_cache", cfg.storage, true);
+    let vc_ptr = b.ptr("v_cache", cfg.storage, true);
     let len_ptr = b.ptr("lengths", DType::I64, false);
-    let o_ptr = b.ptr("o", DType::F32, true);
+    let o_ptr = b.ptr("o", cfg.storage, true);
     let max_len = b.int_param("max_len");
 
     let pid0 = b.program_id(0);
@@ -343,14 +347,14 @@ struct BwdInputs {
 }
 
 impl BwdInputs {
-    fn declare(b: &mut Builder) -> BwdInputs {
+    fn declare(b: &mut Builder, cfg: &AttnConfig) -> BwdInputs {
         BwdInputs {
-            q: b.ptr("q", DType::F32, false),
-            k: b.ptr("k", DType::F32, false),
-            v: b.ptr("v", DType::F32, false),
-            o: b.ptr("o", DType::F32, false),
+            q: b.ptr("q", cfg.storage, false),
+            k: b.ptr("k", cfg.storage, false),
+            v: b.ptr("v", cfg.storage, false),
+            o: b.ptr("o", cfg.storage, false),
             lse: b.ptr("lse", DType::F32, false),
-            d_o: b.ptr("do", DType::F32, false),
+            d_o: b.ptr("do", cfg.storage, false),
             cu: b.ptr("cu_seqlens", DType::I64, false),
         }
     }
@@ -491,8 +495,8 @@ fn unrotate_grad(b: &mut Builder, rope: Option<&(Rope, Value)>, grad: Value, pos
 fn backward_dq(cfg: &AttnConfig, tiling: AttnTiling, group: u32) -> Kernel {
     let (d, bq, bk) = (cfg.head_dim, tiling.block_q, tiling.block_k);
     let mut b = Builder::new(&format!("{}_flash_bwd_dq", cfg.name), &["sequences * heads", "query blocks"]);
-    let p = BwdInputs::declare(&mut b);
-    let dq_ptr = b.ptr("dq", DType::F32, true);
+    let p = BwdInputs::declare(&mut b, cfg);
+    let dq_ptr = b.ptr("dq", cfg.storage, true);
 
     let pid0 = b.program_id(0);
     let heads = b.i64(i64::from(cfg.heads));
@@ -553,9 +557,9 @@ fn backward_dq(cfg: &AttnConfig, tiling: AttnTiling, group: u32) -> Kernel {
 fn backward_dkv(cfg: &AttnConfig, tiling: AttnTiling, group: u32) -> Kernel {
     let (d, dv, bq, bk) = (cfg.head_dim, cfg.value_dim, tiling.block_q, tiling.block_k);
     let mut b = Builder::new(&format!("{}_flash_bwd_dkv", cfg.name), &["sequences * kv_heads", "key blocks"]);
-    let p = BwdInputs::declare(&mut b);
-    let dk_ptr = b.ptr("dk", DType::F32, true);
-    let dv_ptr = b.ptr("dv", DType::F32, true);
+    let p = BwdInputs::declare(&mut b, cfg);
+    let dk_ptr = b.ptr("dk", cfg.storage, true);
+    let dv_ptr = b.ptr("dv", cfg.storage, true);
 
     let pid0 = b.program_id(0);
     let kv_heads = b.i64(i64::from(cfg.kv_heads));

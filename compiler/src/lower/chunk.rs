@@ -48,7 +48,7 @@ impl Inputs {
                 Some(d) if d.name == r.math.key_axis.0 => Axis::K,
                 Some(_) => Axis::V,
             };
-            tokens.push((t.name.name.clone(), b.ptr(&t.name.name, DType::F32, false), axis));
+            tokens.push((t.name.name.clone(), b.ptr(&t.name.name, r.storage, false), axis));
         }
         let head_params =
             r.math.head_params.iter().filter(|p| is_used(&p.name)).map(|p| (p.name.clone(), b.ptr(&p.name, DType::F32, false))).collect();
@@ -170,9 +170,10 @@ impl Scaffold {
         if bv == 0 || v % bv != 0 {
             return Err(r.error(format!("block_v = {bv} does not divide V = {v}")));
         }
+        r.check_storage()?;
         let mut b = Builder::new(&format!("{}_{kernel}", r.name), &["sequences * heads", "value blocks"]);
         let inputs = Inputs::declare(&mut b, r, used);
-        let o = b.ptr("o", DType::F32, true);
+        let o = b.ptr("o", r.storage, true);
         let h0 = b.ptr("h0", DType::F32, false);
         let ht = b.ptr("ht", DType::F32, true);
         let cu = b.ptr("cu_seqlens", DType::I64, false);

@@ -46,9 +46,10 @@ pub fn backward(r: &Recurrence<'_>, tiling: Tiling) -> Result<Kernel, LowerError
     };
     let (kd, vd, c, heads) = (r.k(), r.v(), tiling.chunk, r.heads as i64);
     let used = used_names(r);
+    r.check_storage()?;
     let mut b = Builder::new(&format!("{}_chunk_bwd", r.name), &["sequences * heads"]);
     let inputs = Inputs::declare(&mut b, r, &used);
-    let do_ptr = b.ptr("do", DType::F32, false);
+    let do_ptr = b.ptr("do", r.storage, false);
     let states = b.ptr("states", DType::F32, false);
     let dht = b.ptr("dht", DType::F32, false);
     let cu = b.ptr("cu_seqlens", DType::I64, false);
@@ -76,7 +77,7 @@ pub fn backward(r: &Recurrence<'_>, tiling: Tiling) -> Result<Kernel, LowerError
         .map(|p| (p.name.clone(), 1))
         .chain(used.contains(&"lower_bound".to_string()).then(|| ("lower_bound".to_string(), kd)))
         .collect();
-    let d_tokens: Vec<_> = tokens.iter().map(|(n, _)| b.ptr(&format!("d{n}"), DType::F32, true)).collect();
+    let d_tokens: Vec<_> = tokens.iter().map(|(n, _)| b.ptr(&format!("d{n}"), r.storage, true)).collect();
     let d_params: Vec<_> = params.iter().map(|(n, _)| b.ptr(&format!("d{n}"), DType::F32, true)).collect();
     let dh0 = b.ptr("dh0", DType::F32, true);
     let use_dht = b.int_param("use_dht");

@@ -31,10 +31,11 @@ pub fn decode(r: &Recurrence<'_>, block_v: u32) -> Result<Kernel, LowerError> {
     let (Some(key), Some(value), Some(query)) = (&ex.key, &ex.value, &ex.query) else {
         return Err(r.error("the class lacks a key, value or query expression"));
     };
+    r.check_storage()?;
     let mut b = Builder::new(&format!("{}_decode", r.name), &["batch * heads", "value blocks"]);
     let inputs = Inputs::declare(&mut b, r, &used_names(r));
     let uses_rope = [key, query].iter().any(|e| expr::mentions_call(e, "rope"));
-    let o_ptr = b.ptr("o", DType::F32, true);
+    let o_ptr = b.ptr("o", r.storage, true);
     let state_ptr = b.ptr("state", DType::F32, true);
     // The position of each sequence's new token, for rotary embeddings.
     let pos_ptr = uses_rope.then(|| b.ptr("positions", DType::I64, false));

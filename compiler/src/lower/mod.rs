@@ -12,10 +12,11 @@ pub mod delta;
 pub mod delta_bwd;
 pub mod expr;
 pub mod grad;
+pub mod layer_pieces;
 pub mod pieces;
 pub mod scan;
 
-use hlac_runtime::kir::Program;
+use hlac_runtime::kir::{DType, Program};
 
 use crate::classify::RecurrenceClass;
 use crate::mixer::Math;
@@ -41,6 +42,34 @@ pub struct Recurrence<'a> {
     pub math: &'a Math,
     /// Number of heads.
     pub heads: u64,
+    /// Element type of the token tensors in memory ([`storage`]).
+    pub storage: DType,
+}
+
+/// The storage dtype of a model's activations: the element type in memory of every token tensor
+/// a kernel reads or writes — a recurrence's token inputs (q, k, v, gates), its output `o`, their
+/// gradients (`do`, `dq`, …), attention's q, k, v, o and KV cache, the conv's and norms' x, y, g
+/// and gradients. Everything else stays f32 whatever the target's dtype, as in fla: recurrent
+/// states (`h0`, `ht`, `states`, decode's `state`, the conv cache) and their gradients, per-head
+/// parameters and `lower_bound` and their gradients, attention's `lse`, conv and norm weights and
+/// their partial gradients. Kernels compute in f32 either way (the kernel IR converts at loads and
+/// stores), so this only changes what crosses the memory boundary. f32 unless the target says
+/// otherwise (the cpu target is always f32).
+pub fn storage(dtype: crate::ir::DType) -> DType {
+    match dtype {
+        crate::ir::DType::F32 => DType::F32,
+        crate::ir::DType::Bf16 => DType::Bf16,
+        crate::ir::DType::F16 => DType::F16,
+    }
+}
+
+/// Rejects a storage dtype that is not a float type (the lowerings' callers choose it).
+fn check_storage(kernel: &str, dtype: DType) -> Result<(), LowerError> {
+    if dtype.is_float() {
+        Ok(())
+    } else {
+        Err(LowerError { mixer: kernel.to_string(), reason: format!("storage dtype {} is not a float type", dtype.name()) })
+    }
 }
 
 /// Static choices of a kernel variant.
@@ -66,6 +95,11 @@ impl Recurrence<'_> {
     fn error(&self, reason: impl Into<String>) -> LowerError {
         LowerError { mixer: self.name.to_string(), reason: reason.into() }
     }
+
+    /// Rejects a non-float [`Recurrence::storage`].
+    fn check_storage(&self) -> Result<(), LowerError> {
+        check_storage(self.name, self.storage)
+    }
 }
 
 /// A lowered kernel with what its launcher needs to know.
@@ -90,14 +124,18 @@ pub fn chunk_forward(r: &Recurrence<'_>, tiling: Tiling) -> Result<Kernel, Lower
 /// A kernel of a compiled model, ready to store in an artifact.
 #[derive(Debug, Clone)]
 pub struct ModelKernel {
-    /// Unique name in the artifact (`<mixer>_<role>`).
+    /// Unique name in the artifact: `<mixer>_<role>` for a mixer's kernels; the configuration for
+    /// the pieces ([`layer_pieces`]: `conv_c1024_w4_silu_fwd`, `rms_norm_gated_d128_bwd`).
     pub name: String,
-    /// Index of its mixer in the model IR.
-    pub mixer: usize,
-    /// `chunk_fwd`, `scan_fwd` or `decode`.
+    /// Index of its mixer in the model IR; `None` for the pieces, which serve any layer whose
+    /// configuration matches.
+    pub mixer: Option<usize>,
+    /// What it computes, as the manifest names it ([`hlac_runtime::KernelInfo::role`]).
     pub role: &'static str,
     /// The kernel.
     pub kernel: Kernel,
+    /// For a conv or norm kernel: its sizes and the weights it applies.
+    pub piece: Option<hlac_runtime::PieceInfo>,
 }
 
 /// Whether a kernel's whole workspace fits in one block's shared memory on a GPU `device` (where
@@ -124,15 +162,15 @@ fn block_of(v: u32, cap: u32) -> u32 {
     (1..=cap.min(v)).rev().find(|d| v.is_multiple_of(*d)).unwrap_or(1)
 }
 
-/// Every recurrence kernel a model needs: for each linear mixer its forward and, for the decay and
-/// delta classes, its decode step; attention's forward and decode; and, for training targets,
-/// every backward (with the state-keeping forward it reads). (The conv and norm pieces join when
-/// the runtime's layer executor does.)
+/// Every kernel a model needs: for each linear mixer its forward and, for the decay and delta
+/// classes, its decode step; attention's forward and decode; for training targets, every backward
+/// (with the state-keeping forward it reads); then the conv and norm kernels of its layers, one
+/// per distinct configuration ([`layer_pieces`]).
 pub fn model_kernels(model: &crate::ir::Model) -> Result<Vec<ModelKernel>, LowerError> {
     let mut out = Vec::new();
     for (h, m) in model.mixers.iter() {
         if m.instance.kind == hlac_grammar::ast::DeclKind::Attention {
-            let cfg = attention_config(m).map_err(|reason| LowerError { mixer: m.name.clone(), reason })?;
+            let cfg = attention_config(m, storage(model.target.dtype)).map_err(|reason| LowerError { mixer: m.name.clone(), reason })?;
             let fits = |k: &Kernel| fits_shared(model.target.device, k);
             // Forward and backward keep 64-row blocks: at D = 128 the 32-row forward that fits in
             // shared memory measured 1.9× slower than the 64-row one in global memory (H200,
@@ -141,21 +179,40 @@ pub fn model_kernels(model: &crate::ir::Model) -> Result<Vec<ModelKernel>, Lower
             let tiling = attention::AttnTiling { block_q: 64, block_k: 64 };
             out.push(ModelKernel {
                 name: format!("{}_flash_fwd", m.name),
-                mixer: h.index(),
+                mixer: Some(h.index()),
+                piece: None,
                 role: "attn_fwd",
                 kernel: attention::forward(&cfg, tiling)?,
             });
             let decode = largest_fitting(|b| attention::decode(&cfg, b), fits)?;
-            out.push(ModelKernel { name: format!("{}_decode", m.name), mixer: h.index(), role: "attn_decode", kernel: decode });
+            out.push(ModelKernel {
+                name: format!("{}_decode", m.name),
+                mixer: Some(h.index()),
+                piece: None,
+                role: "attn_decode",
+                kernel: decode,
+            });
             if model.target.mode == crate::ir::Mode::Training {
                 let bwd = attention::backward(&cfg, tiling)?;
-                out.push(ModelKernel { name: format!("{}_bwd_dq", m.name), mixer: h.index(), role: "attn_bwd_dq", kernel: bwd.dq });
-                out.push(ModelKernel { name: format!("{}_bwd_dkv", m.name), mixer: h.index(), role: "attn_bwd_dkv", kernel: bwd.dkv });
+                out.push(ModelKernel {
+                    name: format!("{}_bwd_dq", m.name),
+                    mixer: Some(h.index()),
+                    piece: None,
+                    role: "attn_bwd_dq",
+                    kernel: bwd.dq,
+                });
+                out.push(ModelKernel {
+                    name: format!("{}_bwd_dkv", m.name),
+                    mixer: Some(h.index()),
+                    piece: None,
+                    role: "attn_bwd_dkv",
+                    kernel: bwd.dkv,
+                });
             }
             continue;
         }
         let (Some(class), Some(math)) = (&m.class, &m.instance.math) else { continue };
-        let r = Recurrence { name: &m.name, class, math, heads: m.instance.heads };
+        let r = Recurrence { name: &m.name, class, math, heads: m.instance.heads, storage: storage(model.target.dtype) };
         // On the CPU one instance per head computes every value column (the intra-chunk matrix is
         // then built once per chunk); GPUs split V across blocks for parallelism.
         let block_v = if model.target.device == crate::ir::Device::Cpu { r.v() } else { block_of(r.v(), 64) };
@@ -167,14 +224,16 @@ pub fn model_kernels(model: &crate::ir::Model) -> Result<Vec<ModelKernel>, Lower
             let scan_block = if model.target.device == crate::ir::Device::Cpu { 64 } else { 32 };
             out.push(ModelKernel {
                 name: format!("{}_scan_fwd", m.name),
-                mixer: h.index(),
+                mixer: Some(h.index()),
+                piece: None,
                 role: "scan_fwd",
                 kernel: scan::forward(&r, scan_block)?,
             });
             if model.target.mode == crate::ir::Mode::Training {
                 out.push(ModelKernel {
                     name: format!("{}_scan_bwd", m.name),
-                    mixer: h.index(),
+                    mixer: Some(h.index()),
+                    piece: None,
                     role: "scan_bwd",
                     kernel: scan::backward(&r, scan_block)?,
                 });
@@ -182,13 +241,15 @@ pub fn model_kernels(model: &crate::ir::Model) -> Result<Vec<ModelKernel>, Lower
         } else {
             out.push(ModelKernel {
                 name: format!("{}_chunk_fwd", m.name),
-                mixer: h.index(),
+                mixer: Some(h.index()),
+                piece: None,
                 role: "chunk_fwd",
                 kernel: chunk_forward(&r, tiling)?,
             });
             out.push(ModelKernel {
                 name: format!("{}_decode", m.name),
-                mixer: h.index(),
+                mixer: Some(h.index()),
+                piece: None,
                 role: "decode",
                 kernel: decode::decode(&r, block_v)?,
             });
@@ -202,16 +263,40 @@ pub fn model_kernels(model: &crate::ir::Model) -> Result<Vec<ModelKernel>, Lower
                 };
                 out.push(ModelKernel {
                     name: format!("{}_chunk_fwd_states", m.name),
-                    mixer: h.index(),
+                    mixer: Some(h.index()),
+                    piece: None,
                     role: "chunk_fwd_states",
                     kernel: states,
                 });
                 let bwd = chunk_bwd::backward(&r, full)?;
-                out.push(ModelKernel { name: format!("{}_chunk_bwd", m.name), mixer: h.index(), role: "chunk_bwd", kernel: bwd });
+                out.push(ModelKernel {
+                    name: format!("{}_chunk_bwd", m.name),
+                    mixer: Some(h.index()),
+                    piece: None,
+                    role: "chunk_bwd",
+                    kernel: bwd,
+                });
             }
         }
     }
+    out.extend(layer_pieces::kernels(model)?);
+    unique_names(&mut out);
     Ok(out)
+}
+
+/// Makes kernel names unique: a piece's name is its configuration, which a user's mixer could
+/// also be called (`mixer conv_c64_w4_silu = GDN`); a later duplicate gets a numeric suffix.
+fn unique_names(kernels: &mut [ModelKernel]) {
+    let mut seen = std::collections::HashSet::new();
+    for k in kernels {
+        if seen.insert(k.name.clone()) {
+            continue;
+        }
+        let name = (2..).map(|i| format!("{}_{i}", k.name)).find(|n| !seen.contains(n)).unwrap_or_default();
+        seen.insert(name.clone());
+        k.kernel.program.name.clone_from(&name);
+        k.name = name;
+    }
 }
 
 impl ModelKernel {
@@ -220,7 +305,10 @@ impl ModelKernel {
     /// 105–227 KB would leave one block per SM: at D = 64 on an H200 the forward took 119 ms with
     /// it against 77 ms in global memory, `bwd_dq` 100 against 83. Kernels with one instance per
     /// (sequence, head, value block) gain from it instead (GDN decode 0.048 → 0.035 ms, HGRN
-    /// scan 7.2 → 6.4 ms).
+    /// scan 7.2 → 6.4 ms). So do the conv and norm pieces, whose block sizes [`layer_pieces`]
+    /// chooses to fit shared memory: their workspaces are small, and a norm forward runs one
+    /// instance per few rows (16 384 at B = 4, T = 4096, 16 heads), so a global workspace would
+    /// be that many times its size in scratch memory.
     pub fn workspace(&self) -> crate::nvptx::Workspace {
         match self.role {
             "attn_fwd" | "attn_bwd_dq" | "attn_bwd_dkv" => crate::nvptx::Workspace::Global,
@@ -229,8 +317,9 @@ impl ModelKernel {
     }
 }
 
-/// The attention kernels' configuration from an attention mixer's hyper-parameters.
-pub fn attention_config(m: &crate::ir::Mixer) -> Result<attention::AttnConfig, String> {
+/// The attention kernels' configuration from an attention mixer's hyper-parameters, with its
+/// activations stored as `storage`.
+pub fn attention_config(m: &crate::ir::Mixer, storage: DType) -> Result<attention::AttnConfig, String> {
     use crate::value::Value;
     let int = |name: &str| match m.instance.get(name) {
         Some(Value::Int(i)) if *i > 0 => Ok(*i as u32),
@@ -251,5 +340,6 @@ pub fn attention_config(m: &crate::ir::Mixer) -> Result<attention::AttnConfig, S
         window,
         rope_theta,
         scale: 1.0 / f64::from(head_dim).sqrt(),
+        storage,
     })
 }

@@ -42,12 +42,16 @@ pub struct Conv {
     pub block_t: u32,
     /// Channels per program.
     pub block_c: u32,
+    /// Element type in memory of the token tensors `x`, `y`, `dx`, `dy` (the weight, the conv
+    /// state and the weight's partial gradients stay f32; see [`super::storage`]).
+    pub storage: DType,
 }
 
 impl Conv {
-    /// fla's setting for `channels` channels: width 4, SiLU, 64 tokens × 16 channels per step.
+    /// fla's setting for `channels` channels: width 4, SiLU, 64 tokens × 16 channels per step, f32
+    /// storage (set [`Conv::storage`] for a bf16 or f16 model).
     pub fn fla(channels: u32) -> Conv {
-        Conv { channels, width: 4, silu: true, block_t: 64, block_c: 16 }
+        Conv { channels, width: 4, silu: true, block_t: 64, block_c: 16, storage: DType::F32 }
     }
 
     /// Programs on the channel axis of the grid: ⌈C / block_c⌉.
@@ -61,7 +65,7 @@ impl Conv {
             .find(|(_, v)| *v == 0);
         match zero {
             Some((what, _)) => Err(error(kernel, format!("{what} must be positive"))),
-            None => Ok(()),
+            None => super::check_storage(kernel, self.storage),
         }
     }
 
@@ -81,6 +85,9 @@ pub struct Norm {
     pub gated: bool,
     /// Rows per program (forward) or per loop step (backward).
     pub block_rows: u32,
+    /// Element type in memory of the row tensors `x`, `g`, `y` and their gradients (the weight and
+    /// its partial gradients stay f32; see [`super::storage`]).
+    pub storage: DType,
 }
 
 impl Norm {
@@ -97,7 +104,7 @@ impl Norm {
         if !(self.eps.is_finite() && self.eps > 0.0) {
             return Err(error(kernel, format!("eps = {} must be positive and finite", self.eps)));
         }
-        Ok(())
+        super::check_storage(kernel, self.storage)
     }
 
     fn name(&self, suffix: &str) -> String {
@@ -324,10 +331,10 @@ pub fn conv_forward(c: &Conv) -> Result<Kernel, LowerError> {
     let name = "short_conv_fwd";
     c.check(name)?;
     let mut b = Builder::new(name, &["sequences", "channel blocks"]);
-    let x = b.ptr("x", DType::F32, false);
+    let x = b.ptr("x", c.storage, false);
     let weight = b.ptr("weight", DType::F32, false);
     let h0 = b.ptr("h0", DType::F32, false);
-    let y = b.ptr("y", DType::F32, true);
+    let y = b.ptr("y", c.storage, true);
     let ht = b.ptr("ht", DType::F32, true);
     let cu = b.ptr("cu_seqlens", DType::I64, false);
     let use_h0 = b.int_param("use_h0");
@@ -378,12 +385,12 @@ pub fn conv_backward(c: &Conv) -> Result<Kernel, LowerError> {
     let name = "short_conv_bwd";
     c.check(name)?;
     let mut b = Builder::new(name, &["sequences", "channel blocks"]);
-    let x = b.ptr("x", DType::F32, false);
+    let x = b.ptr("x", c.storage, false);
     let weight = b.ptr("weight", DType::F32, false);
     let h0 = b.ptr("h0", DType::F32, false);
-    let dy = b.ptr("dy", DType::F32, false);
+    let dy = b.ptr("dy", c.storage, false);
     let dht = b.ptr("dht", DType::F32, false);
-    let dx = b.ptr("dx", DType::F32, true);
+    let dx = b.ptr("dx", c.storage, true);
     let dh0 = b.ptr("dh0", DType::F32, true);
     let dweight = b.ptr("dweight", DType::F32, true);
     let cu = b.ptr("cu_seqlens", DType::I64, false);
@@ -447,10 +454,10 @@ pub fn conv_step(c: &Conv) -> Result<Kernel, LowerError> {
     let name = "short_conv_step";
     c.check(name)?;
     let mut b = Builder::new(name, &["sequences", "channel blocks"]);
-    let x = b.ptr("x", DType::F32, false);
+    let x = b.ptr("x", c.storage, false);
     let weight = b.ptr("weight", DType::F32, false);
     let state = b.ptr("state", DType::F32, true);
-    let y = b.ptr("y", DType::F32, true);
+    let y = b.ptr("y", c.storage, true);
 
     let seq = b.program_id(0);
     let blk = b.program_id(1);
@@ -542,10 +549,10 @@ pub fn norm_forward(n: &Norm) -> Result<Kernel, LowerError> {
     let name = n.name("fwd");
     n.check(&name)?;
     let mut b = Builder::new(&name, &["row blocks"]);
-    let x = b.ptr("x", DType::F32, false);
-    let g = n.gated.then(|| b.ptr("g", DType::F32, false));
+    let x = b.ptr("x", n.storage, false);
+    let g = n.gated.then(|| b.ptr("g", n.storage, false));
     let w = b.ptr("w", DType::F32, false);
-    let y = b.ptr("y", DType::F32, true);
+    let y = b.ptr("y", n.storage, true);
     let rows = b.int_param("rows");
 
     let pid = b.program_id(0);
@@ -582,12 +589,12 @@ pub fn norm_backward(n: &Norm) -> Result<Kernel, LowerError> {
     let name = n.name("bwd");
     n.check(&name)?;
     let mut b = Builder::new(&name, &["programs"]);
-    let x = b.ptr("x", DType::F32, false);
-    let g = n.gated.then(|| b.ptr("g", DType::F32, false));
+    let x = b.ptr("x", n.storage, false);
+    let g = n.gated.then(|| b.ptr("g", n.storage, false));
     let w = b.ptr("w", DType::F32, false);
-    let dy = b.ptr("dy", DType::F32, false);
-    let dx = b.ptr("dx", DType::F32, true);
-    let dg = n.gated.then(|| b.ptr("dg", DType::F32, true));
+    let dy = b.ptr("dy", n.storage, false);
+    let dx = b.ptr("dx", n.storage, true);
+    let dg = n.gated.then(|| b.ptr("dg", n.storage, true));
     let dw = b.ptr("dw", DType::F32, true);
     let rows = b.int_param("rows");
     let programs = b.int_param("programs");

@@ -25,11 +25,12 @@ pub fn forward(r: &Recurrence<'_>, block: u32) -> Result<Kernel, LowerError> {
         (Some(k), Some(v)) => (k, v),
         _ => return Err(r.error("the class has no key or value expression")),
     };
+    r.check_storage()?;
     let used = used_names(r);
     let heads = r.heads as i64;
     let mut b = Builder::new(&format!("{}_scan_fwd", r.name), &["sequences", "channel blocks"]);
     let (tokens, per_head) = declare_inputs(&mut b, r, &used);
-    let o = b.ptr("o", DType::F32, true);
+    let o = b.ptr("o", r.storage, true);
     let h0 = b.ptr("h0", DType::F32, false);
     let ht = b.ptr("ht", DType::F32, true);
     let cu = b.ptr("cu_seqlens", DType::I64, false);
@@ -116,16 +117,17 @@ pub fn backward(r: &Recurrence<'_>, block: u32) -> Result<Kernel, LowerError> {
         _ => return Err(r.error("the class has no key or value expression")),
     };
     let decay = ex.decay.as_ref().filter(|_| !matches!(r.class.decay, Decay::None));
+    r.check_storage()?;
     let used = used_names(r);
     let heads = r.heads as i64;
     let mut b = Builder::new(&format!("{}_scan_bwd", r.name), &["sequences", "channel blocks"]);
     let (tokens, per_head) = declare_inputs(&mut b, r, &used);
-    let o = b.ptr("o", DType::F32, false);
-    let d_o = b.ptr("do", DType::F32, false);
+    let o = b.ptr("o", r.storage, false);
+    let d_o = b.ptr("do", r.storage, false);
     let h0 = b.ptr("h0", DType::F32, false);
     let dht = b.ptr("dht", DType::F32, false);
     let cu = b.ptr("cu_seqlens", DType::I64, false);
-    let d_tokens: Vec<_> = tokens.iter().map(|(n, _)| b.ptr(&format!("d{n}"), DType::F32, true)).collect();
+    let d_tokens: Vec<_> = tokens.iter().map(|(n, _)| b.ptr(&format!("d{n}"), r.storage, true)).collect();
     let d_heads: Vec<_> = per_head.iter().map(|(n, _)| b.ptr(&format!("d{n}"), DType::F32, true)).collect();
     let dh0 = b.ptr("dh0", DType::F32, true);
     let use_h0 = b.int_param("use_h0");
@@ -245,7 +247,7 @@ fn declare_inputs(b: &mut Builder, r: &Recurrence<'_>, used: &[String]) -> (Name
         .tokens
         .iter()
         .filter(|t| is_used(&t.name.name))
-        .map(|t| (t.name.name.clone(), b.ptr(&t.name.name, DType::F32, false)))
+        .map(|t| (t.name.name.clone(), b.ptr(&t.name.name, r.storage, false)))
         .collect();
     let per_head = r
         .math

@@ -4,6 +4,10 @@
 
 use std::collections::HashMap;
 
+mod fuse;
+mod mma;
+use mma::DotMode;
+
 use hlac_runtime::kir::{self, BinOp, Block, CmpOp, Const, DType, Op, ParamKind, Program, ReduceOp, UnOp, Value};
 use inkwell::builder::Builder;
 use inkwell::context::Context;
@@ -24,7 +28,9 @@ pub const THREADS: u32 = 128;
 /// and more of its blocks fit on each SM.
 pub fn threads_for(program: &Program) -> u32 {
     let widest = program.types.iter().map(|t| t.numel()).max().unwrap_or(1);
-    (widest.div_ceil(32) * 32).clamp(32, u64::from(THREADS)) as u32
+    // HLAC_NVPTX_THREADS overrides the cap (a multiple of 32), for A/B measurements.
+    let cap = std::env::var("HLAC_NVPTX_THREADS").ok().and_then(|v| v.parse::<u32>().ok()).filter(|t| t % 32 == 0 && (32..=1024).contains(t));
+    (widest.div_ceil(32) * 32).clamp(32, u64::from(cap.unwrap_or(THREADS))) as u32
 }
 
 /// Why a program could not be compiled to PTX.
@@ -83,7 +89,16 @@ fn shared_size(layout: &kir::layout::Layout) -> u64 {
 /// Whether `program`'s whole workspace fits in one block's shared memory on `device` (the test
 /// [`compile`] applies for [`Workspace::SharedWhenFits`]).
 pub fn workspace_fits_shared(program: &Program, device: &str) -> bool {
-    shared_size(&kir::layout::plan(program)) <= shared_limit(device)
+    shared_size(&kir::layout::plan_fused(program, &fusion_of(program).fused)) <= shared_limit(device)
+}
+
+/// The program's fused tiles ([`fuse`]); none with `HLAC_NVPTX_FUSE=off`, which stores every tile
+/// (for measuring what fusion gains).
+fn fusion_of(program: &Program) -> fuse::Fusion {
+    if std::env::var("HLAC_NVPTX_FUSE").is_ok_and(|v| v == "off") {
+        return fuse::Fusion::default();
+    }
+    fuse::analyse(program)
 }
 
 /// The PTX target for a device name (`sm_80`, `sm_90`).
@@ -162,6 +177,16 @@ struct GlobalParam<'ctx> {
     len: IntValue<'ctx>,
 }
 
+/// A workspace region an elementwise operation touched: offset, element bytes, length in bytes,
+/// and whether threads other than each element's own may have read it (through a broadcast).
+#[derive(Clone, Copy)]
+struct Region {
+    at: u64,
+    elem: i64,
+    len: u64,
+    cross: bool,
+}
+
 struct Gen<'a, 'ctx> {
     ctx: &'ctx Context,
     module: &'a Module<'ctx>,
@@ -184,9 +209,16 @@ struct Gen<'a, 'ctx> {
     slots: HashMap<Value, u64>,
     /// Workspace regions (offset, element bytes, length in bytes) that elementwise operations have
     /// touched since the last barrier, whose barrier is still owed (see [`Gen::elementwise`]).
-    unsynced: Vec<(u64, i64, u64)>,
+    unsynced: Vec<Region>,
     scalars: HashMap<Value, Scalar<'ctx>>,
     layout: kir::layout::Layout,
+    /// How `dot` multiplies ([`mma`]).
+    dot_mode: DotMode,
+    /// Tiles computed where they are read instead of stored ([`fuse`]).
+    fusion: fuse::Fusion,
+    /// Elements of fused tiles already computed in the current basic block, by (tile, index value,
+    /// basic block): a fused expression read twice at one index is computed once.
+    memo: HashMap<(Value, usize, usize), BasicValueEnum<'ctx>>,
 }
 
 type R<T> = Result<T, NvptxError>;
@@ -232,7 +264,8 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             }
         }
         let (Some(scratch_base), Some(error)) = (arg(at), arg(at + 1)) else { unreachable!("declared above") };
-        let layout = kir::layout::plan(p);
+        let fusion = fusion_of(p);
+        let layout = kir::layout::plan_fused(p, &fusion.fused);
         let smem = (shared_size(&layout) <= shared_limit).then(|| {
             // `extern __shared__`: a zero-length array in the shared address space whose size is
             // the launch's dynamic shared memory.
@@ -259,6 +292,9 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             unsynced: Vec::new(),
             scalars: HashMap::new(),
             layout,
+            dot_mode: DotMode::for_program(p),
+            fusion,
+            memo: HashMap::new(),
         };
         g.tid = g.sreg("llvm.nvvm.read.ptx.sreg.tid.x")?;
         Ok(g)
@@ -357,6 +393,9 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         if self.p.ty(v).is_scalar() {
             return self.scalar(v);
         }
+        if self.fusion.fused.contains(&v) {
+            return self.fused_elem(v, i);
+        }
         let d = self.p.ty(v).dtype;
         let ptr = self.tile_ptr(v, i)?;
         let e = |x| self.llvm(x);
@@ -366,6 +405,64 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             return Ok(self.b.build_int_compare(IntPredicate::NE, x, z, "").map_err(e)?.into());
         }
         self.b.build_load(self.reg_type(d)?, ptr, "").map_err(e)
+    }
+
+    /// Element `i` of a fused tile, computed from its expression ([`fuse`]).
+    fn fused_elem(&mut self, v: Value, i: IntValue<'ctx>) -> R<BasicValueEnum<'ctx>> {
+        use inkwell::values::AsValueRef;
+        let bb = self.b.get_insert_block().ok_or_else(|| self.llvm("no insertion block"))?;
+        let key = (v, i.as_value_ref() as usize, bb.as_mut_ptr() as usize);
+        if let Some(x) = self.memo.get(&key) {
+            return Ok(*x);
+        }
+        let op = self.fusion.defs.get(&v).cloned().ok_or_else(|| self.llvm(format!("fused tile {v} has no definition")))?;
+        let dt = |g: &Self, a: Value| g.p.ty(a).dtype;
+        let x = match op {
+            Op::Iota(_) => i.into(),
+            Op::Reshape(a) => self.read(a, i)?,
+            Op::Broadcast(a) => {
+                let src = if self.p.ty(a).is_scalar() { i } else { self.broadcast_source(a, v, i)? };
+                self.read(a, src)?
+            }
+            Op::Unary(op, a) => {
+                let x = self.read(a, i)?;
+                self.unary(op, dt(self, a), x)?
+            }
+            Op::Binary(op, a, b2) => {
+                let (x, y) = (self.read(a, i)?, self.read(b2, i)?);
+                self.binary(op, dt(self, a), x, y)?
+            }
+            Op::Cmp(op, a, b2) => {
+                let (x, y) = (self.read(a, i)?, self.read(b2, i)?);
+                self.compare(op, dt(self, a), x, y)?
+            }
+            Op::Select { cond, then, otherwise } => {
+                let (c, x, y) = (self.read(cond, i)?, self.read(then, i)?, self.read(otherwise, i)?);
+                self.b.build_select(c.into_int_value(), x, y, "").map_err(|e| self.llvm(e))?
+            }
+            Op::Cast(a, to) => {
+                let x = self.read(a, i)?;
+                self.convert(x, dt(self, a), to)?
+            }
+            other => return Err(self.llvm(format!("fused tile {v} defined by {other:?}"))),
+        };
+        self.memo.insert(key, x);
+        Ok(x)
+    }
+
+    /// The flat index in tile `a` that element `i` of its broadcast `out` repeats.
+    fn broadcast_source(&self, a: Value, out: Value, i: IntValue<'ctx>) -> R<IntValue<'ctx>> {
+        let ishape = &self.p.ty(a).shape;
+        let istr = kir::strides(ishape);
+        let idx = self.unflatten(i, &self.p.ty(out).shape)?;
+        let mut src = self.i64c(0);
+        for (k, ix) in idx.iter().enumerate() {
+            if ishape[k] != 1 {
+                let t = self.b.build_int_mul(*ix, self.i64c(istr[k]), "").map_err(|x| self.llvm(x))?;
+                src = self.b.build_int_add(src, t, "").map_err(|x| self.llvm(x))?;
+            }
+        }
+        Ok(src)
     }
 
     fn write(&mut self, v: Value, i: IntValue<'ctx>, x: BasicValueEnum<'ctx>) -> R<()> {
@@ -490,6 +587,10 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
 
     fn block(&mut self, b: &Block) -> R<()> {
         for inst in &b.insts {
+            // A fused tile is computed where it is read.
+            if inst.results.first().is_some_and(|r| self.fusion.fused.contains(r)) {
+                continue;
+            }
             // Only elementwise operations may run on without a barrier after the one before.
             let elementwise = matches!(inst.op, Op::Unary(..) | Op::Binary(..) | Op::Cmp(..) | Op::Select { .. } | Op::Cast(..));
             if !elementwise {
@@ -752,18 +853,22 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         // each byte is touched by one thread only: two regions touched since the last barrier must
         // be the same tile placement (same offset and element size) or disjoint. The layout reuses
         // dead tiles' storage, so a partial overlap (a WAR race across threads) forces a barrier.
-        let regions: Vec<(u64, i64, u64)> = operands
+        // A fused operand reads its leaves: at the element's own index (same thread), or through a
+        // broadcast at another (another thread's element: it clashes with any overlap).
+        let mut touched = vec![(out, true)];
+        for o in operands {
+            fuse::leaves(&self.fusion, self.p, *o, true, &mut touched);
+        }
+        let regions: Vec<Region> = touched
             .iter()
-            .chain(std::iter::once(&out))
-            .filter(|v| !self.p.ty(**v).is_scalar())
-            .map(|v| {
+            .map(|(v, own)| {
                 let size = Self::elem_bytes(self.p.ty(*v).dtype);
-                (self.slots.get(v).copied().unwrap_or(0), size, self.p.ty(*v).numel() * size as u64)
+                Region { at: self.slots.get(v).copied().unwrap_or(0), elem: size, len: self.p.ty(*v).numel() * size as u64, cross: !own }
             })
             .collect();
-        let clash = |a: &(u64, i64, u64), b: &(u64, i64, u64)| {
-            let disjoint = a.0 + a.2 <= b.0 || b.0 + b.2 <= a.0;
-            let same_placement = a.0 == b.0 && a.1 == b.1;
+        let clash = |a: &Region, b: &Region| {
+            let disjoint = a.at + a.len <= b.at || b.at + b.len <= a.at;
+            let same_placement = a.at == b.at && a.elem == b.elem && !a.cross && !b.cross;
             !disjoint && !same_placement
         };
         if regions.iter().any(|r| self.unsynced.iter().any(|u| clash(r, u))) {
@@ -807,7 +912,10 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         Ok(out)
     }
 
-    /// A bounds-checked global access; see the module documentation.
+    /// A bounds-checked global access; see the module documentation. `d` is the tile's element
+    /// type; the element in memory has the pointer's type, and bf16/f16 elements are widened to
+    /// f32 on load (`fpext`: `cvt.f32.bf16`, or a shift where the target lacks it) and rounded to
+    /// nearest even on store (`fptrunc`: `cvt.rn.bf16.f32` / `cvt.rn.f16.f32`).
     fn guarded(
         &mut self,
         ptr: u32,
@@ -848,16 +956,33 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         let from = self.b.get_insert_block().ok_or_else(|| self.llvm("no insertion block"))?;
         self.b.build_conditional_branch(go, do_bb, join).map_err(e)?;
         self.b.position_at_end(do_bb);
-        let size = Self::elem_bytes(d);
-        let byte = self.b.build_int_mul(off, self.i64c(size), "").map_err(e)?;
+        let stored = match self.p.params.get(ptr as usize).map(|x| &x.kind) {
+            Some(ParamKind::Ptr { dtype, .. }) => *dtype,
+            _ => return Err(self.llvm("access through a non-pointer parameter")),
+        };
+        let narrow = match stored {
+            DType::Bf16 => Some(self.ctx.bf16_type()),
+            DType::F16 => Some(self.ctx.f16_type()),
+            _ => None,
+        };
+        let byte = self.b.build_int_mul(off, self.i64c(i64::from(stored.bytes())), "").map_err(e)?;
         let addr = self.b.build_int_add(g.addr, byte, "").map_err(e)?;
         let p = self.b.build_int_to_ptr(addr, self.ctx.ptr_type(AddressSpace::from(1)), "").map_err(e)?;
-        let loaded = match store {
-            Some(x) => {
+        let loaded = match (store, narrow) {
+            (Some(x), Some(nt)) => {
+                let x = self.b.build_float_trunc(x.into_float_value(), nt, "").map_err(e)?;
                 self.b.build_store(p, x).map_err(e)?;
                 None
             }
-            None => Some(self.b.build_load(t, p, "").map_err(e)?),
+            (Some(x), None) => {
+                self.b.build_store(p, x).map_err(e)?;
+                None
+            }
+            (None, Some(nt)) => {
+                let x = self.b.build_load(nt, p, "").map_err(e)?.into_float_value();
+                Some(self.b.build_float_ext(x, self.ctx.f32_type(), "").map_err(e)?.into())
+            }
+            (None, None) => Some(self.b.build_load(t, p, "").map_err(e)?),
         };
         let do_end = self.b.get_insert_block().ok_or_else(|| self.llvm("no insertion block"))?;
         self.b.build_unconditional_branch(join).map_err(e)?;
@@ -870,6 +995,66 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             }
             None => None,
         })
+    }
+
+    /// A bounds-checked global load without a branch: an access that is masked off or out of
+    /// bounds reads the (valid) error word instead and yields `fallback`. Returns the value and
+    /// whether the access was out of bounds (for [`Gen::report_if`]).
+    fn load_checked(
+        &mut self,
+        ptr: u32,
+        off: IntValue<'ctx>,
+        enabled: Option<BasicValueEnum<'ctx>>,
+        d: DType,
+        fallback: f64,
+    ) -> R<(BasicValueEnum<'ctx>, IntValue<'ctx>)> {
+        let e = |x| self.llvm(x);
+        let g = *self.globals.get(&ptr).ok_or_else(|| self.llvm("access through a non-pointer parameter"))?;
+        let stored = match self.p.params.get(ptr as usize).map(|x| &x.kind) {
+            Some(ParamKind::Ptr { dtype, .. }) => *dtype,
+            _ => return Err(self.llvm("access through a non-pointer parameter")),
+        };
+        let fallback: BasicValueEnum = match d {
+            DType::F32 => self.f32c(fallback),
+            DType::I64 => self.i64c(fallback as i64).into(),
+            _ => self.ctx.bool_type().const_zero().into(),
+        };
+        let enabled = match enabled {
+            Some(m) => m.into_int_value(),
+            None => self.ctx.bool_type().const_int(1, false),
+        };
+        let inside = self.b.build_int_compare(IntPredicate::ULT, off, g.len, "").map_err(e)?;
+        let outside = self.b.build_not(inside, "").map_err(e)?;
+        let report = self.b.build_and(enabled, outside, "").map_err(e)?;
+        let ok = self.b.build_and(enabled, inside, "").map_err(e)?;
+        let byte = self.b.build_int_mul(off, self.i64c(i64::from(stored.bytes())), "").map_err(e)?;
+        let addr = self.b.build_int_add(g.addr, byte, "").map_err(e)?;
+        let addr = self.b.build_select(ok, addr, self.error, "").map_err(e)?.into_int_value();
+        let p = self.b.build_int_to_ptr(addr, self.ctx.ptr_type(AddressSpace::from(1)), "").map_err(e)?;
+        let x: BasicValueEnum = match stored {
+            DType::Bf16 | DType::F16 => {
+                let nt = if stored == DType::Bf16 { self.ctx.bf16_type() } else { self.ctx.f16_type() };
+                let x = self.b.build_load(nt, p, "").map_err(e)?.into_float_value();
+                self.b.build_float_ext(x, self.ctx.f32_type(), "").map_err(e)?.into()
+            }
+            _ => self.b.build_load(self.reg_type(d)?, p, "").map_err(e)?,
+        };
+        let x = self.b.build_select(ok, x, fallback, "").map_err(e)?;
+        Ok((x, report))
+    }
+
+    /// Records an out-of-bounds access through pointer `ptr` in the error word when `bad` holds.
+    fn report_if(&mut self, bad: IntValue<'ctx>, ptr: u32) -> R<()> {
+        let e = |x| self.llvm(x);
+        let rep = self.ctx.append_basic_block(self.func, "oob");
+        let after = self.ctx.append_basic_block(self.func, "checked");
+        self.b.build_conditional_branch(bad, rep, after).map_err(e)?;
+        self.b.position_at_end(rep);
+        let err_ptr = self.b.build_int_to_ptr(self.error, self.ctx.ptr_type(AddressSpace::from(1)), "").map_err(e)?;
+        self.b.build_store(err_ptr, self.i64c(i64::from(ptr) + 1)).map_err(e)?;
+        self.b.build_unconditional_branch(after).map_err(e)?;
+        self.b.position_at_end(after);
+        Ok(())
     }
 
     fn zero(&self, d: DType, op: ReduceOp) -> R<BasicValueEnum<'ctx>> {
@@ -985,22 +1170,12 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                 let out = res()?;
                 let a = *a;
                 self.alloc(out);
-                let oshape = self.p.ty(out).shape.clone();
                 if self.p.ty(a).is_scalar() {
                     let x = self.scalar(a)?;
                     self.par(self.p.ty(out).numel(), &mut |g, i| g.write(out, i, x))?;
                 } else {
-                    let ishape = self.p.ty(a).shape.clone();
-                    let istr = kir::strides(&ishape);
                     self.par(self.p.ty(out).numel(), &mut |g, i| {
-                        let idx = g.unflatten(i, &oshape)?;
-                        let mut src = g.i64c(0);
-                        for (k, ix) in idx.iter().enumerate() {
-                            if ishape[k] != 1 {
-                                let t = g.b.build_int_mul(*ix, g.i64c(istr[k]), "").map_err(|x| g.llvm(x))?;
-                                src = g.b.build_int_add(src, t, "").map_err(|x| g.llvm(x))?;
-                            }
-                        }
+                        let src = g.broadcast_source(a, out, i)?;
                         let x = g.read(a, src)?;
                         g.write(out, i, x)
                     })?;
@@ -1025,17 +1200,33 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                 let d = self.p.ty(out).dtype;
                 let (offsets, mask, other, ptr) = (*offsets, *mask, *other, *ptr);
                 self.alloc(out);
-                self.par(self.p.ty(out).numel(), &mut |g, i| {
-                    let off = g.read(offsets, i)?.into_int_value();
-                    let en = match mask {
-                        Some(m) => Some(g.read(m, i)?),
-                        None => None,
-                    };
-                    if let Some(x) = g.guarded(ptr, off, en, d, None, other)? {
-                        g.write(out, i, x)?;
+                // Each thread issues `unroll` loads before it writes any: independent loads in
+                // flight instead of one round trip to memory after another.
+                let n = self.p.ty(out).numel();
+                let threads = u64::from(self.threads);
+                let unroll = [4u64, 2].into_iter().find(|u| n.is_multiple_of(threads * u)).unwrap_or(1);
+                let (tid, end, step) = (self.tid, self.i64c(n as i64), self.i64c((threads * unroll) as i64));
+                self.counted(tid, end, step, &mut |g, i| {
+                    let mut loaded = Vec::new();
+                    let mut report = g.ctx.bool_type().const_zero();
+                    for u in 0..unroll {
+                        let at = g.b.build_int_add(i, g.i64c((u * threads) as i64), "").map_err(|x| g.llvm(x))?;
+                        let off = g.read(offsets, at)?.into_int_value();
+                        let en = match mask {
+                            Some(m) => Some(g.read(m, at)?),
+                            None => None,
+                        };
+                        let (x, bad) = g.load_checked(ptr, off, en, d, other)?;
+                        report = g.b.build_or(report, bad, "").map_err(|x| g.llvm(x))?;
+                        loaded.push((at, x));
+                    }
+                    g.report_if(report, ptr)?;
+                    for (at, x) in loaded {
+                        g.write(out, at, x)?;
                     }
                     Ok(())
                 })?;
+                self.barrier()?;
             }
             Op::Store { ptr, offsets, value, mask } => {
                 let d = self.p.ty(*value).dtype;
@@ -1130,6 +1321,9 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             Op::Dot(a, b2) => {
                 let out = res()?;
                 let (a, b2) = (*a, *b2);
+                if self.dot_mma(out, a, b2)? {
+                    return Ok(());
+                }
                 let (m, k) = (self.p.ty(a).shape[0], self.p.ty(a).shape[1]);
                 let n = self.p.ty(b2).shape[1];
                 self.alloc(out);

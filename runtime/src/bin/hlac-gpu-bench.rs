@@ -5,9 +5,12 @@
 //!
 //! Buffers are sized as `hlac-gpu-check` sizes them (the shared `common` module): widths the
 //! manifest does not record are probed on the CPU at the check's small test batch, then carried
-//! over to the benchmark's batch. Inputs are seeded random values (never zeros). Each kernel gets
-//! `--warmup` launches (default 3), then `--repeats` launches (default 20), each bracketed by two
-//! CUDA events on the module's stream; launches are queued without waiting
+//! over to the benchmark's batch. The conv and norm kernels take their sizes from the manifest:
+//! a conv over B × T tokens of its channels, a norm over B × T × (rows per token) rows (the heads
+//! of a per-head output norm), the norm backward with 1024 programs, and `sum_partials` adding
+//! 1024 partial gradients of the model's width. Inputs are seeded random values (never zeros).
+//! Each kernel gets `--warmup` launches (default 3), then `--repeats` launches (default 20), each
+//! bracketed by two CUDA events on the module's stream; launches are queued without waiting
 //! ([`GpuModule::launch_async`]) so the host's launch overhead overlaps the previous kernel, as in
 //! a real forward pass. The out-of-bounds error word is checked once after the warm-up and once
 //! after the timed launches (reading it needs a synchronisation, which would distort the timing).
@@ -15,7 +18,7 @@
 //! launches, so the times are the kernels' own, without a per-launch memset.
 //!
 //! Prints, per kernel: role, shape, median and minimum ms, achieved GB/s (every parameter buffer
-//! counted once, read or written, at its f32/i64 size as it lies in device memory) and tokens/s;
+//! counted once, read or written, at its size as it lies in device memory) and tokens/s;
 //! and the cold start: process start to the artifact opened and every kernel's module loaded.
 //! Exits 0 when every kernel ran, 1 when one failed (its row says why), 2 on bad usage or an
 //! unreadable artifact; with no CUDA driver it prints "no CUDA driver found: skipping" and exits 0.
@@ -30,8 +33,13 @@ use std::time::Instant;
 use common::{fnv, gpu_args, make_host, probe, Batch, Dev, Host, Plan, ProbeError, Sizer};
 use hlac_runtime::cpu::CpuModule;
 use hlac_runtime::gpu::{self, GpuError, GpuKernelId, GpuModule};
-use hlac_runtime::kir::Program;
+use hlac_runtime::kir::{ParamKind, Program};
 use hlac_runtime::{Artifact, KernelInfo};
+
+/// Programs the norm backward runs at the benchmark's batch (its grid is the launcher's choice):
+/// enough 128-thread blocks to fill the 132 SMs of an H100 or H200 several times over, few enough
+/// that the partial weight gradients `sum_partials` adds stay small.
+const BENCH_PROGRAMS: usize = 1024;
 
 /// Command-line options.
 struct Options {
@@ -313,24 +321,37 @@ fn size_kernel(
     })?;
     let tokens = i64::try_from(opts.tokens).map_err(|_| "--tokens is too large".to_string())?;
     let batch = Batch::new(&vec![tokens; opts.batch], chunk);
-    let sizer = Sizer::new(m, info, program, &batch);
+    let mut sizer = Sizer::new(m, info, program, &batch);
+    // The norm backward strides over row blocks with as many programs as the launcher picks, and
+    // `sum_partials` then adds that many partial weight gradients of the model's width.
+    sizer.programs = BENCH_PROGRAMS;
+    sizer.partial_cols = m.model.hidden_size as usize;
     let levels = sizer.carry_levels(&test_sizer, &probed.levels);
     let plans = sizer.plan(&levels).map_err(|param| format!("cannot size parameter `{param}` at the full batch"))?;
     let grid = sizer.grid(info, &levels)?;
     let mut bytes = 0u64;
-    for plan in &plans {
+    for (plan, param) in plans.iter().zip(&program.params) {
         bytes += match plan {
-            Plan::F32 { len, .. } => *len as u64 * 4,
+            // A float buffer in its element type: 2 bytes for bf16 and f16 activations.
+            Plan::F32 { len, .. } => {
+                *len as u64 * u64::from(if let ParamKind::Ptr { dtype, .. } = param.kind { dtype.bytes() } else { 4 })
+            }
             Plan::I64(v) => v.len() as u64 * 8,
             Plan::Int(_) => 0,
         };
     }
-    let heads = if m.mixers[info.mixer].family == "attention" {
-        format!("H={} KVH={} D={}", sizer.h, sizer.kvh, sizer.d)
-    } else {
-        format!("H={} K={} V={}", sizer.h, sizer.k, sizer.v)
+    let mixer = info.mixer.and_then(|i| m.mixers.get(i));
+    let heads = match (&info.piece, mixer) {
+        (Some(p), _) if p.kind == "conv" => format!("C={} W={}", p.width, p.taps),
+        (Some(p), _) => format!("rows={} D={}", sizer.norm_rows(), p.width),
+        (None, Some(mixer)) if mixer.family == "attention" => format!("H={} KVH={} D={}", sizer.h, sizer.kvh, sizer.d),
+        (None, Some(_)) => format!("H={} K={} V={}", sizer.h, sizer.k, sizer.v),
+        (None, None) => format!("parts={} cols={}", sizer.programs, sizer.partial_cols),
     };
-    let shape = if sizer.decode {
+    let shape = if mixer.is_none() && info.piece.is_none() {
+        // `sum_partials` sees no tokens, only the partial sums.
+        heads
+    } else if sizer.decode {
         format!("B={} ×1 (after {}) {heads}", batch.seqs, opts.tokens)
     } else {
         format!("B={} T={} {heads}", batch.seqs, opts.tokens)
@@ -344,11 +365,7 @@ fn time_kernel(module: &GpuModule, id: GpuKernelId, sized: &Sized, opts: &Option
     let program = module.program(id);
     let mut dev = Vec::with_capacity(sized.host.len());
     for h in &sized.host {
-        dev.push(match h {
-            Host::F32(v) => Dev::Buf(module.upload_f32(v)?),
-            Host::I64(v) => Dev::Buf(module.upload_i64(v)?),
-            Host::Int(v) => Dev::Int(*v),
-        });
+        dev.push(Dev::upload(module, h)?);
     }
     let mut args = gpu_args(&mut dev, program);
     let mut workspace = module.workspace(id, &sized.grid)?;
@@ -413,7 +430,7 @@ fn print_table(rows: &[Row], plan_only: bool) {
         }
     }
     if !plan_only {
-        println!("(GB/s: every parameter buffer counted once at its size in device memory, f32 or i64; scratch not counted)");
+        println!("(GB/s: every parameter buffer counted once at its size in device memory (f32, bf16, f16 or i64); scratch not counted)");
     }
 }
 

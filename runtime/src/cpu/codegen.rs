@@ -13,6 +13,10 @@
 //! that eˣ is computed inline (under 2 ulp, see `Gen::exp`) rather than by the Rust library; other
 //! transcendentals call small Rust functions registered with the JIT.
 //!
+//! Pointers to bf16 or f16 hold 2-byte elements that loads widen to f32 and stores round to
+//! nearest, ties to even (the kernel IR's storage types): bf16 inline on the f32's bits
+//! ([`Gen::store_elem`]), f16 through two small Rust functions (exact, subnormals included).
+//!
 //! The compiled function has the C signature `fn(args: *const u64, pid: *const i64, scratch: *mut u8)`:
 //! `args[2i]` is parameter `i` (an address or an integer) and `args[2i + 1]` the element count of a
 //! pointer parameter's buffer; `pid` holds the instance's grid coordinates. Every load and store is
@@ -79,6 +83,17 @@ extern "C" fn hlac_powf(x: f32, y: f32) -> f32 {
     x.powf(y)
 }
 
+/// f32 → f16 bits, rounding to nearest, ties to even (subnormals, overflow to ±∞ and NaN as IEEE
+/// 754 says). f16 stores call this rather than inlining the conversion: f16 is a GPU storage type,
+/// on the CPU only the GPU check runs it, and a library call keeps every corner case exact.
+extern "C" fn hlac_f32_to_f16(x: f32) -> u32 {
+    u32::from(half::f16::from_f32(x).to_bits())
+}
+/// f16 bits (the low 16 bits of the argument) → f32, exactly.
+extern "C" fn hlac_f16_to_f32(bits: u32) -> f32 {
+    half::f16::from_bits(bits as u16).to_f32()
+}
+
 const UNARY_LIBM: [(&str, extern "C" fn(f32) -> f32); 6] = [
     ("hlac_expf", hlac_expf),
     ("hlac_logf", hlac_logf),
@@ -119,14 +134,18 @@ impl Jit {
             builder.symbol(name, f as *const u8);
         }
         builder.symbol("hlac_powf", hlac_powf as *const u8);
+        builder.symbol("hlac_f32_to_f16", hlac_f32_to_f16 as *const u8);
+        builder.symbol("hlac_f16_to_f32", hlac_f16_to_f32 as *const u8);
         let mut module = JITModule::new(builder);
         let mut libm = HashMap::new();
-        for (name, arity) in UNARY_LIBM.iter().map(|(n, _)| (*n, 1)).chain([("hlac_powf", 2)]) {
+        let f32_fns = UNARY_LIBM.iter().map(|(n, _)| (*n, vec![types::F32], types::F32)).chain([("hlac_powf", vec![types::F32; 2], types::F32)]);
+        let conversions = [("hlac_f32_to_f16", vec![types::F32], types::I32), ("hlac_f16_to_f32", vec![types::I32], types::F32)];
+        for (name, params, ret) in f32_fns.chain(conversions) {
             let mut sig = module.make_signature();
-            for _ in 0..arity {
-                sig.params.push(AbiParam::new(types::F32));
+            for p in params {
+                sig.params.push(AbiParam::new(p));
             }
-            sig.returns.push(AbiParam::new(types::F32));
+            sig.returns.push(AbiParam::new(ret));
             let id = module.declare_function(name, Linkage::Import, &sig).map_err(|e| fail(e.to_string()))?;
             libm.insert(name, id);
         }
@@ -267,6 +286,66 @@ impl Gen<'_> {
             DType::I64 => 8,
             _ => 4,
         }
+    }
+
+    /// The element type in memory of pointer parameter `ptr` (the verifier guarantees it is one).
+    fn mem_dtype(&self, ptr: u32) -> DType {
+        match self.p.params.get(ptr as usize).map(|p| &p.kind) {
+            Some(crate::kir::ParamKind::Ptr { dtype, .. }) => *dtype,
+            _ => DType::F32,
+        }
+    }
+
+    /// Loads the element of memory type `mem` at address `a` as a tile element: bf16 and f16
+    /// widen to f32 exactly (bf16 is the top half of an f32's bits; f16 goes through
+    /// `hlac_f16_to_f32`).
+    fn load_elem(&mut self, mem: DType, a: ClValue) -> Result<ClValue, CodegenError> {
+        Ok(match mem {
+            DType::Bf16 => {
+                let h = self.fb.ins().uload16(types::I32, MemFlagsData::new(), a, 0);
+                let w = self.fb.ins().ishl_imm_u(h, 16);
+                self.fb.ins().bitcast(types::F32, MemFlagsData::new(), w)
+            }
+            DType::F16 => {
+                let h = self.fb.ins().uload16(types::I32, MemFlagsData::new(), a, 0);
+                self.call("hlac_f16_to_f32", &[h])
+            }
+            _ => {
+                let t = self.cl_type(mem)?;
+                self.fb.ins().load(t, MemFlagsData::new(), a, 0)
+            }
+        })
+    }
+
+    /// Stores tile element `x` at address `a` as memory type `mem`. bf16 rounds to nearest, ties
+    /// to even, on the f32's bits: adding 0x7FFF plus the lowest kept bit carries into the kept
+    /// half exactly when the dropped half is above one half, or equal to it with an odd kept half
+    /// (an overflow carries into the exponent and gives ±∞, as it should); NaN, which the carry
+    /// could turn into ∞, keeps its sign and top payload bits with the quiet bit set, as
+    /// `half::bf16::from_f32` does. f16 goes through `hlac_f32_to_f16`.
+    fn store_elem(&mut self, mem: DType, x: ClValue, a: ClValue) -> Result<(), CodegenError> {
+        match mem {
+            DType::Bf16 => {
+                let bits = self.fb.ins().bitcast(types::I32, MemFlagsData::new(), x);
+                let hi = self.fb.ins().ushr_imm_u(bits, 16);
+                let odd = self.fb.ins().band_imm_u(hi, 1);
+                let bias = self.fb.ins().iadd_imm_u(odd, 0x7FFF);
+                let rounded = self.fb.ins().iadd(bits, bias);
+                let rounded = self.fb.ins().ushr_imm_u(rounded, 16);
+                let quiet = self.fb.ins().bor_imm_u(hi, 0x40);
+                let nan = self.fb.ins().fcmp(FloatCC::Unordered, x, x);
+                let out = self.fb.ins().select(nan, quiet, rounded);
+                self.fb.ins().istore16(MemFlagsData::new(), out, a, 0);
+            }
+            DType::F16 => {
+                let bits = self.call("hlac_f32_to_f16", &[x]);
+                self.fb.ins().istore16(MemFlagsData::new(), bits, a, 0);
+            }
+            _ => {
+                self.fb.ins().store(MemFlagsData::new(), x, a, 0);
+            }
+        }
+        Ok(())
     }
 
     /// Address of element `i` (an i64 value) of tile `v`.
@@ -899,6 +978,7 @@ impl Gen<'_> {
                 let d = self.ty(out).dtype;
                 let t = self.cl_type(d)?;
                 let (offsets, mask, other, ptr) = (*offsets, *mask, *other, *ptr);
+                let mem = self.mem_dtype(ptr);
                 self.alloc(out);
                 let n = self.ty(out).numel();
                 let fallback = |g: &mut Self| match d {
@@ -920,10 +1000,9 @@ impl Gen<'_> {
                             }
                             None => off,
                         };
-                        let size = g.elem_bytes(d);
-                        let b = g.fb.ins().imul_imm_s(off, size);
+                        let b = g.fb.ins().imul_imm_s(off, i64::from(mem.bytes()));
                         let a = g.fb.ins().iadd(base, b);
-                        let x = g.fb.ins().load(t, MemFlagsData::new(), a, 0);
+                        let x = g.load_elem(mem, a)?;
                         let x = match enabled {
                             Some(m) => {
                                 let f = fallback(g);
@@ -947,6 +1026,7 @@ impl Gen<'_> {
                 let d = self.ty(*value).dtype;
                 self.cl_type(d)?;
                 let (offsets, mask, value, ptr) = (*offsets, *mask, *value, *ptr);
+                let mem = self.mem_dtype(ptr);
                 let n = self.ty(value).numel();
                 self.checked_access(
                     ptr,
@@ -955,8 +1035,7 @@ impl Gen<'_> {
                     n,
                     &mut |g, base, i, off, enabled| {
                         let x = g.read(value, i)?;
-                        let size = g.elem_bytes(d);
-                        let b = g.fb.ins().imul_imm_s(off, size);
+                        let b = g.fb.ins().imul_imm_s(off, i64::from(mem.bytes()));
                         let a = g.fb.ins().iadd(base, b);
                         match enabled {
                             Some(m) => {
@@ -964,13 +1043,11 @@ impl Gen<'_> {
                                 let next = g.fb.create_block();
                                 g.fb.ins().brif(m, yes, &[], next, &[]);
                                 g.fb.switch_to_block(yes);
-                                g.fb.ins().store(MemFlagsData::new(), x, a, 0);
+                                g.store_elem(mem, x, a)?;
                                 g.fb.ins().jump(next, &[]);
                                 g.fb.switch_to_block(next);
                             }
-                            None => {
-                                g.fb.ins().store(MemFlagsData::new(), x, a, 0);
-                            }
+                            None => g.store_elem(mem, x, a)?,
                         }
                         Ok(())
                     },
@@ -1075,7 +1152,8 @@ impl Gen<'_> {
         access: Access,
     ) -> Result<Option<ClValue>, CodegenError> {
         let t = self.cl_type(d)?;
-        let size = self.elem_bytes(d);
+        let stored = self.mem_dtype(ptr);
+        let size = i64::from(stored.bytes());
         let base = self.fb.ins().load(types::I64, mem(), self.args, (ptr as i32) * 16);
         let len = self.fb.ins().load(types::I64, mem(), self.args, (ptr as i32) * 16 + 8);
         let join = self.fb.create_block();
@@ -1110,11 +1188,11 @@ impl Gen<'_> {
         let a = self.fb.ins().iadd(base, b);
         match access {
             Access::Load(_) => {
-                let x = self.fb.ins().load(t, MemFlagsData::new(), a, 0);
+                let x = self.load_elem(stored, a)?;
                 self.fb.ins().jump(join, &[x.into()]);
             }
             Access::Store(x) => {
-                self.fb.ins().store(MemFlagsData::new(), x, a, 0);
+                self.store_elem(stored, x, a)?;
                 self.fb.ins().jump(join, &[]);
             }
         }

@@ -6,21 +6,48 @@
 
 pub mod codegen;
 
+use half::{bf16, f16};
 use rayon::prelude::*;
 
-use crate::kir::{ParamKind, Program};
+use crate::kir::{DType, ParamKind, Program};
 use codegen::{CodegenError, Jit};
 
-/// An argument of a kernel launch.
+/// An argument of a kernel launch. A pointer parameter takes the buffer variant of its element
+/// type (read-only variants only for parameters the kernel does not write).
 pub enum Arg<'a> {
     /// A buffer the kernel only reads.
     F32(&'a [f32]),
     /// A buffer the kernel writes.
     F32Mut(&'a mut [f32]),
+    /// A bf16 buffer the kernel only reads (loads widen it to f32).
+    Bf16(&'a [bf16]),
+    /// A bf16 buffer the kernel writes (stores round to bf16).
+    Bf16Mut(&'a mut [bf16]),
+    /// An f16 buffer the kernel only reads.
+    F16(&'a [f16]),
+    /// An f16 buffer the kernel writes.
+    F16Mut(&'a mut [f16]),
     /// Integer data the kernel reads (offsets such as `cu_seqlens`).
     I64(&'a [i64]),
     /// An integer parameter.
     Int(i64),
+}
+
+impl Arg<'_> {
+    /// What the argument is, for error messages (`a read-only bf16 buffer`).
+    fn describe(&self) -> String {
+        let (what, dtype) = match self {
+            Arg::F32(_) => ("a read-only", "f32"),
+            Arg::F32Mut(_) => ("a writable", "f32"),
+            Arg::Bf16(_) => ("a read-only", "bf16"),
+            Arg::Bf16Mut(_) => ("a writable", "bf16"),
+            Arg::F16(_) => ("a read-only", "f16"),
+            Arg::F16Mut(_) => ("a writable", "f16"),
+            Arg::I64(_) => ("a read-only", "i64"),
+            Arg::Int(_) => return "an integer".to_string(),
+        };
+        format!("{what} {dtype} buffer")
+    }
 }
 
 /// Why a launch failed.
@@ -103,11 +130,21 @@ impl CpuModule {
         let mut words = Vec::with_capacity(2 * args.len());
         for (param, arg) in p.params.iter().zip(args.iter_mut()) {
             let (addr, len) = match (&param.kind, arg) {
-                (ParamKind::Ptr { dtype: crate::kir::DType::F32, writable: false }, Arg::F32(s)) => (s.as_ptr() as u64, s.len() as u64),
-                (ParamKind::Ptr { dtype: crate::kir::DType::F32, .. }, Arg::F32Mut(s)) => (s.as_mut_ptr() as u64, s.len() as u64),
-                (ParamKind::Ptr { dtype: crate::kir::DType::I64, writable: false }, Arg::I64(s)) => (s.as_ptr() as u64, s.len() as u64),
+                (ParamKind::Ptr { dtype: DType::F32, writable: false }, Arg::F32(s)) => (s.as_ptr() as u64, s.len() as u64),
+                (ParamKind::Ptr { dtype: DType::F32, .. }, Arg::F32Mut(s)) => (s.as_mut_ptr() as u64, s.len() as u64),
+                (ParamKind::Ptr { dtype: DType::Bf16, writable: false }, Arg::Bf16(s)) => (s.as_ptr() as u64, s.len() as u64),
+                (ParamKind::Ptr { dtype: DType::Bf16, .. }, Arg::Bf16Mut(s)) => (s.as_mut_ptr() as u64, s.len() as u64),
+                (ParamKind::Ptr { dtype: DType::F16, writable: false }, Arg::F16(s)) => (s.as_ptr() as u64, s.len() as u64),
+                (ParamKind::Ptr { dtype: DType::F16, .. }, Arg::F16Mut(s)) => (s.as_mut_ptr() as u64, s.len() as u64),
+                (ParamKind::Ptr { dtype: DType::I64, writable: false }, Arg::I64(s)) => (s.as_ptr() as u64, s.len() as u64),
                 (ParamKind::Int, Arg::Int(v)) => (*v as u64, 0),
-                _ => return Err(bad(format!("argument for `{}` has the wrong kind", param.name))),
+                (kind, arg) => {
+                    let want = match kind {
+                        ParamKind::Ptr { dtype, writable } => format!("{}{} buffer", if *writable { "writable " } else { "" }, dtype.name()),
+                        ParamKind::Int => "integer".to_string(),
+                    };
+                    return Err(bad(format!("argument for `{}` has the wrong kind: {} for a {want}", param.name, arg.describe())));
+                }
             };
             words.extend([addr, len]);
         }

@@ -22,7 +22,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError, LaunchConfig, PushKernelArg, SyncOnDrop,
+};
+use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+use half::{bf16, f16};
 
 use crate::kir::{DType, ParamKind, Program};
 
@@ -175,15 +179,40 @@ pub fn check_target(target: &str, device: &str, (major, minor): (i32, i32)) -> R
     Err(GpuError::Device { target: target.to_string(), device: device.to_string(), major, minor, reason: reason.to_string() })
 }
 
-/// Device memory holding f32 or i64 elements.
+/// Device memory holding f32, bf16, f16 or i64 elements.
 pub struct GpuBuffer {
     data: Data,
     len: usize,
 }
 
+/// A buffer's device memory. bf16 and f16 elements are kept as their 16-bit patterns: the driver
+/// only copies bytes, and this way cudarc needs no half-precision support of its own.
 enum Data {
     F32(CudaSlice<f32>),
+    Bf16(CudaSlice<u16>),
+    F16(CudaSlice<u16>),
     I64(CudaSlice<i64>),
+}
+
+impl Data {
+    /// The device address, for a launch that only reads the buffer, and the guard that orders the
+    /// buffer's later uses after the launch.
+    fn device_ptr<'a>(&'a self, stream: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
+        match self {
+            Data::F32(s) => s.device_ptr(stream),
+            Data::Bf16(s) | Data::F16(s) => s.device_ptr(stream),
+            Data::I64(s) => s.device_ptr(stream),
+        }
+    }
+
+    /// As [`Data::device_ptr`], for a launch that writes the buffer.
+    fn device_ptr_mut<'a>(&'a mut self, stream: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
+        match self {
+            Data::F32(s) => s.device_ptr_mut(stream),
+            Data::Bf16(s) | Data::F16(s) => s.device_ptr_mut(stream),
+            Data::I64(s) => s.device_ptr_mut(stream),
+        }
+    }
 }
 
 impl GpuBuffer {
@@ -201,17 +230,28 @@ impl GpuBuffer {
     pub fn dtype(&self) -> DType {
         match self.data {
             Data::F32(_) => DType::F32,
+            Data::Bf16(_) => DType::Bf16,
+            Data::F16(_) => DType::F16,
             Data::I64(_) => DType::I64,
         }
     }
 }
 
-/// An argument of a kernel launch, as [`crate::cpu::Arg`] but in device memory.
+/// An argument of a kernel launch, as [`crate::cpu::Arg`] but in device memory: the variant
+/// names the element type and access the parameter must have, and the buffer must hold that type.
 pub enum GpuArg<'a> {
     /// An f32 buffer the kernel only reads.
     F32(&'a GpuBuffer),
     /// An f32 buffer the kernel writes.
     F32Mut(&'a mut GpuBuffer),
+    /// A bf16 buffer the kernel only reads (loads widen it to f32).
+    Bf16(&'a GpuBuffer),
+    /// A bf16 buffer the kernel writes (stores round to bf16).
+    Bf16Mut(&'a mut GpuBuffer),
+    /// An f16 buffer the kernel only reads.
+    F16(&'a GpuBuffer),
+    /// An f16 buffer the kernel writes.
+    F16Mut(&'a mut GpuBuffer),
     /// Integer data the kernel reads (offsets such as `cu_seqlens`).
     I64(&'a GpuBuffer),
     /// An integer parameter.
@@ -326,6 +366,18 @@ impl GpuModule {
         Ok(GpuBuffer { data: Data::F32(slice), len: data.len() })
     }
 
+    /// Copies bf16 data to a new device buffer.
+    pub fn upload_bf16(&self, data: &[bf16]) -> Result<GpuBuffer, GpuError> {
+        let slice = self.upload(data.reinterpret_cast())?;
+        Ok(GpuBuffer { data: Data::Bf16(slice), len: data.len() })
+    }
+
+    /// Copies f16 data to a new device buffer.
+    pub fn upload_f16(&self, data: &[f16]) -> Result<GpuBuffer, GpuError> {
+        let slice = self.upload(data.reinterpret_cast())?;
+        Ok(GpuBuffer { data: Data::F16(slice), len: data.len() })
+    }
+
     /// Copies i64 data to a new device buffer.
     pub fn upload_i64(&self, data: &[i64]) -> Result<GpuBuffer, GpuError> {
         let slice = self.upload(data)?;
@@ -355,7 +407,23 @@ impl GpuModule {
     pub fn download_f32(&self, buffer: &GpuBuffer) -> Result<Vec<f32>, GpuError> {
         match &buffer.data {
             Data::F32(s) => self.download(s, buffer.len),
-            Data::I64(_) => Err(GpuError::Arguments { kernel: String::new(), reason: "download_f32 of an i64 buffer".into() }),
+            _ => Err(wrong_download("download_f32", buffer)),
+        }
+    }
+
+    /// Copies a bf16 buffer back to the host.
+    pub fn download_bf16(&self, buffer: &GpuBuffer) -> Result<Vec<bf16>, GpuError> {
+        match &buffer.data {
+            Data::Bf16(s) => Ok(self.download(s, buffer.len)?.reinterpret_cast::<bf16>().to_vec()),
+            _ => Err(wrong_download("download_bf16", buffer)),
+        }
+    }
+
+    /// Copies an f16 buffer back to the host.
+    pub fn download_f16(&self, buffer: &GpuBuffer) -> Result<Vec<f16>, GpuError> {
+        match &buffer.data {
+            Data::F16(s) => Ok(self.download(s, buffer.len)?.reinterpret_cast::<f16>().to_vec()),
+            _ => Err(wrong_download("download_f16", buffer)),
         }
     }
 
@@ -363,7 +431,7 @@ impl GpuModule {
     pub fn download_i64(&self, buffer: &GpuBuffer) -> Result<Vec<i64>, GpuError> {
         match &buffer.data {
             Data::I64(s) => self.download(s, buffer.len),
-            Data::F32(_) => Err(GpuError::Arguments { kernel: String::new(), reason: "download_i64 of an f32 buffer".into() }),
+            _ => Err(wrong_download("download_i64", buffer)),
         }
     }
 
@@ -524,30 +592,50 @@ impl GpuModule {
         // Keeps the buffers' stream-ordering guards alive until the launch is queued.
         let mut guards = Vec::with_capacity(args.len());
         for (param, arg) in p.params.iter().zip(args.iter_mut()) {
-            let wrong = || bad(format!("argument for `{}` has the wrong kind", param.name));
-            match (&param.kind, arg) {
-                (ParamKind::Ptr { dtype: DType::F32, writable: false }, GpuArg::F32(b)) => {
-                    let Data::F32(s) = &b.data else { return Err(wrong()) };
-                    let (ptr, guard) = s.device_ptr(&self.stream);
-                    guards.push(guard);
-                    words.extend([ptr, b.len as u64]);
+            // The variant says the element type and access the caller means; the parameter and
+            // the buffer must both agree with it (a read-only variant only for a read-only
+            // parameter, as on the CPU).
+            let (want, writes) = arg.buffer_type();
+            let wrong = |got: String| {
+                let param_is = match &param.kind {
+                    ParamKind::Ptr { dtype, writable } => format!("{}{} buffer", if *writable { "writable " } else { "" }, dtype.name()),
+                    ParamKind::Int => "integer".to_string(),
+                };
+                bad(format!("argument for `{}` has the wrong kind: {got} for a {param_is}", param.name))
+            };
+            let dtype = match (&param.kind, want) {
+                (ParamKind::Int, None) => {
+                    if let GpuArg::Int(v) = arg {
+                        words.push(*v as u64);
+                    }
+                    continue;
                 }
-                (ParamKind::Ptr { dtype: DType::F32, .. }, GpuArg::F32Mut(b)) => {
-                    let len = b.len as u64;
-                    let Data::F32(s) = &mut b.data else { return Err(wrong()) };
-                    let (ptr, guard) = s.device_ptr_mut(&self.stream);
-                    guards.push(guard);
-                    words.extend([ptr, len]);
-                }
-                (ParamKind::Ptr { dtype: DType::I64, writable: false }, GpuArg::I64(b)) => {
-                    let Data::I64(s) = &b.data else { return Err(wrong()) };
-                    let (ptr, guard) = s.device_ptr(&self.stream);
-                    guards.push(guard);
-                    words.extend([ptr, b.len as u64]);
-                }
-                (ParamKind::Int, GpuArg::Int(v)) => words.push(*v as u64),
-                _ => return Err(wrong()),
+                (ParamKind::Ptr { dtype, writable }, Some(want)) if want == *dtype && (writes || !writable) => *dtype,
+                (_, None) => return Err(wrong("an integer".into())),
+                (_, Some(want)) => return Err(wrong(format!("{} {} buffer", if writes { "a writable" } else { "a read-only" }, want.name()))),
+            };
+            let held = match &*arg {
+                GpuArg::F32(b) | GpuArg::Bf16(b) | GpuArg::F16(b) | GpuArg::I64(b) => b.dtype(),
+                GpuArg::F32Mut(b) | GpuArg::Bf16Mut(b) | GpuArg::F16Mut(b) => b.dtype(),
+                GpuArg::Int(_) => return Err(wrong("an integer".into())),
+            };
+            if held != dtype {
+                return Err(wrong(format!("a {} argument holding {} data", dtype.name(), held.name())));
             }
+            let (ptr, guard, len) = match arg {
+                GpuArg::F32(b) | GpuArg::Bf16(b) | GpuArg::F16(b) | GpuArg::I64(b) => {
+                    let (ptr, guard) = b.data.device_ptr(&self.stream);
+                    (ptr, guard, b.len)
+                }
+                GpuArg::F32Mut(b) | GpuArg::Bf16Mut(b) | GpuArg::F16Mut(b) => {
+                    let len = b.len;
+                    let (ptr, guard) = b.data.device_ptr_mut(&self.stream);
+                    (ptr, guard, len)
+                }
+                GpuArg::Int(_) => return Err(wrong("an integer".into())),
+            };
+            guards.push(guard);
+            words.extend([ptr, len as u64]);
         }
         let (scratch_ptr, scratch_guard) = scratch.device_ptr_mut(&self.stream);
         let (error_ptr, error_guard) = error.device_ptr_mut(&self.stream);
@@ -618,6 +706,28 @@ impl GpuEvent {
     pub fn elapsed_ms(&self, end: &GpuEvent) -> Result<f32, GpuError> {
         self.0.elapsed_ms(&end.0).map_err(|cause| GpuError::Driver { what: "reading an event's time".into(), cause })
     }
+}
+
+impl GpuArg<'_> {
+    /// The element type a buffer argument declares (none for an integer) and whether the kernel
+    /// may write it.
+    fn buffer_type(&self) -> (Option<DType>, bool) {
+        match self {
+            GpuArg::F32(_) => (Some(DType::F32), false),
+            GpuArg::F32Mut(_) => (Some(DType::F32), true),
+            GpuArg::Bf16(_) => (Some(DType::Bf16), false),
+            GpuArg::Bf16Mut(_) => (Some(DType::Bf16), true),
+            GpuArg::F16(_) => (Some(DType::F16), false),
+            GpuArg::F16Mut(_) => (Some(DType::F16), true),
+            GpuArg::I64(_) => (Some(DType::I64), false),
+            GpuArg::Int(_) => (None, false),
+        }
+    }
+}
+
+/// A download of the wrong element type.
+fn wrong_download(what: &str, buffer: &GpuBuffer) -> GpuError {
+    GpuError::Arguments { kernel: String::new(), reason: format!("{what} of a buffer of {} {}", buffer.len, buffer.dtype().name()) }
 }
 
 fn no_kernel(id: GpuKernelId) -> GpuError {

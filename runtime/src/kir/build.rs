@@ -240,10 +240,11 @@ impl Builder {
         self.op(Op::Cast(v, to), Ty::tile(to, &ty.shape))
     }
 
-    /// Masked load of a tile shaped like `offsets`.
+    /// Masked load of a tile shaped like `offsets`: f32 through any float pointer (bf16 and f16
+    /// widen on load), i64 through an i64 pointer.
     pub fn load(&mut self, ptr: Ptr, offsets: Value, mask: Option<Value>, other: f64) -> Value {
         let dtype = match &self.program.params[ptr.0 as usize].kind {
-            ParamKind::Ptr { dtype, .. } => *dtype,
+            ParamKind::Ptr { dtype, .. } => dtype.tile_type(),
             ParamKind::Int => DType::F32,
         };
         let shape = self.shape(offsets);

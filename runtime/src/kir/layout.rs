@@ -9,7 +9,7 @@
 //! after every use of the previous occupant, so an instruction never overwrites one of its own
 //! operands. Every offset is a multiple of 64 bytes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use super::{Block, DType, Op, Program, Value};
 
@@ -45,6 +45,10 @@ struct Walk {
     last: HashMap<Value, u64>,
     /// Union-find parent for storage groups.
     parent: HashMap<Value, Value>,
+    /// Tiles a back end computes where they are used instead of storing them ([`plan_fused`]).
+    fused: HashSet<Value>,
+    /// For each fused tile, the stored values its computation reads.
+    leaves: HashMap<Value, Vec<Value>>,
 }
 
 impl Walk {
@@ -75,8 +79,21 @@ impl Walk {
         for inst in &b.insts {
             self.pos += 1;
             let here = self.pos;
+            let mut direct = Vec::new();
+            collect_operands(&inst.op, &mut direct);
+            // A fused operand is computed here from its leaves, so here is where they are read.
             let mut operands = Vec::new();
-            collect_operands(&inst.op, &mut operands);
+            for v in direct {
+                match self.leaves.get(&v) {
+                    Some(l) => operands.extend(l.iter().copied()),
+                    None => operands.push(v),
+                }
+            }
+            if let Some(r) = inst.results.first().filter(|r| self.fused.contains(r)) {
+                self.def.insert(*r, here);
+                self.leaves.insert(*r, operands);
+                continue;
+            }
             for v in operands {
                 self.use_at(v, here);
                 // A value defined outside an enclosing loop is read again on every iteration.
@@ -162,11 +179,20 @@ fn collect_operands(op: &Op, out: &mut Vec<Value>) {
 
 /// Plans the workspace of a verified program.
 pub fn plan(p: &Program) -> Layout {
-    let mut w = Walk::default();
+    plan_fused(p, &HashSet::new())
+}
+
+/// Plans the workspace of a verified program whose back end does not store the tiles in `fused`
+/// (elementwise values it recomputes, element by element, wherever they are read): they get no
+/// storage, and the stored values their computation reads (their leaves) stay live until the
+/// fused tile's last use. A fused tile must not be a loop's carried value or a reshape of a stored
+/// tile.
+pub fn plan_fused(p: &Program, fused: &HashSet<Value>) -> Layout {
+    let mut w = Walk { fused: fused.clone(), ..Walk::default() };
     w.block(p, &p.body, &mut Vec::new());
     // Group intervals and sizes over the tiles.
     let mut groups: HashMap<Value, (u64, u64, u64)> = HashMap::new();
-    let tiles: Vec<Value> = w.def.keys().copied().filter(|v| !p.ty(*v).is_scalar()).collect();
+    let tiles: Vec<Value> = w.def.keys().copied().filter(|v| !p.ty(*v).is_scalar() && !fused.contains(v)).collect();
     for v in &tiles {
         let root = w.find(*v);
         let d = w.def.get(v).copied().unwrap_or(0);

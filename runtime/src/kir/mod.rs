@@ -25,6 +25,13 @@
 //!   (I + L)⁻¹ — the unit lower-triangular solve of the delta rule's chunk.
 //! - `for i = lo to hi step s iter(x = init…) { … yield … }`: a counted loop carrying tiles.
 //!
+//! Storage types: a pointer parameter's element type is f32, bf16, f16 or i64. Tiles are never
+//! bf16 or f16 — arithmetic is f32 everywhere, and the narrow types exist only at the memory
+//! boundary, as in fla's kernels (bf16 activations, f32 accumulation and state): `load` through a
+//! bf16 or f16 pointer gives an f32 tile (an exact widening), and `store` of an f32 tile through
+//! one rounds each element to the nearest representable value, ties to even (overflow gives ±∞,
+//! NaN stays NaN). An i64 pointer loads and stores i64 tiles.
+//!
 //! [`verify`] checks every invariant a back end relies on; back ends accept only verified programs.
 
 pub mod build;
@@ -43,9 +50,9 @@ use serde::{Deserialize, Serialize};
 pub enum DType {
     /// IEEE single precision.
     F32,
-    /// bfloat16 (GPU storage only).
+    /// bfloat16: a pointer's element type only (loads widen it to f32, stores round to it).
     Bf16,
-    /// IEEE half precision (GPU storage only).
+    /// IEEE half precision: a pointer's element type only, like [`DType::Bf16`].
     F16,
     /// 64-bit signed integers (indices and offsets).
     I64,
@@ -68,6 +75,16 @@ impl DType {
     /// Whether arithmetic in this type is floating point.
     pub fn is_float(self) -> bool {
         matches!(self, DType::F32 | DType::Bf16 | DType::F16)
+    }
+
+    /// The type of the tile a `load` through a pointer to this type gives (and a `store` takes):
+    /// f32 for every float type, since bf16 and f16 exist only in memory.
+    pub fn tile_type(self) -> DType {
+        if self.is_float() {
+            DType::F32
+        } else {
+            self
+        }
     }
 
     /// Bytes per element in memory.

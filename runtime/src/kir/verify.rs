@@ -6,7 +6,8 @@
 //!   for elementwise operands, bool masks and conditions, i64 offsets and loop bounds, f32 `dot`
 //!   results, broadcast axes that are equal or 1, reshapes that keep the element count);
 //! - `param` names an integer parameter, `load`/`store` a pointer parameter (writable for stores)
-//!   whose element type matches;
+//!   whose element type matches the tile's: f32 tiles for f32, bf16 and f16 pointers, i64 tiles for
+//!   i64 pointers; no value anywhere is a bf16 or f16 tile (those types live only in memory);
 //! - a loop body's arguments match its carried values, and it ends with a `yield` of those types;
 //!   `yield` appears nowhere else.
 //!
@@ -53,7 +54,10 @@ impl Verifier<'_> {
     }
 
     fn define(&mut self, v: Value) -> Result<(), VerifyError> {
-        self.ty(v)?;
+        let dtype = self.ty(v)?.dtype;
+        if matches!(dtype, DType::Bf16 | DType::F16) {
+            return Err(self.err(format!("{v} is a {} tile; bf16 and f16 are storage types only", dtype.name())));
+        }
         if !self.ever.insert(v) || !self.defined.insert(v) {
             return Err(self.err(format!("{v} is defined twice")));
         }
@@ -106,8 +110,13 @@ impl Verifier<'_> {
                 }
                 let (o, v) = (self.used(*offsets)?.clone(), self.used(*value)?.clone());
                 match p.params.get(*ptr as usize).map(|x| &x.kind) {
-                    Some(ParamKind::Ptr { dtype, writable: true }) if *dtype == v.dtype => {}
-                    _ => return Err(self.err(format!("store to parameter {ptr}, which is not a writable pointer to {}", v.dtype.name()))),
+                    Some(ParamKind::Ptr { dtype, writable: true }) if dtype.tile_type() == v.dtype => {}
+                    _ => {
+                        return Err(self.err(format!(
+                            "store of {v} to parameter {ptr}, which is not a writable pointer that stores {} tiles",
+                            v.dtype.name()
+                        )))
+                    }
                 }
                 if o.dtype != DType::I64 || o.shape != v.shape {
                     return Err(self.err(format!("store offsets {o} do not match the value {v}")));
@@ -268,8 +277,8 @@ impl Verifier<'_> {
             Op::Load { ptr, offsets, mask, .. } => {
                 let o = self.used(*offsets)?.clone();
                 match p.params.get(*ptr as usize).map(|x| &x.kind) {
-                    Some(ParamKind::Ptr { dtype, .. }) if *dtype == out.dtype => {}
-                    _ => return Err(bad("load from a parameter that is not a pointer of the result's type")),
+                    Some(ParamKind::Ptr { dtype, .. }) if dtype.tile_type() == out.dtype => {}
+                    _ => return Err(bad("load from a parameter that is not a pointer loading the result's type")),
                 }
                 if o.dtype != DType::I64 || o.shape != out.shape {
                     return Err(bad("load offsets"));

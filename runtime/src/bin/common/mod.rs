@@ -1,8 +1,10 @@
 //! Sizing shared by the GPU tools (`hlac-gpu-check`, `hlac-gpu-bench`): how a kernel's buffers
 //! are sized from its parameters' names (the conventions of the compiler's lowerings) and the
-//! manifest's mixer, how its grid descriptions are evaluated, how inputs are filled with seeded
-//! random values, and how the widths of inputs the manifest does not record are found by probing
-//! the CPU launcher (which bounds-checks every access and names the parameter it overran).
+//! manifest's mixer (for the conv and norm pieces, from the sizes the manifest records with them:
+//! channels or row width, taps, rows per token), how its grid descriptions are evaluated, how
+//! inputs are filled with seeded random values, and how the widths of inputs the manifest does not
+//! record are found by probing the CPU launcher (which bounds-checks every access and names the
+//! parameter it overran).
 //!
 //! Each binary includes this with `mod common;`; neither uses every item, hence the allow below
 //! (it is per binary, not a sign of dead code across both).
@@ -11,16 +13,18 @@
 use std::collections::HashMap;
 
 use hlac_runtime::cpu::{self, Arg, CpuModule};
-use hlac_runtime::gpu::{GpuArg, GpuBuffer};
+use half::{bf16, f16};
+use hlac_runtime::gpu::{GpuArg, GpuBuffer, GpuError, GpuModule};
 use hlac_runtime::kir::{DType, ParamKind, Program};
-use hlac_runtime::{KernelInfo, Manifest, MixerInfo};
+use hlac_runtime::{KernelInfo, Manifest, MixerInfo, PieceInfo};
 
 /// Lengths of the test batch's sequences: a single token, one crossing a chunk boundary, one of
 /// several chunks with a partial last one.
 pub const LENGTHS: [i64; 3] = [1, 70, 130];
-/// `programs` for kernels that take the launcher's choice of program count.
+/// `programs` for kernels that take the launcher's choice of program count (the norm backward),
+/// and `parts` for `sum_partials`: few, so that every program strides over several row blocks.
 pub const PROGRAMS: i64 = 4;
-/// Columns for `sum_partials`.
+/// Columns for `sum_partials`: not a multiple of its column block.
 pub const PARTIAL_COLS: i64 = 300;
 
 /// How one argument is made.
@@ -50,12 +54,16 @@ pub struct Batch {
     pub chunks: usize,
     /// The longest sequence.
     pub max_len: usize,
+    /// Whether norm kernels get one row fewer than tokens × rows per token (the check's batch): a
+    /// row count that no block size divides, so the last row block is partial even for a per-head
+    /// norm of 16 heads in blocks of 16 rows (a norm's rows need not make whole tokens).
+    pub odd_rows: bool,
 }
 
 impl Batch {
     /// The check's test batch ([`LENGTHS`]) for chunks of `chunk` tokens.
     pub fn test(chunk: i64) -> Batch {
-        Batch::new(&LENGTHS, chunk)
+        Batch { odd_rows: true, ..Batch::new(&LENGTHS, chunk) }
     }
 
     /// A batch of sequences of the given lengths, for chunks of `chunk` tokens.
@@ -74,6 +82,7 @@ impl Batch {
             cu,
             chunk_offsets,
             max_len: lengths.iter().copied().max().unwrap_or(0) as usize,
+            odd_rows: false,
         }
     }
 }
@@ -112,7 +121,10 @@ pub type Levels = HashMap<String, usize>;
 /// The sizes a kernel's parameters are made from.
 pub struct Sizer<'a> {
     program: &'a Program,
-    mixer: &'a MixerInfo,
+    /// The mixer the kernel belongs to (none for the conv and norm pieces and `sum_partials`).
+    mixer: Option<&'a MixerInfo>,
+    /// What the manifest records of a conv or norm kernel.
+    piece: Option<&'a PieceInfo>,
     batch: &'a Batch,
     /// Heads, key size, value size of the recurrence (1, 1 for the elementwise scan, whose state
     /// is one number per channel).
@@ -124,35 +136,60 @@ pub struct Sizer<'a> {
     pub d: usize,
     /// Whether the kernel handles one token per sequence (decode).
     pub decode: bool,
-    /// The width of a convolution's channels or a norm's rows, when the kernel is one of those.
+    /// The width of a convolution's channels or a norm's rows, when the kernel is one of those
+    /// (the one the manifest records).
     pub piece_width: Vec<usize>,
+    /// `programs` of the norm backward and `parts` of `sum_partials` ([`PROGRAMS`] unless the
+    /// tool sets another).
+    pub programs: usize,
+    /// `cols` of `sum_partials` ([`PARTIAL_COLS`] unless the tool sets another).
+    pub partial_cols: usize,
 }
 
 impl Sizer<'_> {
-    pub fn new<'a>(manifest: &'a Manifest, info: &KernelInfo, program: &'a Program, batch: &'a Batch) -> Sizer<'a> {
-        let mixer = &manifest.mixers[info.mixer];
-        let h = mixer.heads as usize;
-        let (k, v) = if mixer.family == "scan" { (1, 1) } else { (mixer.key_dim as usize, mixer.value_dim as usize) };
+    pub fn new<'a>(manifest: &'a Manifest, info: &'a KernelInfo, program: &'a Program, batch: &'a Batch) -> Sizer<'a> {
+        let mixer = info.mixer.and_then(|m| manifest.mixers.get(m));
+        let h = mixer.map_or(0, |m| m.heads as usize);
+        let (k, v) = match mixer {
+            Some(m) if m.family == "scan" => (1, 1),
+            Some(m) => (m.key_dim as usize, m.value_dim as usize),
+            None => (0, 0),
+        };
         // Attention's sizes follow the prelude's `Attn`: head_dim = hidden_size / num_heads, kv
         // heads default to the heads.
-        let int = |name: &str| mixer.params.get(name).and_then(serde_json::Value::as_u64).map(|x| x as usize);
+        let int = |name: &str| mixer.and_then(|m| m.params.get(name)).and_then(serde_json::Value::as_u64).map(|x| x as usize);
         let kvh = int("num_kv_heads").or(int("kv_heads")).unwrap_or(h);
         let d = int("head_dim").unwrap_or_else(|| (manifest.model.hidden_size as usize).checked_div(h).unwrap_or(0));
         let decode = program.grid.first().is_some_and(|g| g.contains("batch")) || info.role.contains("decode");
-        let has = |n: &str| program.param_index(n).is_some();
-        let mut piece_width = Vec::new();
-        if has("weight") {
-            piece_width = vec![h * k, h * v];
-        } else if has("w") && has("rows") {
-            piece_width = vec![k, v];
-            if mixer.family == "attention" {
-                piece_width.push(d);
-            }
+        let piece = info.piece.as_ref();
+        let piece_width = piece.map(|p| p.width as usize).into_iter().collect();
+        Sizer {
+            program,
+            mixer,
+            piece,
+            batch,
+            h,
+            k,
+            v,
+            kvh,
+            d,
+            decode,
+            piece_width,
+            programs: PROGRAMS as usize,
+            partial_cols: PARTIAL_COLS as usize,
         }
-        piece_width.retain(|&w| w > 0);
-        piece_width.sort_unstable();
-        piece_width.dedup();
-        Sizer { program, mixer, batch, h, k, v, kvh, d, decode, piece_width }
+    }
+
+    /// Rows of a norm kernel: the tokens times the rows each gives its first use (the heads of a
+    /// per-head norm), one fewer on the check's batch ([`Batch::odd_rows`]).
+    pub fn norm_rows(&self) -> usize {
+        let per_token = self.piece.and_then(|p| p.uses.first()).map_or(1, |u| u.rows_per_token as usize);
+        let rows = self.batch.tokens * per_token;
+        if self.batch.odd_rows && rows > 1 {
+            rows - 1
+        } else {
+            rows
+        }
     }
 
     /// Rows of token-shaped buffers: the tokens, or one per sequence for decode.
@@ -187,26 +224,34 @@ impl Sizer<'_> {
         let p = self.program;
         let b = self.batch;
         let (h, k, v, kvh, d) = (self.h, self.k, self.v, self.kvh, self.d);
-        let attention = self.mixer.family == "attention";
+        let attention = self.mixer.is_some_and(|m| m.family == "attention");
         let r = self.rows();
         let layouts = self.layouts();
         let layout_of = |name: &str| layouts.get(levels.get(name).copied().unwrap_or(0)).copied();
         let width = self.piece_width.get(levels.get("#width").copied().unwrap_or(0)).copied();
-        let is_conv = p.param_index("weight").is_some();
-        let is_norm = p.param_index("w").is_some() && p.param_index("rows").is_some();
-        let norm_rows = b.tokens * h;
+        let kind = self.piece.map(|piece| piece.kind.as_str());
+        let (is_conv, is_norm) = (kind == Some("conv"), kind == Some("norm"));
+        let taps = self.piece.map_or(0, |piece| piece.taps as usize);
+        let norm_rows = self.norm_rows();
+        let (programs, partial_cols) = (self.programs, self.partial_cols);
         let mut out = Vec::with_capacity(p.params.len());
         for param in &p.params {
             let name = param.name.as_str();
             let writable = matches!(param.kind, ParamKind::Ptr { writable: true, .. });
             let f32_buf = |len: usize| Plan::F32 { len, output: writable, inout: false };
             let inout = |len: usize| Plan::F32 { len, output: true, inout: true };
-            let plan = match (&param.kind, name) {
+            // Buffers are sized by name whatever their float element type (a bf16 or f16
+            // activation has the size of its f32 counterpart); `make_host` gives them their type.
+            let kind = match &param.kind {
+                ParamKind::Ptr { dtype, writable } if dtype.is_float() => ParamKind::Ptr { dtype: DType::F32, writable: *writable },
+                other => other.clone(),
+            };
+            let plan = match (&kind, name) {
                 (ParamKind::Int, "use_h0" | "use_ht" | "use_dht") => Plan::Int(1),
                 (ParamKind::Int, "max_len") => Plan::Int(b.max_len as i64 + 1),
                 (ParamKind::Int, "rows") => Plan::Int(norm_rows as i64),
-                (ParamKind::Int, "programs" | "parts") => Plan::Int(PROGRAMS),
-                (ParamKind::Int, "cols") => Plan::Int(PARTIAL_COLS),
+                (ParamKind::Int, "programs" | "parts") => Plan::Int(programs as i64),
+                (ParamKind::Int, "cols") => Plan::Int(partial_cols as i64),
                 (ParamKind::Int, _) => return Err(name.to_string()),
                 (ParamKind::Ptr { dtype: DType::I64, .. }, "cu_seqlens") => Plan::I64(b.cu.clone()),
                 (ParamKind::Ptr { dtype: DType::I64, .. }, "chunk_offsets") => Plan::I64(b.chunk_offsets.clone()),
@@ -222,12 +267,11 @@ impl Sizer<'_> {
                 },
                 (ParamKind::Ptr { dtype: DType::F32, .. }, _) if is_conv => {
                     let c = width.ok_or_else(|| name.to_string())?;
-                    const W: usize = 4;
                     match name {
                         "x" | "y" | "dy" | "dx" => f32_buf(if p.param_index("cu_seqlens").is_some() { b.tokens * c } else { b.seqs * c }),
-                        "weight" => f32_buf(c * W),
-                        "h0" | "ht" | "dht" | "dh0" | "dweight" => f32_buf(b.seqs * c * W),
-                        "state" => inout(b.seqs * c * W),
+                        "weight" => f32_buf(c * taps),
+                        "h0" | "ht" | "dht" | "dh0" | "dweight" => f32_buf(b.seqs * c * taps),
+                        "state" => inout(b.seqs * c * taps),
                         _ => return Err(name.to_string()),
                     }
                 }
@@ -236,12 +280,12 @@ impl Sizer<'_> {
                     match name {
                         "x" | "g" | "y" | "dy" | "dx" | "dg" => f32_buf(norm_rows * w),
                         "w" => f32_buf(w),
-                        "dw" => f32_buf(PROGRAMS as usize * w),
+                        "dw" => f32_buf(programs * w),
                         _ => return Err(name.to_string()),
                     }
                 }
-                (ParamKind::Ptr { dtype: DType::F32, .. }, "partials") => f32_buf(PROGRAMS as usize * PARTIAL_COLS as usize),
-                (ParamKind::Ptr { dtype: DType::F32, .. }, "out") => f32_buf(PARTIAL_COLS as usize),
+                (ParamKind::Ptr { dtype: DType::F32, .. }, "partials") => f32_buf(programs * partial_cols),
+                (ParamKind::Ptr { dtype: DType::F32, .. }, "out") => f32_buf(partial_cols),
                 // The recurrences.
                 (ParamKind::Ptr { dtype: DType::F32, .. }, "o" | "do") => f32_buf(r * h * v),
                 (ParamKind::Ptr { dtype: DType::F32, .. }, "h0" | "ht" | "dht" | "dh0") => f32_buf(b.seqs * h * k * v),
@@ -272,10 +316,10 @@ impl Sizer<'_> {
             ("heads", self.h as f64),
             ("kv_heads", self.kvh as f64),
             ("max_len", b.max_len as f64),
-            ("rows", (b.tokens * self.h) as f64),
-            ("programs", PROGRAMS as f64),
-            ("parts", PROGRAMS as f64),
-            ("cols", PARTIAL_COLS as f64),
+            ("rows", self.norm_rows() as f64),
+            ("programs", self.programs as f64),
+            ("parts", self.programs as f64),
+            ("cols", self.partial_cols as f64),
             ("channels", width as f64),
         ]
         .into_iter()
@@ -386,8 +430,31 @@ impl Expr<'_> {
 #[derive(Clone)]
 pub enum Host {
     F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+    F16(Vec<f16>),
     I64(Vec<i64>),
     Int(i64),
+}
+
+impl Host {
+    /// f32 data as a buffer of `dtype` (rounded to nearest even for bf16 and f16; NaN stays NaN).
+    fn stored(dtype: DType, data: Vec<f32>) -> Host {
+        match dtype {
+            DType::Bf16 => Host::Bf16(data.iter().map(|&x| bf16::from_f32(x)).collect()),
+            DType::F16 => Host::F16(data.iter().map(|&x| f16::from_f32(x)).collect()),
+            _ => Host::F32(data),
+        }
+    }
+
+    /// A float buffer's values widened to f32 (exactly), with its element type; None for integers.
+    pub fn floats(&self) -> Option<(DType, Vec<f32>)> {
+        match self {
+            Host::F32(v) => Some((DType::F32, v.clone())),
+            Host::Bf16(v) => Some((DType::Bf16, v.iter().map(|x| x.to_f32()).collect())),
+            Host::F16(v) => Some((DType::F16, v.iter().map(|x| x.to_f32()).collect())),
+            Host::I64(_) | Host::Int(_) => None,
+        }
+    }
 }
 
 /// splitmix64: a small seeded generator, so the check needs no dependency.
@@ -416,18 +483,29 @@ pub fn fnv(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
 }
 
+/// The arguments `plans` describe: seeded random f32 inputs, NaN outputs, stored in each
+/// parameter's element type (bf16 and f16 buffers get the f32 draws rounded to nearest even, so
+/// the CPU and the GPU read the very same rounded inputs).
 pub fn make_host(program: &Program, plans: &[Plan], seed: u64) -> Vec<Host> {
     let mut rng = Rng(seed);
     plans
         .iter()
         .zip(&program.params)
-        .map(|(p, param)| match p {
-            Plan::F32 { len, output: true, inout: false } => Host::F32(vec![f32::NAN; *len]),
-            // A lower bound on a decay is a fraction (the chunked kernels take its logarithm).
-            Plan::F32 { len, .. } if param.name == "lower_bound" => Host::F32((0..*len).map(|_| rng.value().abs()).collect()),
-            Plan::F32 { len, .. } => Host::F32((0..*len).map(|_| rng.value()).collect()),
-            Plan::I64(v) => Host::I64(v.clone()),
-            Plan::Int(v) => Host::Int(*v),
+        .map(|(p, param)| {
+            let dtype = match param.kind {
+                ParamKind::Ptr { dtype, .. } => dtype,
+                ParamKind::Int => DType::I64,
+            };
+            match p {
+                Plan::F32 { len, output: true, inout: false } => Host::stored(dtype, vec![f32::NAN; *len]),
+                // A lower bound on a decay is a fraction (the chunked kernels take its logarithm).
+                Plan::F32 { len, .. } if param.name == "lower_bound" => {
+                    Host::stored(dtype, (0..*len).map(|_| rng.value().abs()).collect())
+                }
+                Plan::F32 { len, .. } => Host::stored(dtype, (0..*len).map(|_| rng.value()).collect()),
+                Plan::I64(v) => Host::I64(v.clone()),
+                Plan::Int(v) => Host::Int(*v),
+            }
         })
         .collect()
 }
@@ -441,6 +519,10 @@ pub fn run_cpu(module: &CpuModule, id: cpu::KernelId, program: &Program, host: &
             match (h, writable) {
                 (Host::F32(v), true) => Arg::F32Mut(v),
                 (Host::F32(v), false) => Arg::F32(v),
+                (Host::Bf16(v), true) => Arg::Bf16Mut(v),
+                (Host::Bf16(v), false) => Arg::Bf16(v),
+                (Host::F16(v), true) => Arg::F16Mut(v),
+                (Host::F16(v), false) => Arg::F16(v),
                 (Host::I64(v), _) => Arg::I64(v),
                 (Host::Int(v), _) => Arg::Int(*v),
             }
@@ -532,10 +614,34 @@ pub fn probe(sizer: &Sizer<'_>, info: &KernelInfo, cpu_module: &CpuModule, cpu_i
 
 /// One argument in device memory.
 pub enum Dev {
-    /// A buffer (f32 or i64).
+    /// A buffer (f32, bf16, f16 or i64).
     Buf(GpuBuffer),
     /// An integer parameter.
     Int(i64),
+}
+
+impl Dev {
+    /// Copies one host argument to the device.
+    pub fn upload(module: &GpuModule, host: &Host) -> Result<Dev, GpuError> {
+        Ok(match host {
+            Host::F32(v) => Dev::Buf(module.upload_f32(v)?),
+            Host::Bf16(v) => Dev::Buf(module.upload_bf16(v)?),
+            Host::F16(v) => Dev::Buf(module.upload_f16(v)?),
+            Host::I64(v) => Dev::Buf(module.upload_i64(v)?),
+            Host::Int(v) => Dev::Int(*v),
+        })
+    }
+
+    /// A float buffer copied back to the host, widened to f32 (None for integers).
+    pub fn download_floats(&self, module: &GpuModule) -> Result<Option<Vec<f32>>, GpuError> {
+        let Dev::Buf(b) = self else { return Ok(None) };
+        Ok(match b.dtype() {
+            DType::F32 => Some(module.download_f32(b)?),
+            DType::Bf16 => Some(module.download_bf16(b)?.iter().map(|x| x.to_f32()).collect()),
+            DType::F16 => Some(module.download_f16(b)?.iter().map(|x| x.to_f32()).collect()),
+            _ => None,
+        })
+    }
 }
 
 /// The launch arguments for `dev`, borrowed as `program`'s parameters want them (written
@@ -546,13 +652,18 @@ pub fn gpu_args<'a>(dev: &'a mut [Dev], program: &Program) -> Vec<GpuArg<'a>> {
         .map(|(d, p)| {
             let writable = matches!(p.kind, ParamKind::Ptr { writable: true, .. });
             match (d, writable) {
-                (Dev::Buf(b), true) => GpuArg::F32Mut(b),
+                (Dev::Buf(b), true) => match b.dtype() {
+                    DType::Bf16 => GpuArg::Bf16Mut(b),
+                    DType::F16 => GpuArg::F16Mut(b),
+                    _ => GpuArg::F32Mut(b),
+                },
                 (Dev::Buf(b), false) => {
                     let b: &GpuBuffer = b;
-                    if b.dtype() == DType::I64 {
-                        GpuArg::I64(b)
-                    } else {
-                        GpuArg::F32(b)
+                    match b.dtype() {
+                        DType::I64 => GpuArg::I64(b),
+                        DType::Bf16 => GpuArg::Bf16(b),
+                        DType::F16 => GpuArg::F16(b),
+                        _ => GpuArg::F32(b),
                     }
                 }
                 (Dev::Int(v), _) => GpuArg::Int(*v),

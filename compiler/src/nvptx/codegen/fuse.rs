@@ -1,0 +1,179 @@
+//! Fusion of elementwise tiles into their users: which tiles the back end never stores, and how it
+//! computes one of their elements where it is read.
+//!
+//! The kernel IR spells index arithmetic, masks and gate expressions as whole-tile operations (an
+//! `iota`, a `broadcast` of a scalar, an `add` of two offset tiles…). Stored, each is a pass over
+//! the workspace and, across threads, a barrier; most are read once, by the next operation. A
+//! *fused* tile is instead computed element by element inside the loop of each operation that
+//! reads it, from the stored values (its leaves) and scalars its expression reaches — no storage,
+//! no pass, no barrier ([`kir::layout::plan_fused`] keeps the leaves alive until the reads).
+//!
+//! Which tiles fuse:
+//! - *index-like* tiles — `iota`, broadcasts of scalars, and cheap elementwise operations,
+//!   broadcasts and reshapes of index-like tiles: always, even where read inside a nested loop
+//!   (recomputing them costs a few integer operations);
+//! - other elementwise results, broadcasts and reshapes of fused tiles: when every read is in the
+//!   block that defines them (not inside a nested loop, which would recompute them per iteration),
+//!   and there is one read, or at most [`MAX_CHEAP_READS`] of an operation without a
+//!   transcendental function;
+//! - never a value a loop yields (its carried storage is rewritten while later carried values may
+//!   still read it), nor a loop's carried values and results, nor an operand of an operation that
+//!   reads each element many times (`dot`, `tri_inv`, reductions, scans, transposes: recomputing
+//!   per read measured slower than storing once).
+
+use std::collections::{HashMap, HashSet};
+
+use hlac_runtime::kir::{BinOp, Block, Op, Program, UnOp, Value};
+
+/// Reads of a cheap fused value (each recomputes it) before it is stored instead.
+const MAX_CHEAP_READS: usize = 4;
+
+/// The fused tiles of a program and their defining operations.
+#[derive(Default)]
+pub(super) struct Fusion {
+    pub(super) fused: HashSet<Value>,
+    pub(super) defs: HashMap<Value, Op>,
+}
+
+struct Info {
+    op: Op,
+    block: usize,
+    reads: Vec<usize>,
+    yielded: bool,
+    /// Read by an operation that reads each element many times (`dot`, `tri_inv`, a reduction…).
+    reread: bool,
+}
+
+#[derive(Default)]
+struct Walk {
+    info: HashMap<Value, Info>,
+    blocks: usize,
+}
+
+impl Walk {
+    fn block(&mut self, p: &Program, b: &Block) {
+        let id = self.blocks;
+        self.blocks += 1;
+        for inst in &b.insts {
+            let mut operands = Vec::new();
+            operands_of(&inst.op, &mut operands);
+            for v in &operands {
+                if let Some(i) = self.info.get_mut(v) {
+                    i.reads.push(id);
+                    if matches!(inst.op, Op::Yield(_)) {
+                        i.yielded = true;
+                    }
+                    if matches!(inst.op, Op::Dot(..) | Op::TriInv(_) | Op::Reduce(..) | Op::Scan { .. } | Op::Transpose(_)) {
+                        i.reread = true;
+                    }
+                }
+            }
+            if let Op::For { body, .. } = &inst.op {
+                self.block(p, body);
+                continue;
+            }
+            if let [r] = inst.results[..] {
+                if !p.ty(r).is_scalar() && candidate(&inst.op) {
+                    self.info.insert(r, Info { op: inst.op.clone(), block: id, reads: Vec::new(), yielded: false, reread: false });
+                }
+            }
+        }
+    }
+}
+
+/// Operations that may fuse at all.
+fn candidate(op: &Op) -> bool {
+    // A reshape qualifies when its operand is a scalar or itself fuses (decided in `analyse`).
+    matches!(
+        op,
+        Op::Iota(_) | Op::Broadcast(_) | Op::Reshape(_) | Op::Unary(..) | Op::Binary(..) | Op::Cmp(..) | Op::Select { .. } | Op::Cast(..)
+    )
+}
+
+/// Whether an operation is a few arithmetic instructions per element.
+fn cheap(op: &Op) -> bool {
+    match op {
+        Op::Unary(u, _) => matches!(u, UnOp::Neg | UnOp::Abs | UnOp::Not | UnOp::Round),
+        // Integer division by a constant is a multiply; a float division a few instructions.
+        Op::Binary(b, _, _) => !matches!(b, BinOp::Pow),
+        _ => true,
+    }
+}
+
+/// The fused tiles of `p`.
+pub(super) fn analyse(p: &Program) -> Fusion {
+    let mut w = Walk::default();
+    w.block(p, &p.body);
+    // Decide in definition order (operands before users): value numbers grow along the program.
+    let mut order: Vec<Value> = w.info.keys().copied().collect();
+    order.sort();
+    let mut fused = HashSet::new();
+    let mut index_like = HashSet::new();
+    for v in order {
+        let Some(i) = w.info.get(&v) else { continue };
+        let mut tiles = Vec::new();
+        operands_of(&i.op, &mut tiles);
+        tiles.retain(|o| !p.ty(*o).is_scalar());
+        // A reshape shares its operand's storage unless both fuse.
+        if matches!(i.op, Op::Reshape(_)) && tiles.iter().any(|o| !fused.contains(o)) {
+            continue;
+        }
+        if i.yielded || i.reread {
+            continue;
+        }
+        let is_index = cheap(&i.op) && tiles.iter().all(|o| index_like.contains(o));
+        let local = i.reads.iter().all(|b| *b == i.block);
+        let few = i.reads.len() <= 1 || (cheap(&i.op) && i.reads.len() <= MAX_CHEAP_READS);
+        if is_index || (local && few) {
+            fused.insert(v);
+            if is_index {
+                index_like.insert(v);
+            }
+        }
+    }
+    let defs = fused.iter().filter_map(|v| w.info.get(v).map(|i| (*v, i.op.clone()))).collect();
+    Fusion { fused, defs }
+}
+
+/// Every value an operation reads (nested blocks excluded).
+fn operands_of(op: &Op, out: &mut Vec<Value>) {
+    match op {
+        Op::ProgramId(_) | Op::Param(_) | Op::Const(_) | Op::Iota(_) | Op::Table(_) => {}
+        Op::Unary(_, a) | Op::Cast(a, _) | Op::Broadcast(a) | Op::Reshape(a) | Op::Transpose(a) | Op::TriInv(a) => out.push(*a),
+        Op::Reduce(_, a, _) => out.push(*a),
+        Op::Scan { value, .. } => out.push(*value),
+        Op::Binary(_, a, b) | Op::Cmp(_, a, b) | Op::Dot(a, b) => out.extend([*a, *b]),
+        Op::Select { cond, then, otherwise } => out.extend([*cond, *then, *otherwise]),
+        Op::Load { offsets, mask, .. } => {
+            out.push(*offsets);
+            out.extend(mask);
+        }
+        Op::Store { offsets, value, mask, .. } => {
+            out.extend([*offsets, *value]);
+            out.extend(mask);
+        }
+        Op::For { lo, hi, step, init, .. } => {
+            out.extend([*lo, *hi, *step]);
+            out.extend(init);
+        }
+        Op::Yield(vs) => out.extend(vs),
+    }
+}
+
+/// The stored tiles a fused tile's computation reads, each with whether it is read at the fused
+/// element's own index (through elementwise operations and reshapes only) or elsewhere (through a
+/// broadcast), which matters for barriers: another thread may read it.
+pub(super) fn leaves(f: &Fusion, p: &Program, v: Value, own_index: bool, out: &mut Vec<(Value, bool)>) {
+    let Some(op) = f.defs.get(&v) else {
+        if !p.ty(v).is_scalar() {
+            out.push((v, own_index));
+        }
+        return;
+    };
+    let same = !matches!(op, Op::Broadcast(_));
+    let mut ops = Vec::new();
+    operands_of(op, &mut ops);
+    for o in ops {
+        leaves(f, p, o, own_index && same, out);
+    }
+}

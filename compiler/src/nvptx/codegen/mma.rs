@@ -1,0 +1,329 @@
+//! `dot` on the tensor cores: warp-level `mma.sync` over 16×8 output tiles.
+//!
+//! The block's warps share out the product's 16×8 output tiles in rectangular per-warp blocks of
+//! `mr × nc` tiles ([`warp_block`]), so each A fragment a warp loads serves `nc` products and each
+//! B fragment `mr`; accumulators stay in registers for the whole reduction and are written once.
+//! Operands come from the tiles' workspace (f32) and are converted per fragment:
+//! - [`DotMode::Bf16`]: `mma.m16n8k16` on bf16 operands rounded to nearest, f32 accumulation —
+//!   the peer's precision, used by kernels that store activations in bf16 or f16;
+//! - [`DotMode::Tf32x3`]: `mma.m16n8k8` on tf32 with each operand split into a high and a low tf32
+//!   part (x = hi + lo, both rounded to nearest) and a·b ≈ hi·hi + hi·lo + lo·hi: about 2⁻²¹
+//!   relative error per product, so f32 kernels keep (near) f32 results on the tensor cores.
+//!
+//! Products whose shape does not tile (an m that is not a multiple of 16, say a decode step's
+//! single row) keep the per-thread loop in the caller ([`DotMode::Simt`] forces it everywhere, for
+//! measuring what the tensor cores gain).
+//!
+//! Fragment layouts are PTX's (ISA "Matrix fragments for mma.m16n8k16 / m16n8k8"): with
+//! g = lane / 4 and t = lane mod 4, A's registers hold rows g and g + 8, B's column g, and the
+//! f32 accumulators rows g and g + 8 at columns 2t and 2t + 1.
+
+use super::{Gen, R};
+use hlac_runtime::kir::{DType, ParamKind, Program, Value};
+use inkwell::types::BasicTypeEnum;
+use inkwell::values::{BasicValueEnum, FloatValue, IntValue, PointerValue};
+
+/// How `dot` multiplies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum DotMode {
+    /// Each thread computes whole output elements with FMA (exact f32, slow).
+    Simt,
+    /// Tensor cores, 3×TF32 (near f32).
+    Tf32x3,
+    /// Tensor cores, bf16 operands.
+    Bf16,
+}
+
+impl DotMode {
+    /// The mode for a program: bf16 operands when it stores activations in bf16 or f16 (its
+    /// inputs carry no more precision than that), else 3×TF32. `HLAC_NVPTX_DOT=simt|tf32x3|bf16`
+    /// overrides it, for A/B measurements.
+    pub(super) fn for_program(p: &Program) -> DotMode {
+        match std::env::var("HLAC_NVPTX_DOT").as_deref() {
+            Ok("simt") => return DotMode::Simt,
+            Ok("tf32x3") => return DotMode::Tf32x3,
+            Ok("bf16") => return DotMode::Bf16,
+            _ => {}
+        }
+        let half = p.params.iter().any(|q| matches!(q.kind, ParamKind::Ptr { dtype: DType::Bf16 | DType::F16, .. }));
+        if half {
+            DotMode::Bf16
+        } else {
+            DotMode::Tf32x3
+        }
+    }
+
+    /// The reduction depth of one `mma` instruction.
+    fn k_step(self) -> u32 {
+        match self {
+            DotMode::Bf16 => 16,
+            _ => 8,
+        }
+    }
+}
+
+/// The most 16×8 tiles one warp accumulates at once (4 f32 registers each).
+const MAX_TILES_PER_WARP: u32 = 8;
+
+/// The per-warp block (rows of tiles, columns of tiles) for a product of `tm × tn` tiles on
+/// `warps` warps: keeps every warp busy where possible, then maximises fragment reuse (fewest
+/// fragment loads per `mma`, 4·(mr + nc)/(mr·nc)).
+pub(super) fn warp_block(tm: u32, tn: u32, warps: u32) -> (u32, u32) {
+    let divisors = |x: u32| (1..=x).filter(move |d| x.is_multiple_of(*d));
+    let mut best = (1, 1);
+    let mut best_key = (0.0f64, f64::MIN);
+    for mr in divisors(tm) {
+        for nc in divisors(tn).filter(|nc| mr * nc <= MAX_TILES_PER_WARP) {
+            let blocks = (tm / mr) * (tn / nc);
+            let busy = f64::from(blocks) / f64::from(blocks.div_ceil(warps) * warps);
+            let reuse = -f64::from(mr + nc) / f64::from(mr * nc);
+            let key = (busy, reuse);
+            if key.0 > best_key.0 + 1e-9 || ((key.0 - best_key.0).abs() <= 1e-9 && key.1 > best_key.1) {
+                best = (mr, nc);
+                best_key = key;
+            }
+        }
+    }
+    best
+}
+
+/// Fragments of one 16-row (A) or 8-column (B) strip for one k-step, as `mma` register operands.
+/// For 3×TF32 each has a high and a low part.
+struct Frag<'ctx> {
+    hi: Vec<BasicValueEnum<'ctx>>,
+    lo: Vec<BasicValueEnum<'ctx>>,
+}
+
+impl<'a, 'ctx> Gen<'a, 'ctx> {
+    /// Emits `out = a · b` on the tensor cores when the shapes tile for the current mode; returns
+    /// whether it did (else the caller emits the per-thread loop).
+    pub(super) fn dot_mma(&mut self, out: Value, a: Value, b: Value) -> R<bool> {
+        let mode = self.dot_mode;
+        let (m, k) = (self.p.ty(a).shape[0], self.p.ty(a).shape[1]);
+        let n = self.p.ty(b).shape[1];
+        if mode == DotMode::Simt || !m.is_multiple_of(16) || !n.is_multiple_of(8) || !k.is_multiple_of(mode.k_step()) {
+            return Ok(false);
+        }
+        self.alloc(out);
+        let e = |x| self.llvm(x);
+        let warps = self.threads / 32;
+        let (tm, tn) = (m / 16, n / 8);
+        let (mr, nc) = warp_block(tm, tn, warps);
+        let col_blocks = tn / nc;
+        let blocks = (tm / mr) * col_blocks;
+        let f32t: BasicTypeEnum = self.ctx.f32_type().into();
+        let acc: Vec<PointerValue> = (0..mr * nc * 4).map(|_| self.stack_slot(f32t)).collect::<R<_>>()?;
+        let name = match mode {
+            DotMode::Bf16 => "llvm.nvvm.mma.m16n8k16.row.col.bf16",
+            _ => "llvm.nvvm.mma.m16n8k8.row.col.tf32",
+        };
+        let mma = self.intrinsic(name, &[])?;
+        let lane = self.b.build_and(self.tid, self.i64c(31), "").map_err(e)?;
+        let warp = self.b.build_right_shift(self.tid, self.i64c(5), false, "").map_err(e)?;
+        let g = self.b.build_right_shift(lane, self.i64c(2), false, "").map_err(e)?;
+        let t = self.b.build_and(lane, self.i64c(3), "").map_err(e)?;
+        let (k64, n64) = (i64::from(k), i64::from(n));
+        let step = self.i64c(i64::from(warps));
+        let end = self.i64c(i64::from(blocks));
+        self.counted(warp, end, step, &mut |s, blk| {
+            let bm = s.b.build_int_unsigned_div(blk, s.i64c(i64::from(col_blocks)), "").map_err(|x| s.llvm(x))?;
+            let bn = s.b.build_int_unsigned_rem(blk, s.i64c(i64::from(col_blocks)), "").map_err(|x| s.llvm(x))?;
+            let row0 = s.mul(bm, i64::from(mr * 16))?;
+            let col0 = s.mul(bn, i64::from(nc * 8))?;
+            // Row g of every A strip and column g of every B strip this thread touches.
+            let rows: Vec<IntValue> =
+                (0..mr).map(|i| s.add(row0, s.add(g, s.i64c(i64::from(i * 16)))?)).collect::<R<_>>()?;
+            let cols: Vec<IntValue> =
+                (0..nc).map(|j| s.add(col0, s.add(g, s.i64c(i64::from(j * 8)))?)).collect::<R<_>>()?;
+            for slot in &acc {
+                s.b.build_store(*slot, s.f32c(0.0)).map_err(|x| s.llvm(x))?;
+            }
+            let zero = s.i64c(0);
+            let kend = s.i64c(k64);
+            let kstep = s.i64c(i64::from(mode.k_step()));
+            s.counted(zero, kend, kstep, &mut |s, kk| {
+                let af: Vec<Frag> = rows.iter().map(|r| s.a_frag(a, *r, kk, t, k64, mode)).collect::<R<_>>()?;
+                let bf: Vec<Frag> = cols.iter().map(|c| s.b_frag(b, *c, kk, t, n64, mode)).collect::<R<_>>()?;
+                for (i, fa) in af.iter().enumerate() {
+                    for (j, fb) in bf.iter().enumerate() {
+                        let slots = &acc[(i * nc as usize + j) * 4..][..4];
+                        let mut c: Vec<BasicValueEnum> =
+                            slots.iter().map(|p| s.b.build_load(f32t, *p, "").map_err(|x| s.llvm(x))).collect::<R<_>>()?;
+                        // Small terms first, so they are not lost against the large one.
+                        let passes: Vec<(&[BasicValueEnum], &[BasicValueEnum])> = match mode {
+                            DotMode::Tf32x3 => vec![(&fa.hi, &fb.lo), (&fa.lo, &fb.hi), (&fa.hi, &fb.hi)],
+                            _ => vec![(&fa.hi, &fb.hi)],
+                        };
+                        for (x, y) in passes {
+                            let args: Vec<BasicValueEnum> = x.iter().chain(y.iter()).chain(c.iter()).copied().collect();
+                            let r = s.call(mma, &args)?.into_struct_value();
+                            c = (0..4)
+                                .map(|q| s.b.build_extract_value(r, q, "").map_err(|x| s.llvm(x)))
+                                .collect::<R<_>>()?;
+                        }
+                        for (p, v) in slots.iter().zip(&c) {
+                            s.b.build_store(*p, *v).map_err(|x| s.llvm(x))?;
+                        }
+                    }
+                }
+                Ok(())
+            })?;
+            // Accumulator q of tile (i, j) is element (row g + 8·(q / 2), column 2t + q mod 2).
+            let two_t = s.mul(t, 2)?;
+            for i in 0..mr as usize {
+                for j in 0..nc as usize {
+                    let col = s.add(col0, s.add(two_t, s.i64c(j as i64 * 8))?)?;
+                    for half in 0..2usize {
+                        let row = s.add(rows[i], s.i64c(8 * half as i64))?;
+                        let at = s.add(s.mul(row, n64)?, col)?;
+                        let x = s.b.build_load(f32t, acc[(i * nc as usize + j) * 4 + 2 * half], "").map_err(|x| s.llvm(x))?;
+                        let y = s.b.build_load(f32t, acc[(i * nc as usize + j) * 4 + 2 * half + 1], "").map_err(|x| s.llvm(x))?;
+                        s.store_pair(out, at, x.into_float_value(), y.into_float_value())?;
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        self.barrier()?;
+        Ok(true)
+    }
+
+    fn add(&self, x: IntValue<'ctx>, y: IntValue<'ctx>) -> R<IntValue<'ctx>> {
+        self.b.build_int_add(x, y, "").map_err(|e| self.llvm(e))
+    }
+
+    fn mul(&self, x: IntValue<'ctx>, c: i64) -> R<IntValue<'ctx>> {
+        self.b.build_int_mul(x, self.i64c(c), "").map_err(|e| self.llvm(e))
+    }
+
+    /// Two adjacent f32 elements of tile `v` from element `at` (even, so 8-byte aligned: tiles
+    /// start on 64-byte boundaries).
+    fn load_pair(&mut self, v: Value, at: IntValue<'ctx>) -> R<(FloatValue<'ctx>, FloatValue<'ctx>)> {
+        if self.fusion.fused.contains(&v) {
+            let next = self.add(at, self.i64c(1))?;
+            return Ok((self.elem(v, at)?, self.elem(v, next)?));
+        }
+        let e = |x| self.llvm(x);
+        let ptr = self.tile_ptr(v, at)?;
+        let vt = self.ctx.f32_type().vec_type(2);
+        let x = self.b.build_load(vt, ptr, "").map_err(e)?;
+        if let Some(inst) = x.into_vector_value().as_instruction() {
+            inst.set_alignment(8).map_err(|x| self.llvm(x))?;
+        }
+        let x = x.into_vector_value();
+        let lo = self.b.build_extract_element(x, self.ctx.i32_type().const_zero(), "").map_err(e)?;
+        let hi = self.b.build_extract_element(x, self.ctx.i32_type().const_int(1, false), "").map_err(e)?;
+        Ok((lo.into_float_value(), hi.into_float_value()))
+    }
+
+    /// Stores two adjacent f32 elements of tile `v` at element `at` (even).
+    fn store_pair(&mut self, v: Value, at: IntValue<'ctx>, x: FloatValue<'ctx>, y: FloatValue<'ctx>) -> R<()> {
+        let e = |x| self.llvm(x);
+        let ptr = self.tile_ptr(v, at)?;
+        let vt = self.ctx.f32_type().vec_type(2);
+        let vec = vt.get_undef();
+        let vec = self.b.build_insert_element(vec, x, self.ctx.i32_type().const_zero(), "").map_err(e)?;
+        let vec = self.b.build_insert_element(vec, y, self.ctx.i32_type().const_int(1, false), "").map_err(e)?;
+        let st = self.b.build_store(ptr, vec).map_err(e)?;
+        st.set_alignment(8).map_err(|x| self.llvm(x))?;
+        Ok(())
+    }
+
+    /// One element of tile `v` at flat index `at` as f32.
+    fn elem(&mut self, v: Value, at: IntValue<'ctx>) -> R<FloatValue<'ctx>> {
+        Ok(self.read(v, at)?.into_float_value())
+    }
+
+    /// Two f32 values as one bf16×2 register (`lo` in the low half), rounded to nearest even.
+    fn bf16x2(&self, lo: FloatValue<'ctx>, hi: FloatValue<'ctx>) -> R<BasicValueEnum<'ctx>> {
+        let e = |x| self.llvm(x);
+        let vt = self.ctx.f32_type().vec_type(2);
+        let v = vt.get_undef();
+        let v = self.b.build_insert_element(v, lo, self.ctx.i32_type().const_zero(), "").map_err(e)?;
+        let v = self.b.build_insert_element(v, hi, self.ctx.i32_type().const_int(1, false), "").map_err(e)?;
+        let h = self.b.build_float_trunc(v, self.ctx.bf16_type().vec_type(2), "").map_err(e)?;
+        self.b.build_bit_cast(h, self.ctx.i32_type(), "").map_err(e)
+    }
+
+    /// x rounded to tf32 (nearest, ties away from zero) as its 32-bit pattern, and the f32 value.
+    fn tf32(&self, x: FloatValue<'ctx>) -> R<(IntValue<'ctx>, FloatValue<'ctx>)> {
+        let e = |x| self.llvm(x);
+        let i32t = self.ctx.i32_type();
+        let bits = self.b.build_bit_cast(x, i32t, "").map_err(e)?.into_int_value();
+        let bits = self.b.build_int_add(bits, i32t.const_int(0x1000, false), "").map_err(e)?;
+        let bits = self.b.build_and(bits, i32t.const_int(0xFFFF_E000, false), "").map_err(e)?;
+        let value = self.b.build_bit_cast(bits, self.ctx.f32_type(), "").map_err(e)?.into_float_value();
+        Ok((bits, value))
+    }
+
+    /// Register operands for `mma` from f32 values: bf16 pairs, or tf32 high and low parts.
+    fn operands(&self, xs: &[FloatValue<'ctx>], mode: DotMode) -> R<Frag<'ctx>> {
+        let e = |x| self.llvm(x);
+        match mode {
+            DotMode::Bf16 => {
+                let hi = xs.chunks(2).map(|p| self.bf16x2(p[0], p[1])).collect::<R<_>>()?;
+                Ok(Frag { hi, lo: Vec::new() })
+            }
+            _ => {
+                let mut hi = Vec::new();
+                let mut lo = Vec::new();
+                for x in xs {
+                    let (h, hv) = self.tf32(*x)?;
+                    let rest = self.b.build_float_sub(*x, hv, "").map_err(e)?;
+                    let (l, _) = self.tf32(rest)?;
+                    hi.push(h.into());
+                    lo.push(l.into());
+                }
+                Ok(Frag { hi, lo })
+            }
+        }
+    }
+
+    /// A's fragment for the 16-row strip whose row g is `row`, at reduction offset `kk`.
+    fn a_frag(&mut self, a: Value, row: IntValue<'ctx>, kk: IntValue<'ctx>, t: IntValue<'ctx>, k: i64, mode: DotMode) -> R<Frag<'ctx>> {
+        let r0 = self.mul(row, k)?;
+        let r8 = self.add(r0, self.i64c(8 * k))?;
+        let base = |s: &Self, r: IntValue<'ctx>, c: i64| -> R<IntValue<'ctx>> { s.add(s.add(r, kk)?, s.add(t, s.i64c(c))?) };
+        match mode {
+            DotMode::Bf16 => {
+                // Registers: (g, 2t..2t+1), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..).
+                let t2 = self.mul(t, 2)?;
+                let mut xs = Vec::new();
+                for (r, c) in [(r0, 0), (r8, 0), (r0, 8), (r8, 8)] {
+                    let at = self.add(self.add(r, kk)?, self.add(t2, self.i64c(c))?)?;
+                    let (x, y) = self.load_pair(a, at)?;
+                    xs.push(x);
+                    xs.push(y);
+                }
+                self.operands(&xs, mode)
+            }
+            _ => {
+                // Registers: (g, t), (g+8, t), (g, t+4), (g+8, t+4).
+                let mut xs = Vec::new();
+                for (r, c) in [(r0, 0), (r8, 0), (r0, 4), (r8, 4)] {
+                    let at = base(self, r, c)?;
+                    xs.push(self.elem(a, at)?);
+                }
+                self.operands(&xs, mode)
+            }
+        }
+    }
+
+    /// B's fragment for the 8-column strip whose column g is `col`, at reduction offset `kk`.
+    fn b_frag(&mut self, b: Value, col: IntValue<'ctx>, kk: IntValue<'ctx>, t: IntValue<'ctx>, n: i64, mode: DotMode) -> R<Frag<'ctx>> {
+        // Rows (reduction indices) this thread holds, in register order.
+        let rows: Vec<i64> = match mode {
+            DotMode::Bf16 => vec![0, 1, 8, 9],
+            _ => vec![0, 4],
+        };
+        let per_t = if mode == DotMode::Bf16 { 2 } else { 1 };
+        let tk = self.add(kk, self.mul(t, per_t)?)?;
+        let mut xs = Vec::new();
+        for r in rows {
+            let row = self.add(tk, self.i64c(r))?;
+            let at = self.add(self.mul(row, n)?, col)?;
+            xs.push(self.elem(b, at)?);
+        }
+        self.operands(&xs, mode)
+    }
+}
