@@ -314,7 +314,14 @@ fn decode_steps(m: &hlac::ir::Mixer, inputs: &[(&str, Input)], batch: usize, len
 }
 
 /// [`decode_steps`] with the token tensors stored as `storage` (the state stays f32).
-fn decode_steps_as(m: &hlac::ir::Mixer, storage: DType, inputs: &[(&str, Input)], batch: usize, len: usize, h0: &[f64]) -> (Vec<f32>, Vec<f32>) {
+fn decode_steps_as(
+    m: &hlac::ir::Mixer,
+    storage: DType,
+    inputs: &[(&str, Input)],
+    batch: usize,
+    len: usize,
+    h0: &[f64],
+) -> (Vec<f32>, Vec<f32>) {
     let math = m.instance.math.as_ref().expect("math");
     let class = m.class.as_ref().expect("class");
     let r = Recurrence { name: &m.name, class, math, heads: m.instance.heads, storage };
@@ -695,8 +702,7 @@ fn hgrn_scan_with_bf16_storage_matches_reference() {
         let f = stored(DType::Bf16, &rng.normals(total * d).iter().map(|x| x * 3.0).collect::<Vec<_>>());
         let lb = rng.vec(d, 0.0, 0.9);
         let h0: Vec<Vec<f64>> = (0..lengths.len()).map(|_| rng.normals(d)).collect();
-        let (want_o, want_s) =
-            mixers::hgrn(&T3::new(total, d, 1, i.clone()), &T3::new(total, d, 1, f.clone()), Some(&lb), Some(&h0), &cu);
+        let (want_o, want_s) = mixers::hgrn(&T3::new(total, d, 1, i.clone()), &T3::new(total, d, 1, f.clone()), Some(&lb), Some(&h0), &cu);
         let bufs = HashMap::from([
             ("i".to_string(), Buf::In(f32s(&i))),
             ("f".to_string(), Buf::In(f32s(&f))),

@@ -146,11 +146,8 @@ fn bf16_and_f16_storage_compile_and_assemble_for_sm80_and_sm90() {
                     let Some(ptxas) = &ptxas else { continue };
                     let file = dir.path().join(format!("{}_{dtype}_{device}.ptx", compiled.entry));
                     std::fs::write(&file, ptx).expect("write");
-                    let out = Command::new(ptxas)
-                        .args([&format!("-arch={device}"), "-o", "/dev/null"])
-                        .arg(&file)
-                        .output()
-                        .expect("ptxas runs");
+                    let out =
+                        Command::new(ptxas).args([&format!("-arch={device}"), "-o", "/dev/null"]).arg(&file).output().expect("ptxas runs");
                     assert!(out.status.success(), "ptxas rejected {what}:\n{}", String::from_utf8_lossy(&out.stderr));
                 }
             }

@@ -26,6 +26,12 @@
 //! decode too: a decode step is a forward over one row per sequence). Training adds `conv_bwd`
 //! and `norm_bwd`, and one `sum_partials` (`reduce_partials`) that finishes the weight gradients
 //! both leave as partial sums.
+//!
+//! Block sizes: a conv program walks its sequence in steps of 64 tokens × 16 channels on the CPU
+//! (fla's setting) and of 32 tokens on a GPU (see [`kernels`]); a norm program takes rows
+//! spanning about [`NORM_TILE`] elements. On a GPU target each is shrunk (to 16 tokens, to fewer
+//! rows) until its workspace fits the block's shared memory, where [`ModelKernel::workspace`]
+//! lets the back end put it.
 
 use hlac_runtime::{PieceInfo, PieceUse};
 
@@ -203,12 +209,16 @@ pub fn kernels(model: &Model) -> Result<Vec<ModelKernel>, LowerError> {
                     eps: None,
                     uses: p.uses,
                 };
-                let blocks = [64, 32, 16];
-                let fwd = first_fitting(device, &blocks, |b| pieces::conv_forward(&conv(b)))?;
+                // The CPU walks fla's 64-token steps. On a GPU a 64 × 16 step gives each of the 128
+                // threads 8 elements per tile, and ptxas (sm_90) then needs 237 registers for the
+                // forward and 255 plus ~1 KB of spills for the backward; 32-token steps take 43
+                // and 64 registers with no spills, so more blocks share an SM.
+                let blocks: &[u32] = if device == Device::Cpu { &[64] } else { &[32, 16] };
+                let fwd = first_fitting(device, blocks, |b| pieces::conv_forward(&conv(b)))?;
                 out.push(piece_kernel(format!("{stem}_fwd"), "conv_fwd", fwd, Some(info.clone())));
                 out.push(piece_kernel(format!("{stem}_decode"), "conv_decode", pieces::conv_step(&base)?, Some(info.clone())));
                 if training {
-                    let bwd = first_fitting(device, &blocks, |b| pieces::conv_backward(&conv(b)))?;
+                    let bwd = first_fitting(device, blocks, |b| pieces::conv_backward(&conv(b)))?;
                     out.push(piece_kernel(format!("{stem}_bwd"), "conv_bwd", bwd, Some(info)));
                 }
             }

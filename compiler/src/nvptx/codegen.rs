@@ -6,6 +6,7 @@ use std::collections::HashMap;
 
 mod fuse;
 mod mma;
+mod warp;
 use mma::DotMode;
 
 use hlac_runtime::kir::{self, BinOp, Block, CmpOp, Const, DType, Op, ParamKind, Program, ReduceOp, UnOp, Value};
@@ -20,7 +21,7 @@ use inkwell::values::{BasicValueEnum, FunctionValue, IntValue, PointerValue};
 use inkwell::{AddressSpace, FloatPredicate, IntPredicate, OptimizationLevel};
 
 /// The most threads per block.
-pub const THREADS: u32 = 128;
+pub const THREADS: u32 = 256;
 
 /// Threads per block for a program: enough whole warps to give every element of its largest tile
 /// a thread of its own, at most [`THREADS`]. A program of narrow tiles (the elementwise scan over a
@@ -144,6 +145,14 @@ pub fn compile(program: &Program, device: &str, workspace: Workspace) -> Result<
         let limit = if workspace == Workspace::Global || forced_global { 0 } else { shared_limit(device) };
         let mut g = Gen::new(&context, &module, program, &entry, limit)?;
         g.emit()?;
+        // `.maxntid`: ptxas then budgets registers for exactly this block size (all of a 256-thread
+        // block's registers fit one SM's file at up to 255 per thread).
+        let node = context.metadata_node(&[
+            g.func.as_global_value().as_pointer_value().into(),
+            context.metadata_string("maxntidx").into(),
+            context.i32_type().const_int(u64::from(g.threads), false).into(),
+        ]);
+        module.add_global_metadata("nvvm.annotations", &node).map_err(|e| fail(e.to_string()))?;
         let bytes = shared_size(&g.layout);
         if g.smem.is_some() {
             (0, bytes)
@@ -900,14 +909,16 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
     fn unflatten(&self, flat: IntValue<'ctx>, shape: &[u32]) -> R<Vec<IntValue<'ctx>>> {
         let e = |x| self.llvm(x);
         let strides = kir::strides(shape);
-        let mut rest = flat;
+        // Element indices are below the tile's size, far under 2³¹: 32-bit division by a constant
+        // is a multiply-high, where the 64-bit one is a long emulated sequence.
+        let i32t = self.ctx.i32_type();
+        let mut rest = self.b.build_int_truncate(flat, i32t, "").map_err(e)?;
         let mut out = Vec::new();
-        for (k, s) in strides.iter().enumerate() {
-            let q = self.b.build_int_signed_div(rest, self.i64c(*s), "").map_err(e)?;
-            let r = self.b.build_int_signed_rem(rest, self.i64c(*s), "").map_err(e)?;
-            out.push(q);
-            rest = r;
-            let _ = k;
+        for s in &strides {
+            let s = i32t.const_int(*s as u64, false);
+            let q = self.b.build_int_unsigned_div(rest, s, "").map_err(e)?;
+            rest = self.b.build_int_unsigned_rem(rest, s, "").map_err(e)?;
+            out.push(self.b.build_int_z_extend(q, self.ctx.i64_type(), "").map_err(e)?);
         }
         Ok(out)
     }
@@ -1258,6 +1269,9 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                 if !scalar_out {
                     self.alloc(out);
                 }
+                if !scalar_out && inner == 1 && extent >= 16 && d == DType::F32 {
+                    return self.reduce_rows_warp(out, a, op, outer, extent);
+                }
                 // Every thread computes each output when the result is a scalar (it is needed by
                 // all); otherwise output elements are shared out among the threads.
                 let mut body = |g: &mut Self, o_n: IntValue<'ctx>| -> R<()> {
@@ -1359,29 +1373,32 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                 let t: BasicTypeEnum = self.ctx.f32_type().into();
                 let acc = self.stack_slot(t)?;
                 let fma = self.intrinsic("llvm.fma", &[t])?;
-                // Row i depends on rows above it: rows in order, each row's columns in parallel.
-                self.seq(u64::from(n), &mut |g, i| {
-                    g.par(u64::from(n), &mut |g, j| {
-                        let here = g.b.build_int_mul(i, g.i64c(nn), "").map_err(|x| g.llvm(x))?;
-                        let here = g.b.build_int_add(here, j, "").map_err(|x| g.llvm(x))?;
-                        let below = g.b.build_int_compare(IntPredicate::SLT, j, i, "").map_err(|x| g.llvm(x))?;
+                // Column j of the inverse depends only on column j (X[i][j] = −Σ_{j≤k<i} L[i][k]·X[k][j]
+                // with X[j][j] = 1): each thread solves whole columns top to bottom, reading back
+                // only what it wrote itself, so the solve needs no barrier until the end.
+                self.par(u64::from(n), &mut |g, j| {
+                    let ex = |x| NvptxError::Llvm { kernel: String::new(), message: format!("{x}") };
+                    g.seq(u64::from(n), &mut |g, i| {
+                        let here = g.b.build_int_mul(i, g.i64c(nn), "").map_err(ex)?;
+                        let here = g.b.build_int_add(here, j, "").map_err(ex)?;
+                        let below = g.b.build_int_compare(IntPredicate::SGT, i, j, "").map_err(ex)?;
                         let lower = g.ctx.append_basic_block(g.func, "lower");
                         let upper = g.ctx.append_basic_block(g.func, "upper");
                         let done = g.ctx.append_basic_block(g.func, "tri_done");
-                        g.b.build_conditional_branch(below, lower, upper).map_err(|x| g.llvm(x))?;
+                        g.b.build_conditional_branch(below, lower, upper).map_err(ex)?;
                         g.b.position_at_end(upper);
-                        let eq = g.b.build_int_compare(IntPredicate::EQ, i, j, "").map_err(|x| g.llvm(x))?;
-                        let v = g.b.build_select(eq, g.f32c(1.0), g.f32c(0.0), "").map_err(|x| g.llvm(x))?;
+                        let eq = g.b.build_int_compare(IntPredicate::EQ, i, j, "").map_err(ex)?;
+                        let v = g.b.build_select(eq, g.f32c(1.0), g.f32c(0.0), "").map_err(ex)?;
                         g.write(out, here, v)?;
-                        g.b.build_unconditional_branch(done).map_err(|x| g.llvm(x))?;
+                        g.b.build_unconditional_branch(done).map_err(ex)?;
                         g.b.position_at_end(lower);
                         let lij = g.read(a, here)?;
-                        g.b.build_store(acc, lij).map_err(|x| g.llvm(x))?;
-                        let from = g.b.build_int_add(j, g.i64c(1), "").map_err(|x| g.llvm(x))?;
+                        g.b.build_store(acc, lij).map_err(ex)?;
+                        let from = g.b.build_int_add(j, g.i64c(1), "").map_err(ex)?;
                         let one = g.i64c(1);
+                        let row = g.b.build_int_mul(i, g.i64c(nn), "").map_err(ex)?;
                         g.counted(from, i, one, &mut |g, k| {
-                            let ik = g.b.build_int_mul(i, g.i64c(nn), "").map_err(|x| g.llvm(x))?;
-                            let ik = g.b.build_int_add(ik, k, "").map_err(|x| g.llvm(x))?;
+                            let ik = g.b.build_int_add(row, k, "").map_err(|x| g.llvm(x))?;
                             let kj = g.b.build_int_mul(k, g.i64c(nn), "").map_err(|x| g.llvm(x))?;
                             let kj = g.b.build_int_add(kj, j, "").map_err(|x| g.llvm(x))?;
                             let l = g.read(a, ik)?;
@@ -1391,10 +1408,10 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                             g.b.build_store(acc, nv).map_err(|x| g.llvm(x))?;
                             Ok(())
                         })?;
-                        let s = g.b.build_load(t, acc, "").map_err(|x| g.llvm(x))?.into_float_value();
-                        let v = g.b.build_float_neg(s, "").map_err(|x| g.llvm(x))?;
+                        let s = g.b.build_load(t, acc, "").map_err(ex)?.into_float_value();
+                        let v = g.b.build_float_neg(s, "").map_err(ex)?;
                         g.write(out, here, v.into())?;
-                        g.b.build_unconditional_branch(done).map_err(|x| g.llvm(x))?;
+                        g.b.build_unconditional_branch(done).map_err(ex)?;
                         g.b.position_at_end(done);
                         Ok(())
                     })

@@ -12,7 +12,9 @@
 //! one thread only pays one barrier at its end); scalars are computed by every thread alike.
 //! `dot`, reductions and scans give each thread whole output elements or lines; `tri_inv` proceeds a row at a time. Every global access
 //! is bounds-checked against the length passed with its pointer, and an out-of-bounds access is
-//! recorded in the `error` word, exactly as on the CPU. Transcendentals use the approximate PTX
+//! recorded in the `error` word, exactly as on the CPU; an element of a bf16 or f16 pointer is
+//! widened to f32 as it is loaded and rounded to nearest even as it is stored (the kernel IR's
+//! storage types), so every workspace tile stays f32. Transcendentals use the approximate PTX
 //! instructions with range reduction (exp via ex2.approx, log via lg2.approx, sin/cos reduced to
 //! [−π, π]). Tensor cores, register tiles and warp-level layouts come later; this back end is the
 //! correct baseline they will be measured against.

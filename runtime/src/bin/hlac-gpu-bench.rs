@@ -333,9 +333,7 @@ fn size_kernel(
     for (plan, param) in plans.iter().zip(&program.params) {
         bytes += match plan {
             // A float buffer in its element type: 2 bytes for bf16 and f16 activations.
-            Plan::F32 { len, .. } => {
-                *len as u64 * u64::from(if let ParamKind::Ptr { dtype, .. } = param.kind { dtype.bytes() } else { 4 })
-            }
+            Plan::F32 { len, .. } => *len as u64 * u64::from(if let ParamKind::Ptr { dtype, .. } = param.kind { dtype.bytes() } else { 4 }),
             Plan::I64(v) => v.len() as u64 * 8,
             Plan::Int(_) => 0,
         };

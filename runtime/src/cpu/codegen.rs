@@ -138,7 +138,8 @@ impl Jit {
         builder.symbol("hlac_f16_to_f32", hlac_f16_to_f32 as *const u8);
         let mut module = JITModule::new(builder);
         let mut libm = HashMap::new();
-        let f32_fns = UNARY_LIBM.iter().map(|(n, _)| (*n, vec![types::F32], types::F32)).chain([("hlac_powf", vec![types::F32; 2], types::F32)]);
+        let f32_fns =
+            UNARY_LIBM.iter().map(|(n, _)| (*n, vec![types::F32], types::F32)).chain([("hlac_powf", vec![types::F32; 2], types::F32)]);
         let conversions = [("hlac_f32_to_f16", vec![types::F32], types::I32), ("hlac_f16_to_f32", vec![types::I32], types::F32)];
         for (name, params, ret) in f32_fns.chain(conversions) {
             let mut sig = module.make_signature();

@@ -140,7 +140,9 @@ impl CpuModule {
                 (ParamKind::Int, Arg::Int(v)) => (*v as u64, 0),
                 (kind, arg) => {
                     let want = match kind {
-                        ParamKind::Ptr { dtype, writable } => format!("{}{} buffer", if *writable { "writable " } else { "" }, dtype.name()),
+                        ParamKind::Ptr { dtype, writable } => {
+                            format!("{}{} buffer", if *writable { "writable " } else { "" }, dtype.name())
+                        }
                         ParamKind::Int => "integer".to_string(),
                     };
                     return Err(bad(format!("argument for `{}` has the wrong kind: {} for a {want}", param.name, arg.describe())));

@@ -603,17 +603,18 @@ impl GpuModule {
                 };
                 bad(format!("argument for `{}` has the wrong kind: {got} for a {param_is}", param.name))
             };
-            let dtype = match (&param.kind, want) {
-                (ParamKind::Int, None) => {
-                    if let GpuArg::Int(v) = arg {
-                        words.push(*v as u64);
-                    }
-                    continue;
-                }
-                (ParamKind::Ptr { dtype, writable }, Some(want)) if want == *dtype && (writes || !writable) => *dtype,
-                (_, None) => return Err(wrong("an integer".into())),
-                (_, Some(want)) => return Err(wrong(format!("{} {} buffer", if writes { "a writable" } else { "a read-only" }, want.name()))),
+            if param.kind == ParamKind::Int {
+                let GpuArg::Int(v) = arg else { return Err(wrong("a buffer".into())) };
+                words.push(*v as u64);
+                continue;
+            }
+            let (Some(want), ParamKind::Ptr { dtype, writable }) = (want, &param.kind) else {
+                return Err(wrong("an integer".into()));
             };
+            let dtype = *dtype;
+            if want != dtype || (*writable && !writes) {
+                return Err(wrong(format!("{} {} buffer", if writes { "a writable" } else { "a read-only" }, want.name())));
+            }
             let held = match &*arg {
                 GpuArg::F32(b) | GpuArg::Bf16(b) | GpuArg::F16(b) | GpuArg::I64(b) => b.dtype(),
                 GpuArg::F32Mut(b) | GpuArg::Bf16Mut(b) | GpuArg::F16Mut(b) => b.dtype(),

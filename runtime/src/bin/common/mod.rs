@@ -12,8 +12,8 @@
 
 use std::collections::HashMap;
 
-use hlac_runtime::cpu::{self, Arg, CpuModule};
 use half::{bf16, f16};
+use hlac_runtime::cpu::{self, Arg, CpuModule};
 use hlac_runtime::gpu::{GpuArg, GpuBuffer, GpuError, GpuModule};
 use hlac_runtime::kir::{DType, ParamKind, Program};
 use hlac_runtime::{KernelInfo, Manifest, MixerInfo, PieceInfo};
@@ -499,9 +499,7 @@ pub fn make_host(program: &Program, plans: &[Plan], seed: u64) -> Vec<Host> {
             match p {
                 Plan::F32 { len, output: true, inout: false } => Host::stored(dtype, vec![f32::NAN; *len]),
                 // A lower bound on a decay is a fraction (the chunked kernels take its logarithm).
-                Plan::F32 { len, .. } if param.name == "lower_bound" => {
-                    Host::stored(dtype, (0..*len).map(|_| rng.value().abs()).collect())
-                }
+                Plan::F32 { len, .. } if param.name == "lower_bound" => Host::stored(dtype, (0..*len).map(|_| rng.value().abs()).collect()),
                 Plan::F32 { len, .. } => Host::stored(dtype, (0..*len).map(|_| rng.value()).collect()),
                 Plan::I64(v) => Host::I64(v.clone()),
                 Plan::Int(v) => Host::Int(*v),
