@@ -141,8 +141,14 @@ pub fn compile(program: &Program, device: &str, workspace: Workspace) -> Result<
     let (scratch_bytes, shared_bytes) = {
         // HLAC_NVPTX_WORKSPACE=global keeps every workspace in global memory: for measuring what
         // the shared-memory placement gains, kernel by kernel.
-        let forced_global = std::env::var("HLAC_NVPTX_WORKSPACE").is_ok_and(|v| v == "global");
-        let limit = if workspace == Workspace::Global || forced_global { 0 } else { shared_limit(device) };
+        // (HLAC_NVPTX_WORKSPACE=shared places it in shared memory wherever it fits.)
+        let forced = std::env::var("HLAC_NVPTX_WORKSPACE").ok();
+        let global = match forced.as_deref() {
+            Some("global") => true,
+            Some("shared") => false,
+            _ => workspace == Workspace::Global,
+        };
+        let limit = if global { 0 } else { shared_limit(device) };
         let mut g = Gen::new(&context, &module, program, &entry, limit)?;
         g.emit()?;
         // `.maxntid`: ptxas then budgets registers for exactly this block size (all of a 256-thread
@@ -153,6 +159,16 @@ pub fn compile(program: &Program, device: &str, workspace: Workspace) -> Result<
             context.i32_type().const_int(u64::from(g.threads), false).into(),
         ]);
         module.add_global_metadata("nvvm.annotations", &node).map_err(|e| fail(e.to_string()))?;
+        // HLAC_NVPTX_MINBLOCKS=n asks ptxas to fit n blocks per SM (fewer registers, maybe spills),
+        // for A/B measurements of occupancy against spilling.
+        if let Some(n) = std::env::var("HLAC_NVPTX_MINBLOCKS").ok().and_then(|v| v.parse::<u64>().ok()) {
+            let node = context.metadata_node(&[
+                g.func.as_global_value().as_pointer_value().into(),
+                context.metadata_string("minctasm").into(),
+                context.i32_type().const_int(n, false).into(),
+            ]);
+            module.add_global_metadata("nvvm.annotations", &node).map_err(|e| fail(e.to_string()))?;
+        }
         let bytes = shared_size(&g.layout);
         if g.smem.is_some() {
             (0, bytes)

@@ -18,8 +18,8 @@
 //!   transcendental function;
 //! - never a value a loop yields (its carried storage is rewritten while later carried values may
 //!   still read it), nor a loop's carried values and results, nor an operand of an operation that
-//!   reads each element many times (`dot`, `tri_inv`, reductions, scans, transposes: recomputing
-//!   per read measured slower than storing once).
+//!   reads each element many times (`dot`, `tri_inv`, a reduction to a scalar, which every thread
+//!   computes: recomputing per read measured slower than storing once).
 
 use std::collections::{HashMap, HashSet};
 
@@ -63,7 +63,9 @@ impl Walk {
                     if matches!(inst.op, Op::Yield(_)) {
                         i.yielded = true;
                     }
-                    if matches!(inst.op, Op::Dot(..) | Op::TriInv(_) | Op::Reduce(..) | Op::Scan { .. } | Op::Transpose(_)) {
+                    // A reduction to a scalar runs in every thread (each reads every element).
+                    let to_scalar = inst.results.first().is_some_and(|r| p.ty(*r).is_scalar());
+                    if matches!(inst.op, Op::Dot(..) | Op::TriInv(_)) || (matches!(inst.op, Op::Reduce(..)) && to_scalar) {
                         i.reread = true;
                     }
                 }

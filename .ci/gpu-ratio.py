@@ -1,0 +1,82 @@
+"""Prints the hlac/fla table from the JSON files .ci/gpu-bench wrote into one folder.
+
+hlac's ops are sums of its kernels' median times: forward = the inference forward kernel;
+forward+backward = the training pair (the forward that keeps the chunk states, then the backward;
+attention: forward, then dq and dk/dv). TFLOP/s counts the chunked form's matrix products at
+chunk 64 (per token and head 4·C·D + 4·D² for the forward, 2.5× that with the backward;
+attention 2·T·D per token and head causal, ×3.5 with the backward): a yardstick, the same for
+both sides, not the work either side really does.
+"""
+import json, os, sys
+
+d = sys.argv[1]
+def load(name):
+    p = os.path.join(d, name)
+    return json.load(open(p)) if os.path.exists(p) else None
+
+fla = (load("fla.json") or {}).get("rows", {})
+B, T, H, D, C = 4, 4096, 16, 128, 64
+chunk_flops = B * T * H * (4 * C * D + 4 * D * D)
+attn_flops = B * T * H * 2 * T * D
+# (label, hlac artifact, fwd roles, fwd+bwd roles, peer op, flops fwd)
+OPS = [
+    ("causal attention (fla: SDPA)", "gdn", ["attn_fwd"], ["attn_fwd", "attn_bwd_dq", "attn_bwd_dkv"], "sdpa", attn_flops),
+    ("GLA", "gla", ["chunk_fwd"], ["chunk_fwd_states", "chunk_bwd"], "gla", chunk_flops),
+    ("HGRN-2 (fla: chunk_gla)", "hgrn2", ["chunk_fwd"], ["chunk_fwd_states", "chunk_bwd"], "gla", chunk_flops),
+    ("RetNet", "retnet", ["chunk_fwd"], ["chunk_fwd_states", "chunk_bwd"], "retnet", chunk_flops),
+    ("DeltaNet", "deltanet", ["chunk_fwd"], ["chunk_fwd_states", "chunk_bwd"], "delta", chunk_flops),
+    ("Gated DeltaNet", "gdn", ["chunk_fwd"], ["chunk_fwd_states", "chunk_bwd"], "gdn", chunk_flops),
+    ("HGRN (d = 2048)", "hgrn", ["scan_fwd"], ["scan_fwd", "scan_bwd"], "hgrn", 0),
+]
+
+def times(doc, roles):
+    if doc is None:
+        return None
+    by_role = {}
+    for k in doc["kernels"]:
+        if k.get("median_ms") is not None and k["role"] not in by_role:
+            by_role[k["role"]] = k["median_ms"]
+    if not all(r in by_role for r in roles):
+        return None
+    return sum(by_role[r] for r in roles)
+
+def f(x, nd=3):
+    return "—" if x is None else f"{x:.{nd}f}"
+
+def ratio(a, b):
+    return "—" if a is None or b is None else f"{a / b:.2f}×"
+
+meta = load("hlac-gdn.json") or {}
+print(f"device: {meta.get('device')}; peer: {'fla' if fla else 'not run'}")
+print()
+print("| op | hlac fwd ms | fla fwd ms | ratio | hlac fwd+bwd ms | fla fwd+bwd ms | ratio | hlac fwd TFLOP/s |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+for label, art, fr, br, peer, flops in OPS:
+    doc = load(f"hlac-{art}.json")
+    hf, hb = times(doc, fr), times(doc, br)
+    p = fla.get(peer, {})
+    pf, pb = p.get("fwd_ms"), p.get("fwdbwd_ms")
+    tf = f(flops / hf / 1e9, 1) if hf and flops else "—"
+    print(f"| {label} | {f(hf)} | {f(pf)} | {ratio(hf, pf)} | {f(hb)} | {f(pb)} | {ratio(hb, pb)} | {tf} |")
+dec = load("hlac-decode64.json")
+if dec:
+    k = next((k for k in dec["kernels"] if k["role"] == "decode"), None)
+    p = fla.get("gdn_decode", {})
+    if k and k.get("median_ms"):
+        state = 64 * H * D * D * 4 * 2
+        print(f"| GDN decode step, B = 64 | {f(k['median_ms'], 4)} | {f(p.get('step_ms'), 4)} | {ratio(k['median_ms'], p.get('step_ms'))} "
+              f"| state traffic {state / k['median_ms'] / 1e6:.0f} GB/s (fla {f(p.get('state_GBps'), 0)}) | | | |")
+cold = load("hlac-cold.json")
+if cold:
+    print()
+    print(f"hlac cold start (24-layer GDN 3:1 hybrid, process start to every module loaded): {cold['cold_start_ms']:.0f} ms")
+    colds = {n: (r.get("cold_fwd_ms"), r.get("cold_bwd_ms")) for n, r in fla.items() if "cold_fwd_ms" in r}
+    if colds:
+        print("fla first calls (compile + autotune), ms: " + ", ".join(f"{n} {f(a, 0)} + {f(b, 0)}" for n, (a, b) in colds.items()))
+print()
+print("per kernel (hlac, median ms, GB/s):")
+for name in sorted(os.listdir(d)):
+    if name.startswith("hlac-") and name.endswith(".json"):
+        for k in load(name)["kernels"]:
+            gb = k.get("gb_per_s")
+            print(f"  {name[5:-5]:10s} {k['kernel']:32s} {f(k.get('median_ms'), 4):>10s} ms  {f(gb, 0):>6s} GB/s  {k.get('error') or ''}")
