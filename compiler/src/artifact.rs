@@ -121,7 +121,7 @@ pub fn compile_gpu(model: &Model, kernels: &[ModelKernel]) -> Result<Vec<Compile
     kernels
         .iter()
         .map(|k| {
-            let mut c = crate::nvptx::compile(&k.kernel.program, device.name(), k.workspace())?;
+            let mut c = crate::nvptx::compile(&k.kernel.program, device.name(), k.gpu_options())?;
             if let Some(ptxas) = &ptxas {
                 c.cubin = crate::nvptx::assemble(ptxas, &c.ptx, device.name()).ok();
             }

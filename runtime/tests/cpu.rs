@@ -422,3 +422,68 @@ fn tables_hold_their_values() {
     let want: Vec<f32> = values.iter().map(|v| *v as f32).collect();
     assert_eq!(o, want);
 }
+
+#[test]
+fn linear_scans_match_f64_and_the_reverse_is_the_adjoint() {
+    // A [m, n] tile with n = 7 (one whole vector of columns and a tail): forward and reverse linear
+    // scans down the rows, and a forward one along the columns, against the recurrences in f64;
+    // and ⟨scan(x), y⟩ = ⟨x, scan_reverse(y)⟩ with the same multipliers (the backward's identity).
+    let (m, n) = (9u32, 7u32);
+    let len = (m * n) as usize;
+    let mut rng = Rng(29);
+    let x = rng.vec(len, 1.0);
+    let y = rng.vec(len, 1.0);
+    // Multipliers in (0.2, 1.2): some above 1, so an error in the order of products shows.
+    let d: Vec<f32> = rng.vec(len, 0.5).iter().map(|v| v + 0.7).collect();
+    let mut b = Builder::new("linear_scan", &["one"]);
+    let px = b.ptr("x", DType::F32, false);
+    let py = b.ptr("y", DType::F32, false);
+    let pd = b.ptr("d", DType::F32, false);
+    let out = b.ptr("out", DType::F32, true);
+    let r = b.iota(m);
+    let c = b.iota(n);
+    let nv = b.i64(i64::from(n));
+    let rc = b.col(r);
+    let rr = b.mul(rc, nv);
+    let cr = b.row(c);
+    let off = b.add(rr, cr);
+    let tx = b.load(px, off, None, 0.0);
+    let ty = b.load(py, off, None, 0.0);
+    let td = b.load(pd, off, None, 0.0);
+    let results = [b.linear_scan(tx, td, 0, false), b.linear_scan(ty, td, 0, true), b.linear_scan(tx, td, 1, false)];
+    for (i, v) in results.into_iter().enumerate() {
+        let base = b.i64(i as i64 * len as i64);
+        let o = b.add(off, base);
+        b.store(out, o, v, None);
+    }
+    let mut o = vec![f32::NAN; 3 * len];
+    run(b.finish(), &mut [Arg::F32(&x), Arg::F32(&y), Arg::F32(&d), Arg::F32Mut(&mut o)], &[1]).expect("runs");
+    let (m, n) = (m as usize, n as usize);
+    let at = |v: &[f32], i: usize, j: usize| f64::from(v[i * n + j]);
+    let mut fwd = vec![0.0f64; len];
+    let mut rev = vec![0.0f64; len];
+    let mut along = vec![0.0f64; len];
+    for j in 0..n {
+        fwd[j] = at(&x, 0, j);
+        for i in 1..m {
+            fwd[i * n + j] = at(&d, i, j) * fwd[(i - 1) * n + j] + at(&x, i, j);
+        }
+        rev[(m - 1) * n + j] = at(&y, m - 1, j);
+        for i in (0..m - 1).rev() {
+            rev[i * n + j] = at(&d, i + 1, j) * rev[(i + 1) * n + j] + at(&y, i, j);
+        }
+    }
+    for i in 0..m {
+        along[i * n] = at(&x, i, 0);
+        for j in 1..n {
+            along[i * n + j] = at(&d, i, j) * along[i * n + j - 1] + at(&x, i, j);
+        }
+    }
+    let want: Vec<f64> = fwd.iter().chain(&rev).chain(&along).copied().collect();
+    close(&o, &want, 1e-5, "linear scans");
+    let dot = |a: &[f64], b: &[f32]| a.iter().zip(b).map(|(p, q)| p * f64::from(*q)).sum::<f64>();
+    let lhs = dot(&fwd, &y);
+    let got_rev: Vec<f64> = o[len..2 * len].iter().map(|v| f64::from(*v)).collect();
+    let rhs = dot(&got_rev, &x);
+    assert!((lhs - rhs).abs() <= 1e-4 * lhs.abs().max(1.0), "adjoint: {lhs} vs {rhs}");
+}

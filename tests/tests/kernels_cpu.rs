@@ -263,8 +263,12 @@ fn hgrn_scan_matches_reference() {
     let class = m.class.as_ref().expect("class");
     let r = Recurrence { name: &m.name, class, math, heads: m.instance.heads, storage: DType::F32 };
     let d = 48usize;
-    for (seed, lengths, block) in [(91u64, vec![1usize, 3, 50], 16u32), (92, vec![783, 64], 32)] {
-        let kernel = chunk_forward(&r, Tiling { chunk: 64, block_v: block }).expect("lowers");
+    // Blocks of 64 tokens and of 7 (sequences shorter than a block, ending inside one, and filling
+    // whole ones).
+    for (seed, lengths, block, chunk) in
+        [(91u64, vec![1usize, 3, 50], 16u32, 64u32), (92, vec![783, 64], 32, 64), (93, vec![5, 130, 1, 14], 16, 7)]
+    {
+        let kernel = chunk_forward(&r, Tiling { chunk, block_v: block }).expect("lowers");
         let (cu, cu64) = packing(&lengths);
         let total = *cu.last().unwrap_or(&0);
         let mut rng = Rng::new(seed);

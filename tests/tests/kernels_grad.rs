@@ -319,8 +319,10 @@ fn check_scan_backward(storage: DType, seed: u64, lengths: &[usize]) -> f64 {
         let h0 = rng.normals(seqs * d);
         let w_o = stored(storage, &rng.normals(total * d));
         let w_s = rng.normals(seqs * d);
-        let fwd = hlac::lower::scan::forward(&r, block).expect("lowers");
-        let bwd = hlac::lower::scan::backward(&r, block).expect("lowers");
+        // Blocks of 5 tokens: sequences that end inside a block, span several, or fill one.
+        let rows = 5;
+        let fwd = hlac::lower::scan::forward(&r, block, rows).expect("lowers");
+        let bwd = hlac::lower::scan::backward(&r, block, rows).expect("lowers");
         let grid = [seqs as u64, (d as u64).div_ceil(u64::from(block))];
         let mut bufs: HashMap<String, Buf> = HashMap::new();
         bufs.insert("i".into(), Buf::In(f32s(&i)));

@@ -62,7 +62,7 @@ fn every_kernel_assembles_for_sm80_and_sm90() {
     let mut report = Vec::new();
     for k in &all {
         for device in ["sm_80", "sm_90"] {
-            let compiled = hlac::nvptx::compile(&k.kernel.program, device, k.workspace()).unwrap_or_else(|e| panic!("{}: {e}", k.name));
+            let compiled = hlac::nvptx::compile(&k.kernel.program, device, k.gpu_options()).unwrap_or_else(|e| panic!("{}: {e}", k.name));
             assert!(compiled.ptx.contains(&format!(".entry {}", compiled.entry)), "{}: no entry point", k.name);
             let Some(ptxas) = &ptxas else { continue };
             let file = dir.path().join(format!("{}_{device}.ptx", compiled.entry));
@@ -96,7 +96,7 @@ fn emitted_ptx_is_pinned() {
             if !seen.insert(k.name.clone()) {
                 continue;
             }
-            let compiled = hlac::nvptx::compile(&k.kernel.program, "sm_90", k.workspace()).unwrap_or_else(|e| panic!("{}: {e}", k.name));
+            let compiled = hlac::nvptx::compile(&k.kernel.program, "sm_90", k.gpu_options()).unwrap_or_else(|e| panic!("{}: {e}", k.name));
             insta::with_settings!({ snapshot_suffix => k.name.clone(), prepend_module_to_snapshot => false }, {
                 insta::assert_snapshot!("ptx", without_banner(&compiled.ptx));
             });
@@ -122,7 +122,7 @@ fn bf16_and_f16_storage_compile_and_assemble_for_sm80_and_sm90() {
             for k in kernels(&spec) {
                 for device in ["sm_80", "sm_90"] {
                     let compiled =
-                        hlac::nvptx::compile(&k.kernel.program, device, k.workspace()).unwrap_or_else(|e| panic!("{}: {e}", k.name));
+                        hlac::nvptx::compile(&k.kernel.program, device, k.gpu_options()).unwrap_or_else(|e| panic!("{}: {e}", k.name));
                     let ptx = &compiled.ptx;
                     let what = format!("{} ({dtype}, {device})", k.name);
                     // Every kernel but the weight gradients' reduction (f32 partial sums only)

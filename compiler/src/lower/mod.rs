@@ -117,7 +117,7 @@ pub fn chunk_forward(r: &Recurrence<'_>, tiling: Tiling) -> Result<Kernel, Lower
     match r.class.family {
         crate::classify::Family::Decay => decay::forward(r, tiling, false),
         crate::classify::Family::Delta => delta::forward(r, tiling, false),
-        crate::classify::Family::Scan => scan::forward(r, tiling.block_v),
+        crate::classify::Family::Scan => scan::forward(r, tiling.block_v, tiling.chunk),
     }
 }
 
@@ -215,7 +215,9 @@ pub fn model_kernels(model: &crate::ir::Model) -> Result<Vec<ModelKernel>, Lower
         let r = Recurrence { name: &m.name, class, math, heads: m.instance.heads, storage: storage(model.target.dtype) };
         // On the CPU one instance per head computes every value column (the intra-chunk matrix is
         // then built once per chunk); GPUs split V across blocks for parallelism.
-        let block_v = if model.target.device == crate::ir::Device::Cpu { r.v() } else { block_of(r.v(), 64) };
+        // HLAC_GPU_BLOCK_V=n caps the GPU's value block at n instead (for A/B measurements).
+        let gpu_cap = std::env::var("HLAC_GPU_BLOCK_V").ok().and_then(|v| v.parse::<u32>().ok()).filter(|v| *v > 0).unwrap_or(64);
+        let block_v = if model.target.device == crate::ir::Device::Cpu { r.v() } else { block_of(r.v(), gpu_cap) };
         let tiling = Tiling { chunk: model.target.chunk_size as u32, block_v };
         if class.family == crate::classify::Family::Scan {
             // The scan walks the tokens in order, so its parallelism is the channels: on a GPU,
@@ -227,7 +229,7 @@ pub fn model_kernels(model: &crate::ir::Model) -> Result<Vec<ModelKernel>, Lower
                 mixer: Some(h.index()),
                 piece: None,
                 role: "scan_fwd",
-                kernel: scan::forward(&r, scan_block)?,
+                kernel: scan::forward(&r, scan_block, tiling.chunk)?,
             });
             if model.target.mode == crate::ir::Mode::Training {
                 out.push(ModelKernel {
@@ -235,7 +237,7 @@ pub fn model_kernels(model: &crate::ir::Model) -> Result<Vec<ModelKernel>, Lower
                     mixer: Some(h.index()),
                     piece: None,
                     role: "scan_bwd",
-                    kernel: scan::backward(&r, scan_block)?,
+                    kernel: scan::backward(&r, scan_block, tiling.chunk)?,
                 });
             }
         } else {
@@ -300,20 +302,33 @@ fn unique_names(kernels: &mut [ModelKernel]) {
 }
 
 impl ModelKernel {
-    /// Where the GPU back end places its workspace. Attention's forward and backward run one
-    /// instance per 64 query (or key) rows — thousands per launch — and a shared workspace of
-    /// 105–227 KB would leave one block per SM: at D = 64 on an H200 the forward took 119 ms with
-    /// it against 77 ms in global memory, `bwd_dq` 100 against 83. Kernels with one instance per
-    /// (sequence, head, value block) gain from it instead (GDN decode 0.048 → 0.035 ms, HGRN
-    /// scan 7.2 → 6.4 ms). So do the conv and norm pieces, whose block sizes [`layer_pieces`]
-    /// chooses to fit shared memory: their workspaces are small, and a norm forward runs one
-    /// instance per few rows (16 384 at B = 4, T = 4096, 16 heads), so a global workspace would
-    /// be that many times its size in scratch memory.
-    pub fn workspace(&self) -> crate::nvptx::Workspace {
-        match self.role {
-            "attn_fwd" | "attn_bwd_dq" | "attn_bwd_dkv" => crate::nvptx::Workspace::Global,
-            _ => crate::nvptx::Workspace::SharedWhenFits,
-        }
+    /// How the GPU back end launches this kernel, from measurements on an H200 (BENCHMARKS.md):
+    ///
+    /// - Workspace: in shared memory where it fits, except for attention's backward kernels. They
+    ///   run one instance per 64 query (or key) rows — thousands per launch — and a shared
+    ///   workspace of 105–227 KB would leave one block per SM: at D = 64 `bwd_dq` took 100 ms with
+    ///   it against 83 in global memory. (At D = 128 their workspaces do not fit anyway.) The
+    ///   forward's registers already hold it to one block per SM, so its 198 KB at D = 128 gain
+    ///   from shared memory: 45.6 → 37.5 ms. Kernels with one instance per (sequence, head, value
+    ///   block) gain too (GDN decode 0.048 → 0.035 ms), and so do the conv and norm pieces, whose
+    ///   block sizes [`layer_pieces`] chooses to fit shared memory: a norm forward runs one
+    ///   instance per few rows (16 384 at B = 4, T = 4096, 16 heads), so a global workspace would
+    ///   be that many times its size in scratch memory.
+    /// - Threads: at most 256, except 128 for attention's backward (bwd_dq 51.0 → 47.0 ms,
+    ///   bwd_dkv 77.3 → 72.6) and the elementwise scan's backward (5.0 → 3.1 ms), whose register
+    ///   use then lets two blocks share an SM; the chunked kernels and attention's forward are
+    ///   slower with 128 (GDN forward 9.4 → 11.2 ms).
+    pub fn gpu_options(&self) -> crate::nvptx::Options {
+        use crate::nvptx::{Options, Workspace, THREADS};
+        let workspace = match self.role {
+            "attn_bwd_dq" | "attn_bwd_dkv" => Workspace::Global,
+            _ => Workspace::SharedWhenFits,
+        };
+        let max_threads = match self.role {
+            "attn_bwd_dq" | "attn_bwd_dkv" | "scan_bwd" => 128,
+            _ => THREADS,
+        };
+        Options { workspace, max_threads }
     }
 }
 

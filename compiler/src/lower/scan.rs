@@ -1,11 +1,13 @@
 //! The elementwise class (HGRN, and any declared recurrence whose state is one number per head):
 //! h_t = α_t ⊙ h_{t−1} + k_t ⊙ v_t, o_t = h_t, with every head an independent channel
-//! (algorithms.md §3). One program per (sequence, block of channels) walks the tokens in order
-//! with the gate activation, key and value fused in — a single memory-bound pass. The channel
-//! block is the vector width; no matrix products are involved.
+//! (algorithms.md §3). One program per (sequence, block of channels) walks the sequence in blocks
+//! of `rows` tokens: it loads a `[rows, channels]` tile of every input at once (so the loads of a
+//! whole block are in flight together instead of one token's at a time), evaluates the gate, key
+//! and value on the whole tile, and runs the recurrence along the tile's rows with a linear
+//! `scan` — the only sequential part, over data already in the workspace. No matrix products.
 
 use hlac_runtime::kir::build::Ptr;
-use hlac_runtime::kir::{Builder, CmpOp, DType, Value};
+use hlac_runtime::kir::{BinOp, Builder, CmpOp, DType, UnOp, Value};
 
 use super::chunk::{load_scalar, used_names};
 use super::expr::{self, Env};
@@ -15,8 +17,8 @@ use crate::classify::{Decay, Family};
 /// The scan kernel. Parameters: the token inputs the expressions use (`[tokens, heads]`), the
 /// per-head parameters and `lower_bound` (`[heads]`), `o` (`[tokens, heads]`), `h0`/`ht`
 /// (`[sequences, heads]`), `cu_seqlens`, and the integers `use_h0`, `use_ht`.
-/// Grid: sequences, ⌈heads / block⌉.
-pub fn forward(r: &Recurrence<'_>, block: u32) -> Result<Kernel, LowerError> {
+/// Grid: sequences, ⌈heads / block⌉. Each loop step covers `rows` tokens.
+pub fn forward(r: &Recurrence<'_>, block: u32, rows: u32) -> Result<Kernel, LowerError> {
     if r.class.family != Family::Scan {
         return Err(r.error(format!("the elementwise scan does not apply to the {:?} family", r.class.family)));
     }
@@ -25,6 +27,7 @@ pub fn forward(r: &Recurrence<'_>, block: u32) -> Result<Kernel, LowerError> {
         (Some(k), Some(v)) => (k, v),
         _ => return Err(r.error("the class has no key or value expression")),
     };
+    let decay = ex.decay.as_ref().filter(|_| !matches!(r.class.decay, Decay::None));
     r.check_storage()?;
     let used = used_names(r);
     let heads = r.heads as i64;
@@ -37,50 +40,51 @@ pub fn forward(r: &Recurrence<'_>, block: u32) -> Result<Kernel, LowerError> {
     let use_h0 = b.int_param("use_h0");
     let use_ht = b.int_param("use_ht");
 
-    let Lanes { seq, channels, h_count, inside, one, bos, eos } = lanes(&mut b, heads, block, cu);
+    let lanes = lanes(&mut b, heads, block, cu);
+    let Lanes { seq, channels, h_count, inside, bos, eos, .. } = lanes;
     let zero = b.i64(0);
     let has_h0 = b.cmp(CmpOp::Ne, use_h0, zero);
     let state_base = b.mul(seq, h_count);
     let state_off = b.add(channels, state_base);
-    let h0_mask = b.binary(hlac_runtime::kir::BinOp::And, inside, has_h0);
+    let h0_mask = b.binary(BinOp::And, inside, has_h0);
     let h_init = b.load(h0, state_off, Some(h0_mask), 0.0);
-
-    let mut env = Env::new();
-    let kf = b.f32(1.0);
-    env.insert(r.math.key_axis.0.clone(), kf);
-    env.insert(r.math.value_axis.0.clone(), kf);
-    let head_f = b.cast(channels, DType::F32);
-    env.insert("head_index".into(), head_f);
-    for (name, p) in &per_head {
-        let x = b.load(*p, channels, Some(inside), 0.0);
-        env.insert(name.clone(), x);
-    }
+    let env = head_env(&mut b, r, &per_head, channels, inside);
+    let shape = [rows, block];
+    let step = b.i64(i64::from(rows));
     let mut failure = None;
-    let out = b.for_loop(bos, eos, one, &[h_init], |b, t, carried| {
-        let row = b.mul(t, h_count);
-        let off = b.add(channels, row);
+    let out = b.for_loop(bos, eos, step, &[h_init], |b, c0, carried| {
+        let tile = Rows::new(b, &lanes, c0, rows);
         let mut env = env.clone();
         for (name, p) in &tokens {
-            let x = b.load(*p, off, Some(inside), 0.0);
+            let x = b.load(*p, tile.off, Some(tile.mask), 0.0);
             env.insert(name.clone(), x);
         }
-        let step = (|| -> Result<_, String> {
+        let body = (|| -> Result<_, String> {
             let k = expr::lower(b, key, &env)?;
             let v = expr::lower(b, value, &env)?;
-            let x = b.mul(k, v);
-            let h = match ex.decay.as_ref().filter(|_| !matches!(r.class.decay, Decay::None)) {
+            // Rows past the sequence's end hold the state (multiplier 1, input 0), so the last
+            // row carries it to the next block; the carried state enters through the first row.
+            let zero = b.f32(0.0);
+            let one = b.f32(1.0);
+            let kv = b.mul(k, v);
+            let kv = b.broadcast(kv, &shape);
+            let kv = b.select(tile.mask, kv, zero);
+            let a = match decay {
                 Some(d) => {
                     let a = expr::lower(b, d, &env)?;
-                    let ah = b.mul(a, carried[0]);
-                    b.add(ah, x)
+                    let a = b.broadcast(a, &shape);
+                    b.select(tile.mask, a, one)
                 }
-                None => b.add(carried[0], x),
+                None => b.broadcast(one, &shape),
             };
-            let h = b.broadcast(h, &[block]);
-            b.store(o, off, h, Some(inside));
-            Ok(h)
+            let entering = b.mul(a, carried[0]);
+            let entering = b.select(tile.first, entering, zero);
+            let x = b.add(kv, entering);
+            let h = b.linear_scan(x, a, 0, false);
+            b.store(o, tile.off, h, Some(tile.mask));
+            Ok(tile.pick(b, h, tile.last))
         })();
-        match step {
+        match body {
             Ok(h) => vec![h],
             Err(e) => {
                 failure = Some(e);
@@ -92,21 +96,22 @@ pub fn forward(r: &Recurrence<'_>, block: u32) -> Result<Kernel, LowerError> {
         return Err(r.error(e));
     }
     let has_ht = b.cmp(CmpOp::Ne, use_ht, zero);
-    let ht_mask = b.binary(hlac_runtime::kir::BinOp::And, inside, has_ht);
+    let ht_mask = b.binary(BinOp::And, inside, has_ht);
     b.store(ht, state_off, out[0], Some(ht_mask));
     Ok(Kernel { program: b.finish(), grid: vec!["sequences".into(), format!("ceil(heads / {block})")] })
 }
 
-/// The scan's backward (algorithms.md §3), per (sequence, block of channels), walking the tokens
-/// in reverse: H_t = dO_t + α_{t+1} H_{t+1} (H past the end is dh_T), dx_t = H_t and
-/// ∂ℓ/∂α_t = H_t h_{t−1}, read from the forward's output o_{t−1} (or h0 at the first token); then
-/// x = k·v and α flow through the declaration's expressions. dh0 = α_0 H_0.
+/// The scan's backward (algorithms.md §3), per (sequence, block of channels), walking the blocks
+/// of `rows` tokens from the last: H_t = dO_t + α_{t+1} H_{t+1} (H past the end is dh_T) — the
+/// reverse linear scan with the forward's gates — then dx_t = H_t and ∂ℓ/∂α_t = H_t h_{t−1}, read
+/// from the forward's output o_{t−1} (or h0 at the first token); x = k·v and α flow through the
+/// declaration's expressions. dh0 = α_0 H_0, which is also what a block hands to the one before.
 ///
 /// Parameters: the token inputs and `lower_bound` / per-head parameters as in [`forward`], `o`
 /// (the forward's output), `do`, `h0`, `dht` (`[sequences, heads]`), `cu_seqlens`, then the
 /// outputs `d<input>` (`[tokens, heads]`; per-head ones `[sequences, heads]`, summed over the
 /// sequence) and `dh0`, then the integers `use_h0`, `use_dht`. Grid: sequences, ⌈heads / block⌉.
-pub fn backward(r: &Recurrence<'_>, block: u32) -> Result<Kernel, LowerError> {
+pub fn backward(r: &Recurrence<'_>, block: u32, rows: u32) -> Result<Kernel, LowerError> {
     use super::grad::{backprop, reduce_to, Grads};
     if r.class.family != Family::Scan {
         return Err(r.error(format!("the elementwise scan does not apply to the {:?} family", r.class.family)));
@@ -134,51 +139,63 @@ pub fn backward(r: &Recurrence<'_>, block: u32) -> Result<Kernel, LowerError> {
     let use_dht = b.int_param("use_dht");
     let wrt: Vec<String> = tokens.iter().map(|(n, _)| n.clone()).chain(per_head.iter().map(|(n, _)| n.clone())).collect();
 
-    let Lanes { seq, channels, h_count, inside, one, bos, eos } = lanes(&mut b, heads, block, cu);
+    let lanes = lanes(&mut b, heads, block, cu);
+    let Lanes { seq, channels, h_count, inside, one, bos, eos } = lanes;
     let len = b.sub(eos, bos);
     let zero_i = b.i64(0);
     let state_base = b.mul(seq, h_count);
     let state_off = b.add(channels, state_base);
     let has_dht = b.cmp(CmpOp::Ne, use_dht, zero_i);
-    let m = b.binary(hlac_runtime::kir::BinOp::And, inside, has_dht);
+    let m = b.binary(BinOp::And, inside, has_dht);
     let carry0 = b.load(dht, state_off, Some(m), 0.0);
     let has_h0 = b.cmp(CmpOp::Ne, use_h0, zero_i);
-    let m = b.binary(hlac_runtime::kir::BinOp::And, inside, has_h0);
+    let m = b.binary(BinOp::And, inside, has_h0);
     let h_init = b.load(h0, state_off, Some(m), 0.0);
-    let mut env = Env::new();
-    let kf = b.f32(1.0);
-    env.insert(r.math.key_axis.0.clone(), kf);
-    env.insert(r.math.value_axis.0.clone(), kf);
-    let head_f = b.cast(channels, DType::F32);
-    env.insert("head_index".into(), head_f);
-    for (name, p) in &per_head {
-        let x = b.load(*p, channels, Some(inside), 0.0);
-        env.insert(name.clone(), x);
-    }
+    let env = head_env(&mut b, r, &per_head, channels, inside);
+    let shape = [rows, block];
     let zero = b.f32(0.0);
     let zeros = b.broadcast(zero, &[block]);
+    // Blocks from the last: block j of n starts at bos + (n − 1 − j)·rows.
+    let rows_i = b.i64(i64::from(rows));
+    let rows_less = b.i64(i64::from(rows) - 1);
+    let padded = b.add(len, rows_less);
+    let blocks = b.div(padded, rows_i);
     let mut init = vec![carry0];
     init.extend(per_head.iter().map(|_| zeros));
     let mut failure = None;
-    let out = b.for_loop(zero_i, len, one, &init, |b, i, carried| {
-        let last = b.sub(eos, one);
-        let t = b.sub(last, i);
-        let row = b.mul(t, h_count);
-        let off = b.add(channels, row);
+    let out = b.for_loop(zero_i, blocks, one, &init, |b, j, carried| {
+        let back = b.sub(blocks, j);
+        let back = b.sub(back, one);
+        let start = b.mul(back, rows_i);
+        let c0 = b.add(bos, start);
+        let tile = Rows::new(b, &lanes, c0, rows);
         let mut env = env.clone();
         for (name, p) in &tokens {
-            let x = b.load(*p, off, Some(inside), 0.0);
+            let x = b.load(*p, tile.off, Some(tile.mask), 0.0);
             env.insert(name.clone(), x);
         }
-        let step = (|| -> Result<Vec<Value>, String> {
-            let dout = b.load(d_o, off, Some(inside), 0.0);
-            let h_big = b.add(dout, carried[0]);
+        let body = (|| -> Result<Vec<Value>, String> {
+            let one_f = b.f32(1.0);
+            // The gates of this block (1 past the end, so the carried H passes through).
+            let a = match decay {
+                Some(d) => {
+                    let a = expr::lower(b, d, &env)?;
+                    let a = b.broadcast(a, &shape);
+                    b.select(tile.mask, a, one_f)
+                }
+                None => b.broadcast(one_f, &shape),
+            };
+            let dout = b.load(d_o, tile.off, Some(tile.mask), 0.0);
+            // What the block after this one hands back enters at the last row.
+            let last = b.select(tile.last, carried[0], zero);
+            let x = b.add(dout, last);
+            let h_big = b.linear_scan(x, a, 0, true);
+            let h_big = b.select(tile.mask, h_big, zero);
             // h_{t−1}: the previous token's output, or h0 at the sequence's first token.
-            let first = b.cmp(CmpOp::Eq, t, bos);
-            let prev_row = b.sub(row, h_count);
-            let prev_off = b.add(channels, prev_row);
-            let not_first = b.unary(hlac_runtime::kir::UnOp::Not, first);
-            let m = b.binary(hlac_runtime::kir::BinOp::And, inside, not_first);
+            let prev_off = b.sub(tile.off, h_count);
+            let first = b.cmp(CmpOp::Eq, tile.t, bos);
+            let not_first = b.unary(UnOp::Not, first);
+            let m = b.binary(BinOp::And, tile.mask, not_first);
             let h_prev = b.load(o, prev_off, Some(m), 0.0);
             let h_prev = b.select(first, h_init, h_prev);
             let mut grads = Grads::new();
@@ -188,26 +205,25 @@ pub fn backward(r: &Recurrence<'_>, block: u32) -> Result<Kernel, LowerError> {
             let dv = b.mul(h_big, k);
             backprop(b, key, &env, dk, &wrt, &mut grads)?;
             backprop(b, value, &env, dv, &wrt, &mut grads)?;
-            let carry = match decay {
-                Some(d) => {
-                    let a = expr::lower(b, d, &env)?;
-                    let da = b.mul(h_big, h_prev);
-                    backprop(b, d, &env, da, &wrt, &mut grads)?;
-                    b.mul(a, h_big)
-                }
-                None => h_big,
-            };
-            let carry = b.broadcast(carry, &[block]);
+            if let Some(d) = decay {
+                let da = b.mul(h_big, h_prev);
+                backprop(b, d, &env, da, &wrt, &mut grads)?;
+            }
+            // α at the block's first token times its H: the next (earlier) block's carry, and
+            // dh0 after the first block.
+            let ah = b.mul(a, h_big);
+            let carry = tile.pick(b, ah, tile.first);
             for ((name, _), ptr) in tokens.iter().zip(&d_tokens) {
                 let g = match grads.get(name) {
-                    Some(g) => reduce_to(b, *g, &[block]),
-                    None => zeros,
+                    Some(g) => reduce_to(b, *g, &shape),
+                    None => b.broadcast(zero, &shape),
                 };
-                b.store(*ptr, off, g, Some(inside));
+                b.store(*ptr, tile.off, g, Some(tile.mask));
             }
             let mut next = vec![carry];
             for (k_idx, (name, _)) in per_head.iter().enumerate() {
                 let acc = match grads.get(name) {
+                    // Rows outside the sequence contribute nothing: their H is zero.
                     Some(g) => {
                         let g = reduce_to(b, *g, &[block]);
                         b.add(carried[k_idx + 1], g)
@@ -218,7 +234,7 @@ pub fn backward(r: &Recurrence<'_>, block: u32) -> Result<Kernel, LowerError> {
             }
             Ok(next)
         })();
-        match step {
+        match body {
             Ok(next) => next,
             Err(e) => {
                 failure = Some(e);
@@ -236,6 +252,59 @@ pub fn backward(r: &Recurrence<'_>, block: u32) -> Result<Kernel, LowerError> {
     Ok(Kernel { program: b.finish(), grid: vec!["sequences".into(), format!("ceil(heads / {block})")] })
 }
 
+/// The expressions' environment outside the token loop: K and V sizes of 1, the channel index as
+/// `head_index`, and every per-head parameter loaded for this block of channels.
+fn head_env(b: &mut Builder, r: &Recurrence<'_>, per_head: &Named, channels: Value, inside: Value) -> Env {
+    let mut env = Env::new();
+    let kf = b.f32(1.0);
+    env.insert(r.math.key_axis.0.clone(), kf);
+    env.insert(r.math.value_axis.0.clone(), kf);
+    let head_f = b.cast(channels, DType::F32);
+    env.insert("head_index".into(), head_f);
+    for (name, p) in per_head {
+        let x = b.load(*p, channels, Some(inside), 0.0);
+        env.insert(name.clone(), x);
+    }
+    env
+}
+
+/// One block of `rows` tokens from `c0`: each row's token, the `[rows, channels]` element offsets,
+/// which elements lie inside the sequence and the channels, and the first and last rows.
+struct Rows {
+    /// `[rows, 1]` token index.
+    t: Value,
+    off: Value,
+    mask: Value,
+    /// `[rows, 1]`: row 0, and row `rows − 1`.
+    first: Value,
+    last: Value,
+}
+
+impl Rows {
+    fn new(b: &mut Builder, lanes: &Lanes, c0: Value, rows: u32) -> Rows {
+        let r = b.iota(rows);
+        let t = b.add(r, c0);
+        let t = b.col(t);
+        let valid = b.cmp(CmpOp::Lt, t, lanes.eos);
+        let row = b.mul(t, lanes.h_count);
+        let off = b.add(row, lanes.channels);
+        let mask = b.binary(BinOp::And, valid, lanes.inside);
+        let r = b.col(r);
+        let zero = b.i64(0);
+        let first = b.cmp(CmpOp::Eq, r, zero);
+        let end = b.i64(i64::from(rows) - 1);
+        let last = b.cmp(CmpOp::Eq, r, end);
+        Rows { t, off, mask, first, last }
+    }
+
+    /// The row of a `[rows, channels]` tile that `which` (`first` or `last`) selects, as
+    /// `[channels]`.
+    fn pick(&self, b: &mut Builder, x: Value, which: Value) -> Value {
+        let zero = b.f32(0.0);
+        let only = b.select(which, x, zero);
+        b.sum(only, 0)
+    }
+}
 /// Declares the token inputs and per-head inputs (`lower_bound` included) the expressions use.
 /// Named pointer parameters.
 type Named = Vec<(String, Ptr)>;

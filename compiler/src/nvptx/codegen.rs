@@ -24,14 +24,16 @@ use inkwell::{AddressSpace, FloatPredicate, IntPredicate, OptimizationLevel};
 pub const THREADS: u32 = 256;
 
 /// Threads per block for a program: enough whole warps to give every element of its largest tile
-/// a thread of its own, at most [`THREADS`]. A program of narrow tiles (the elementwise scan over a
-/// block of 32 channels) then runs as one warp instead of leaving most of a 128-thread block idle,
-/// and more of its blocks fit on each SM.
-pub fn threads_for(program: &Program) -> u32 {
+/// a thread of its own, at most `cap` (a multiple of 32; [`THREADS`] by default). A program of
+/// narrow tiles (the elementwise scan over a block of 32 channels) then runs as one warp instead
+/// of leaving most of a block idle, and more of its blocks fit on each SM.
+pub fn threads_for(program: &Program, cap: u32) -> u32 {
     let widest = program.types.iter().map(|t| t.numel()).max().unwrap_or(1);
     // HLAC_NVPTX_THREADS overrides the cap (a multiple of 32), for A/B measurements.
-    let cap = std::env::var("HLAC_NVPTX_THREADS").ok().and_then(|v| v.parse::<u32>().ok()).filter(|t| t % 32 == 0 && (32..=1024).contains(t));
-    (widest.div_ceil(32) * 32).clamp(32, u64::from(cap.unwrap_or(THREADS))) as u32
+    let forced =
+        std::env::var("HLAC_NVPTX_THREADS").ok().and_then(|v| v.parse::<u32>().ok()).filter(|t| t % 32 == 0 && (32..=1024).contains(t));
+    let cap = forced.unwrap_or(cap).max(32);
+    (widest.div_ceil(32) * 32).clamp(32, u64::from(cap)) as u32
 }
 
 /// Why a program could not be compiled to PTX.
@@ -121,8 +123,25 @@ pub enum Workspace {
     Global,
 }
 
+/// How one kernel is to be launched: where its workspace goes and the most threads per block
+/// (the lowering chooses both per kernel from measurements: `ModelKernel::gpu_options`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    /// The workspace's placement.
+    pub workspace: Workspace,
+    /// The most threads per block (a multiple of 32).
+    pub max_threads: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { workspace: Workspace::SharedWhenFits, max_threads: THREADS }
+    }
+}
+
 /// Compiles one verified program to PTX for `device`.
-pub fn compile(program: &Program, device: &str, workspace: Workspace) -> Result<Compiled, NvptxError> {
+pub fn compile(program: &Program, device: &str, options: Options) -> Result<Compiled, NvptxError> {
+    let workspace = options.workspace;
     kir::verify(program)?;
     let fail = |message: String| NvptxError::Llvm { kernel: program.name.clone(), message };
     let (cpu, features) =
@@ -149,7 +168,16 @@ pub fn compile(program: &Program, device: &str, workspace: Workspace) -> Result<
             _ => workspace == Workspace::Global,
         };
         let limit = if global { 0 } else { shared_limit(device) };
-        let mut g = Gen::new(&context, &module, program, &entry, limit)?;
+        let mut g = Gen::new(&context, &module, program, &entry, limit, options.max_threads)?;
+        // HLAC_NVPTX_LAYOUT=<kernel> prints that kernel's stored tiles (offset, type) to stderr:
+        // what makes its workspace the size it is.
+        if std::env::var("HLAC_NVPTX_LAYOUT").is_ok_and(|k| k == program.name) {
+            for (v, at) in g.layout.tiles() {
+                let t = program.ty(v);
+                eprintln!("{at:>8} {v}: {}{:?} ({} bytes)", t.dtype.name(), t.shape, t.numel() * Gen::elem_bytes(t.dtype) as u64);
+            }
+            eprintln!("{} bytes", g.layout.bytes);
+        }
         g.emit()?;
         // `.maxntid`: ptxas then budgets registers for exactly this block size (all of a 256-thread
         // block's registers fit one SM's file at up to 255 per thread).
@@ -180,7 +208,7 @@ pub fn compile(program: &Program, device: &str, workspace: Workspace) -> Result<
     module.run_passes("default<O3>", &machine, PassBuilderOptions::create()).map_err(|e| fail(e.to_string()))?;
     let buffer = machine.write_to_memory_buffer(&module, FileType::Assembly).map_err(|e| fail(e.to_string()))?;
     let ptx = String::from_utf8_lossy(buffer.as_slice()).into_owned();
-    Ok(Compiled { ptx, entry, scratch_bytes, shared_bytes, threads: threads_for(program), cubin: None })
+    Ok(Compiled { ptx, entry, scratch_bytes, shared_bytes, threads: threads_for(program, options.max_threads), cubin: None })
 }
 
 /// A PTX-safe identifier.
@@ -249,7 +277,7 @@ struct Gen<'a, 'ctx> {
 type R<T> = Result<T, NvptxError>;
 
 impl<'a, 'ctx> Gen<'a, 'ctx> {
-    fn new(ctx: &'ctx Context, module: &'a Module<'ctx>, p: &'a Program, entry: &str, shared_limit: u64) -> R<Self> {
+    fn new(ctx: &'ctx Context, module: &'a Module<'ctx>, p: &'a Program, entry: &str, shared_limit: u64, max_threads: u32) -> R<Self> {
         let i64t = ctx.i64_type();
         let mut params = Vec::new();
         for param in &p.params {
@@ -312,7 +340,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             smem,
             error,
             tid: i64t.const_zero(),
-            threads: threads_for(p),
+            threads: threads_for(p, max_threads),
             slots: HashMap::new(),
             unsynced: Vec::new(),
             scalars: HashMap::new(),
@@ -1323,9 +1351,9 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                     self.par(outer * inner, &mut body)?;
                 }
             }
-            Op::Scan { value, axis, reverse } => {
+            Op::Scan { value, axis, reverse, decay } => {
                 let out = res()?;
-                let (a, axis, reverse) = (*value, *axis, *reverse);
+                let (a, axis, reverse, decay) = (*value, *axis, *reverse, *decay);
                 let (outer, extent, inner) = kir::split(&self.p.ty(a).shape, axis);
                 self.alloc(out);
                 let t: BasicTypeEnum = self.ctx.f32_type().into();
@@ -1334,15 +1362,38 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                     let o = g.b.build_int_signed_div(o_n, g.i64c(inner as i64), "").map_err(|x| g.llvm(x))?;
                     let n = g.b.build_int_signed_rem(o_n, g.i64c(inner as i64), "").map_err(|x| g.llvm(x))?;
                     g.b.build_store(acc, g.f32c(0.0)).map_err(|x| g.llvm(x))?;
-                    g.seq(extent, &mut |g, k| {
-                        let k = if reverse { g.b.build_int_sub(g.i64c(extent as i64 - 1), k, "").map_err(|x| g.llvm(x))? } else { k };
+                    let at = |g: &Self, k: IntValue<'ctx>| -> R<IntValue<'ctx>> {
                         let t1 = g.b.build_int_mul(o, g.i64c(extent as i64), "").map_err(|x| g.llvm(x))?;
                         let t2 = g.b.build_int_add(t1, k, "").map_err(|x| g.llvm(x))?;
                         let t3 = g.b.build_int_mul(t2, g.i64c(inner as i64), "").map_err(|x| g.llvm(x))?;
-                        let idx = g.b.build_int_add(t3, n, "").map_err(|x| g.llvm(x))?;
+                        g.b.build_int_add(t3, n, "").map_err(|x| g.llvm(x))
+                    };
+                    g.seq(extent, &mut |g, e| {
+                        let last = g.i64c(extent as i64 - 1);
+                        let k = if reverse { g.b.build_int_sub(last, e, "").map_err(|x| g.llvm(x))? } else { e };
+                        let idx = at(g, k)?;
                         let x = g.read(a, idx)?.into_float_value();
                         let cur = g.b.build_load(t, acc, "").map_err(|x| g.llvm(x))?.into_float_value();
-                        let nv = g.b.build_float_add(cur, x, "").map_err(|x| g.llvm(x))?;
+                        let nv = match decay {
+                            // As on the CPU: d at k (forward) or k + 1 (reverse, clamped on the
+                            // first step, whose product is discarded); product rounded, then added.
+                            Some(d) => {
+                                let km = if reverse {
+                                    let next = g.b.build_int_add(k, g.i64c(1), "").map_err(|x| g.llvm(x))?;
+                                    let over = g.b.build_int_compare(IntPredicate::SGT, next, last, "").map_err(|x| g.llvm(x))?;
+                                    g.b.build_select(over, last, next, "").map_err(|x| g.llvm(x))?.into_int_value()
+                                } else {
+                                    k
+                                };
+                                let im = at(g, km)?;
+                                let m = g.read(d, im)?.into_float_value();
+                                let p = g.b.build_float_mul(m, cur, "").map_err(|x| g.llvm(x))?;
+                                let s = g.b.build_float_add(p, x, "").map_err(|x| g.llvm(x))?;
+                                let first = g.b.build_int_compare(IntPredicate::EQ, e, g.i64c(0), "").map_err(|x| g.llvm(x))?;
+                                g.b.build_select(first, x, s, "").map_err(|x| g.llvm(x))?.into_float_value()
+                            }
+                            None => g.b.build_float_add(cur, x, "").map_err(|x| g.llvm(x))?,
+                        };
                         g.b.build_store(acc, nv).map_err(|x| g.llvm(x))?;
                         g.write(out, idx, nv.into())
                     })

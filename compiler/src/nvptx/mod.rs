@@ -27,5 +27,5 @@
 mod codegen;
 
 pub use codegen::{
-    assemble, compile, find_ptxas, shared_limit, threads_for, workspace_fits_shared, Compiled, NvptxError, Workspace, THREADS,
+    assemble, compile, find_ptxas, shared_limit, threads_for, workspace_fits_shared, Compiled, NvptxError, Options, Workspace, THREADS,
 };

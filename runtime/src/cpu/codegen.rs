@@ -1060,7 +1060,7 @@ impl Gen<'_> {
                 )?;
             }
             Op::Reduce(op, a, axis) => self.reduce(res()?, *op, *a, *axis)?,
-            Op::Scan { value, axis, reverse } => self.scan(res()?, *value, *axis, *reverse)?,
+            Op::Scan { value, axis, reverse, decay } => self.scan(res()?, *value, *axis, *reverse, *decay)?,
             Op::Dot(a, b) => self.dot(res()?, *a, *b)?,
             Op::TriInv(a) => self.tri_inv(res()?, *a)?,
             Op::For { lo, hi, step, init, body } => self.for_loop(&inst.results, *lo, *hi, *step, init, body)?,
@@ -1330,7 +1330,7 @@ impl Gen<'_> {
         Ok(())
     }
 
-    fn scan(&mut self, out: Value, a: Value, axis: u8, reverse: bool) -> Result<(), CodegenError> {
+    fn scan(&mut self, out: Value, a: Value, axis: u8, reverse: bool, decay: Option<Value>) -> Result<(), CodegenError> {
         let (outer, extent, inner) = crate::kir::split(&self.ty(a).shape.clone(), axis);
         self.alloc(out);
         // LANES neighbouring columns at a time while they fill whole vectors (the same sums in the
@@ -1343,26 +1343,46 @@ impl Gen<'_> {
                 let z = g.fconst(if vector { types::F32X4 } else { types::F32 }, 0.0);
                 g.fb.def_var(acc, z);
                 g.repeat(extent, |g, e| {
-                    let e = if reverse {
-                        let last = g.fb.ins().iconst(types::I64, extent as i64 - 1);
-                        g.fb.ins().isub(last, e)
-                    } else {
-                        e
+                    let last = g.fb.ins().iconst(types::I64, extent as i64 - 1);
+                    let k = if reverse { g.fb.ins().isub(last, e) } else { e };
+                    let at = |g: &mut Self, k: ClValue| {
+                        let t1 = g.fb.ins().imul_imm_s(o, extent as i64);
+                        let t2 = g.fb.ins().iadd(t1, k);
+                        let t3 = g.fb.ins().imul_imm_s(t2, inner as i64);
+                        g.fb.ins().iadd(t3, n)
                     };
-                    let t1 = g.fb.ins().imul_imm_s(o, extent as i64);
-                    let t2 = g.fb.ins().iadd(t1, e);
-                    let t3 = g.fb.ins().imul_imm_s(t2, inner as i64);
-                    let idx = g.fb.ins().iadd(t3, n);
+                    let idx = at(g, k);
+                    // A linear scan multiplies the running value by d at this index (forward) or
+                    // at the one before it in scan order, k + 1 (reverse, the adjoint); the first
+                    // step takes x alone (clamped index, product discarded).
+                    let mult = match decay {
+                        Some(d) => {
+                            let km = if reverse {
+                                let next = g.fb.ins().iadd_imm_s(k, 1);
+                                g.fb.ins().smin(next, last)
+                            } else {
+                                k
+                            };
+                            let im = at(g, km);
+                            Some(if vector { g.read_vec(d, im)? } else { g.read(d, im)? })
+                        }
+                        None => None,
+                    };
                     let cur = g.fb.use_var(acc);
+                    let x = if vector { g.read_vec(a, idx)? } else { g.read(a, idx)? };
+                    let nv = match mult {
+                        Some(m) => {
+                            let p = g.fb.ins().fmul(m, cur);
+                            let s = g.fb.ins().fadd(p, x);
+                            let first = g.fb.ins().icmp_imm_s(IntCC::Equal, e, 0);
+                            g.fb.ins().select(first, x, s)
+                        }
+                        None => g.fb.ins().fadd(cur, x),
+                    };
+                    g.fb.def_var(acc, nv);
                     if vector {
-                        let x = g.read_vec(a, idx)?;
-                        let nv = g.fb.ins().fadd(cur, x);
-                        g.fb.def_var(acc, nv);
                         g.write_vec(out, idx, nv);
                     } else {
-                        let x = g.read(a, idx)?;
-                        let nv = g.fb.ins().fadd(cur, x);
-                        g.fb.def_var(acc, nv);
                         g.write(out, idx, nv);
                     }
                     Ok(())

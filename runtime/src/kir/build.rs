@@ -275,7 +275,14 @@ impl Builder {
     /// Inclusive cumulative sum over `axis`.
     pub fn cumsum(&mut self, v: Value, axis: u8, reverse: bool) -> Value {
         let ty = self.ty(v).clone();
-        self.op(Op::Scan { value: v, axis, reverse }, ty)
+        self.op(Op::Scan { value: v, axis, reverse, decay: None }, ty)
+    }
+
+    /// The linear recurrence along `axis`: out₀ = x₀, outₖ = dₖ·outₖ₋₁ + xₖ; with `reverse`, its
+    /// adjoint outₖ = dₖ₊₁·outₖ₊₁ + xₖ from the end (module docs). `d` has `x`'s type.
+    pub fn linear_scan(&mut self, x: Value, d: Value, axis: u8, reverse: bool) -> Value {
+        let ty = self.ty(x).clone();
+        self.op(Op::Scan { value: x, axis, reverse, decay: Some(d) }, ty)
     }
 
     /// Matrix product with f32 accumulation.

@@ -26,6 +26,14 @@ impl Layout {
     pub fn offset(&self, v: Value) -> u64 {
         self.offsets.get(&v).copied().unwrap_or(0)
     }
+
+    /// Every stored tile with its offset, by offset (for diagnostics: which tiles make a workspace
+    /// large).
+    pub fn tiles(&self) -> Vec<(Value, u64)> {
+        let mut t: Vec<(Value, u64)> = self.offsets.iter().map(|(v, o)| (*v, *o)).collect();
+        t.sort_by_key(|(v, o)| (*o, v.0));
+        t
+    }
 }
 
 /// Bytes a tile of `numel` elements of `dtype` takes, rounded up to 64.
@@ -158,7 +166,10 @@ fn collect_operands(op: &Op, out: &mut Vec<Value>) {
         Op::ProgramId(_) | Op::Param(_) | Op::Const(_) | Op::Iota(_) | Op::Table(_) => {}
         Op::Unary(_, a) | Op::Cast(a, _) | Op::Broadcast(a) | Op::Reshape(a) | Op::Transpose(a) | Op::TriInv(a) => out.push(*a),
         Op::Reduce(_, a, _) => out.push(*a),
-        Op::Scan { value, .. } => out.push(*value),
+        Op::Scan { value, decay, .. } => {
+            out.push(*value);
+            out.extend(decay);
+        }
         Op::Binary(_, a, b) | Op::Cmp(_, a, b) | Op::Dot(a, b) => out.extend([*a, *b]),
         Op::Select { cond, then, otherwise } => out.extend([*cond, *then, *otherwise]),
         Op::Load { offsets, mask, .. } => {

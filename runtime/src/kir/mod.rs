@@ -20,7 +20,10 @@
 //! - `load p[offsets] mask m else x`: reads `p[offsets[e]]` where the mask holds and `x` elsewhere
 //!   (masked-off offsets are never dereferenced); `store` writes where the mask holds.
 //! - `reduce sum|max axis a`: removes axis `a`. `scan sum axis a [reverse]`: inclusive cumulative
-//!   sum along `a`. `dot a b`: matrix product with f32 accumulation ([m,k]·[k,n]).
+//!   sum along `a`. `scan linear x decay d axis a`: the first-order linear recurrence along `a`,
+//!   out₀ = x₀ and outₖ = dₖ·outₖ₋₁ + xₖ (d₀ unused); with `reverse`, its adjoint with the same
+//!   `d`: outₙ₋₁ = xₙ₋₁ and outₖ = dₖ₊₁·outₖ₊₁ + xₖ (the backward of the forward scan: dx =
+//!   scan_reverse(d(out), d)), evaluated in order along the axis. `dot a b`: matrix product with f32 accumulation ([m,k]·[k,n]).
 //! - `tri_inv a`: for a square `a` whose strictly-lower part is L (the rest is ignored), returns
 //!   (I + L)⁻¹ — the unit lower-triangular solve of the delta rule's chunk.
 //! - `for i = lo to hi step s iter(x = init…) { … yield … }`: a counted loop carrying tiles.
@@ -341,7 +344,8 @@ pub enum Op {
     },
     /// Reduction over one axis.
     Reduce(ReduceOp, Value, u8),
-    /// Inclusive cumulative sum over one axis.
+    /// Inclusive cumulative sum over one axis, or with `decay` the linear recurrence
+    /// outₖ = dₖ·outₖ₋₁ + valueₖ (reverse: its adjoint, outₖ = dₖ₊₁·outₖ₊₁ + valueₖ).
     Scan {
         /// The input.
         value: Value,
@@ -349,6 +353,9 @@ pub enum Op {
         axis: u8,
         /// From the end backwards.
         reverse: bool,
+        /// The multipliers of a linear scan (same type as `value`); none for a plain sum.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        decay: Option<Value>,
     },
     /// Matrix product with f32 accumulation.
     Dot(Value, Value),

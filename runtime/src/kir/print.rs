@@ -86,7 +86,12 @@ fn block(p: &Program, b: &Block, depth: usize, out: &mut String) -> fmt::Result 
                 }
             }
             Op::Reduce(op, a, axis) => write!(out, "reduce {} {a} axis {axis}", snake(op))?,
-            Op::Scan { value, axis, reverse } => write!(out, "scan sum {value} axis {axis}{}", if *reverse { " reverse" } else { "" })?,
+            Op::Scan { value, axis, reverse, decay: None } => {
+                write!(out, "scan sum {value} axis {axis}{}", if *reverse { " reverse" } else { "" })?
+            }
+            Op::Scan { value, axis, reverse, decay: Some(d) } => {
+                write!(out, "scan linear {value} decay {d} axis {axis}{}", if *reverse { " reverse" } else { "" })?
+            }
             Op::Dot(a, b) => write!(out, "dot {a}, {b}")?,
             Op::TriInv(a) => write!(out, "tri_inv {a}")?,
             Op::Yield(vs) => write!(out, "yield {}", list(vs))?,

@@ -301,10 +301,15 @@ impl Verifier<'_> {
                     return Err(bad("reduce result"));
                 }
             }
-            Op::Scan { value, axis, .. } => {
+            Op::Scan { value, axis, decay, .. } => {
                 let a = self.used(*value)?;
                 if *a != out || (*axis as usize) >= a.shape.len() || !a.dtype.is_float() {
                     return Err(bad("scan"));
+                }
+                if let Some(d) = decay {
+                    if *self.used(*d)? != out {
+                        return Err(bad("linear scan decay"));
+                    }
                 }
             }
             Op::Dot(a, b) => {

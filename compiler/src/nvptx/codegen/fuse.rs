@@ -143,7 +143,10 @@ fn operands_of(op: &Op, out: &mut Vec<Value>) {
         Op::ProgramId(_) | Op::Param(_) | Op::Const(_) | Op::Iota(_) | Op::Table(_) => {}
         Op::Unary(_, a) | Op::Cast(a, _) | Op::Broadcast(a) | Op::Reshape(a) | Op::Transpose(a) | Op::TriInv(a) => out.push(*a),
         Op::Reduce(_, a, _) => out.push(*a),
-        Op::Scan { value, .. } => out.push(*value),
+        Op::Scan { value, decay, .. } => {
+            out.push(*value);
+            out.extend(decay);
+        }
         Op::Binary(_, a, b) | Op::Cmp(_, a, b) | Op::Dot(a, b) => out.extend([*a, *b]),
         Op::Select { cond, then, otherwise } => out.extend([*cond, *then, *otherwise]),
         Op::Load { offsets, mask, .. } => {

@@ -131,10 +131,8 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             let row0 = s.mul(bm, i64::from(mr * 16))?;
             let col0 = s.mul(bn, i64::from(nc * 8))?;
             // Row g of every A strip and column g of every B strip this thread touches.
-            let rows: Vec<IntValue> =
-                (0..mr).map(|i| s.add(row0, s.add(g, s.i64c(i64::from(i * 16)))?)).collect::<R<_>>()?;
-            let cols: Vec<IntValue> =
-                (0..nc).map(|j| s.add(col0, s.add(g, s.i64c(i64::from(j * 8)))?)).collect::<R<_>>()?;
+            let rows: Vec<IntValue> = (0..mr).map(|i| s.add(row0, s.add(g, s.i64c(i64::from(i * 16)))?)).collect::<R<_>>()?;
+            let cols: Vec<IntValue> = (0..nc).map(|j| s.add(col0, s.add(g, s.i64c(i64::from(j * 8)))?)).collect::<R<_>>()?;
             for slot in &acc {
                 s.b.build_store(*slot, s.f32c(0.0)).map_err(|x| s.llvm(x))?;
             }
@@ -157,9 +155,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                         for (x, y) in passes {
                             let args: Vec<BasicValueEnum> = x.iter().chain(y.iter()).chain(c.iter()).copied().collect();
                             let r = s.call(mma, &args)?.into_struct_value();
-                            c = (0..4)
-                                .map(|q| s.b.build_extract_value(r, q, "").map_err(|x| s.llvm(x)))
-                                .collect::<R<_>>()?;
+                            c = (0..4).map(|q| s.b.build_extract_value(r, q, "").map_err(|x| s.llvm(x))).collect::<R<_>>()?;
                         }
                         for (p, v) in slots.iter().zip(&c) {
                             s.b.build_store(*p, *v).map_err(|x| s.llvm(x))?;
