@@ -224,12 +224,15 @@ pub fn model_kernels(model: &crate::ir::Model) -> Result<Vec<ModelKernel>, Lower
             // blocks of 32 channels run as one warp each (`nvptx::threads_for`) and twice as many
             // blocks share the SMs as with 64.
             let scan_block = if model.target.device == crate::ir::Device::Cpu { 64 } else { 32 };
+            // Tokens per block of the scan: the chunk size (HLAC_SCAN_ROWS=n overrides it, for
+            // A/B measurements).
+            let rows = std::env::var("HLAC_SCAN_ROWS").ok().and_then(|v| v.parse::<u32>().ok()).filter(|r| *r > 0).unwrap_or(tiling.chunk);
             out.push(ModelKernel {
                 name: format!("{}_scan_fwd", m.name),
                 mixer: Some(h.index()),
                 piece: None,
                 role: "scan_fwd",
-                kernel: scan::forward(&r, scan_block, tiling.chunk)?,
+                kernel: scan::forward(&r, scan_block, rows)?,
             });
             if model.target.mode == crate::ir::Mode::Training {
                 out.push(ModelKernel {
@@ -237,7 +240,7 @@ pub fn model_kernels(model: &crate::ir::Model) -> Result<Vec<ModelKernel>, Lower
                     mixer: Some(h.index()),
                     piece: None,
                     role: "scan_bwd",
-                    kernel: scan::backward(&r, scan_block, tiling.chunk)?,
+                    kernel: scan::backward(&r, scan_block, rows)?,
                 });
             }
         } else {

@@ -1407,6 +1407,9 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                 }
                 let (m, k) = (self.p.ty(a).shape[0], self.p.ty(a).shape[1]);
                 let n = self.p.ty(b2).shape[1];
+                if self.dot_split_k(out, a, b2)? {
+                    return Ok(());
+                }
                 self.alloc(out);
                 let t: BasicTypeEnum = self.ctx.f32_type().into();
                 let acc = self.stack_slot(t)?;

@@ -1,13 +1,16 @@
-//! Warp-cooperative forms of tile operations whose per-thread form serialises: a reduction along
-//! a tile's last axis gives each output row to one warp (lanes stride along the row, then combine
-//! by butterfly shuffles) instead of to one thread reading the row alone — a thread per row reads
-//! a column of the workspace, every lane of a warp in the same shared-memory bank when the row
-//! length is a multiple of 32 (a 32-way conflict on every read).
+//! Warp-cooperative forms of tile operations whose per-thread form serialises:
+//! - a reduction along a tile's last axis gives each output row to one warp (lanes stride along
+//!   the row, then combine by butterfly shuffles) instead of to one thread reading the row alone —
+//!   a thread per row reads a column of the workspace, every lane of a warp in the same
+//!   shared-memory bank when the row length is a multiple of 32 (a 32-way conflict on every read);
+//! - a `dot` with fewer outputs than threads (a decode step's matrix–vector products, 1 × 64
+//!   outputs over K = 128 on 256 threads) splits each output's reduction across a group of lanes
+//!   instead of leaving most threads idle while the others walk the whole of K.
 
 use super::{Gen, R};
 use hlac_runtime::kir::{BinOp, DType, ReduceOp, Value};
 use inkwell::types::BasicTypeEnum;
-use inkwell::values::BasicValueEnum;
+use inkwell::values::{BasicValueEnum, IntValue};
 
 impl<'a, 'ctx> Gen<'a, 'ctx> {
     /// `out[o] = reduce(a[o, 0..extent])` for an f32 tile `a` of `outer` rows, one warp per row.
@@ -59,5 +62,73 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             Ok(())
         })?;
         self.barrier()
+    }
+
+    /// `out = a · b` with each output's sum over k split across a group of `parts` neighbouring
+    /// lanes (a power of two, at most 32, so a group never straddles warps): lane j of a group sums
+    /// the terms l ≡ j (mod parts), then the group adds its partial sums by butterfly shuffles
+    /// and its first lane writes. Used when the product has at most half as many outputs as the
+    /// block has threads and k ≥ 2; returns whether it applied. Every thread takes part in the
+    /// shuffles (idle ones with zero), as `shfl.sync` over the full warp requires.
+    pub(super) fn dot_split_k(&mut self, out: Value, a: Value, b: Value) -> R<bool> {
+        let (m, k) = (u64::from(self.p.ty(a).shape[0]), u64::from(self.p.ty(a).shape[1]));
+        let n = u64::from(self.p.ty(b).shape[1]);
+        let outputs = m * n;
+        let mut parts = 1u64;
+        while parts < 32 && outputs * parts * 2 <= u64::from(self.threads) && parts * 2 <= k {
+            parts *= 2;
+        }
+        if parts < 2 {
+            return Ok(false);
+        }
+        self.alloc(out);
+        let e = |x: inkwell::builder::BuilderError| super::NvptxError::Llvm { kernel: String::new(), message: x.to_string() };
+        let t: BasicTypeEnum = self.ctx.f32_type().into();
+        let acc = self.stack_slot(t)?;
+        let fma = self.intrinsic("llvm.fma", &[t])?;
+        let shfl = self.intrinsic("llvm.nvvm.shfl.sync.bfly.f32", &[])?;
+        let shift = i64::from(parts.trailing_zeros());
+        let o = self.b.build_right_shift(self.tid, self.i64c(shift), false, "").map_err(e)?;
+        let j = self.b.build_and(self.tid, self.i64c(parts as i64 - 1), "").map_err(e)?;
+        let active = self.b.build_int_compare(inkwell::IntPredicate::ULT, o, self.i64c(outputs as i64), "").map_err(e)?;
+        let i = self.b.build_int_unsigned_div(o, self.i64c(n as i64), "").map_err(e)?;
+        let c = self.b.build_int_unsigned_rem(o, self.i64c(n as i64), "").map_err(e)?;
+        self.b.build_store(acc, self.f32c(0.0)).map_err(e)?;
+        // An idle thread's loop runs no iterations.
+        let end = self.b.build_select(active, self.i64c(k as i64), self.i64c(0), "").map_err(e)?.into_int_value();
+        let step = self.i64c(parts as i64);
+        let row = self.b.build_int_mul(i, self.i64c(k as i64), "").map_err(e)?;
+        self.counted(j, end, step, &mut |g, l: IntValue<'ctx>| {
+            let ia = g.b.build_int_add(row, l, "").map_err(|x| g.llvm(x))?;
+            let ib = g.b.build_int_mul(l, g.i64c(n as i64), "").map_err(|x| g.llvm(x))?;
+            let ib = g.b.build_int_add(ib, c, "").map_err(|x| g.llvm(x))?;
+            let x = g.read(a, ia)?;
+            let y = g.read(b, ib)?;
+            let cur = g.b.build_load(t, acc, "").map_err(|x| g.llvm(x))?;
+            let nv = g.call(fma, &[x, y, cur])?;
+            g.b.build_store(acc, nv).map_err(|x| g.llvm(x))?;
+            Ok(())
+        })?;
+        let mut v = self.b.build_load(t, acc, "").map_err(e)?;
+        let full: BasicValueEnum = self.ctx.i32_type().const_all_ones().into();
+        let clamp: BasicValueEnum = self.ctx.i32_type().const_int(31, false).into();
+        let mut mask = parts / 2;
+        while mask >= 1 {
+            let lane_mask: BasicValueEnum = self.ctx.i32_type().const_int(mask, false).into();
+            let other = self.call(shfl, &[full, v, lane_mask, clamp])?;
+            v = self.b.build_float_add(v.into_float_value(), other.into_float_value(), "").map_err(e)?.into();
+            mask /= 2;
+        }
+        let lead = self.b.build_int_compare(inkwell::IntPredicate::EQ, j, self.i64c(0), "").map_err(e)?;
+        let writes = self.b.build_and(active, lead, "").map_err(e)?;
+        let w = self.ctx.append_basic_block(self.func, "dot_out");
+        let done = self.ctx.append_basic_block(self.func, "dot_done");
+        self.b.build_conditional_branch(writes, w, done).map_err(e)?;
+        self.b.position_at_end(w);
+        self.write(out, o, v)?;
+        self.b.build_unconditional_branch(done).map_err(e)?;
+        self.b.position_at_end(done);
+        self.barrier()?;
+        Ok(true)
     }
 }
