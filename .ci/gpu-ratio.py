@@ -15,6 +15,19 @@ def load(name):
     return json.load(open(p)) if os.path.exists(p) else None
 
 fla = (load("fla.json") or {}).get("rows", {})
+if not fla and os.path.exists(os.path.join(d, "fla.log")):
+    # The peer was stopped before it wrote its JSON: take the rows it printed ("op k=v k=v").
+    for line in open(os.path.join(d, "fla.log")):
+        parts = line.split()
+        if len(parts) > 1 and all("=" in p for p in parts[1:]):
+            row = {}
+            for p in parts[1:]:
+                k, v = p.split("=", 1)
+                try:
+                    row[k] = float(v)
+                except ValueError:
+                    row[k] = v
+            fla[parts[0]] = row
 B, T, H, D, C = 4, 4096, 16, 128, 64
 chunk_flops = B * T * H * (4 * C * D + 4 * D * D)
 attn_flops = B * T * H * 2 * T * D
