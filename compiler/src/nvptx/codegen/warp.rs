@@ -78,7 +78,8 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         while parts < 32 && outputs * parts * 2 <= u64::from(self.threads) && parts * 2 <= k {
             parts *= 2;
         }
-        if parts < 2 {
+        // HLAC_NVPTX_SPLITK=off keeps the one-thread-per-output loop, for A/B measurements.
+        if parts < 2 || std::env::var("HLAC_NVPTX_SPLITK").is_ok_and(|v| v == "off") {
             return Ok(false);
         }
         self.alloc(out);
