@@ -87,9 +87,10 @@ if cold:
     if colds:
         print("fla first calls (compile + autotune), ms: " + ", ".join(f"{n} {f(a, 0)} + {f(b, 0)}" for n, (a, b) in colds.items()))
 print()
-print("per kernel (hlac, median ms, GB/s):")
+print("per kernel (hlac, median ms, GB/s; variant-<name>-<mixer> rows are A/B builds):")
 for name in sorted(os.listdir(d)):
-    if name.startswith("hlac-") and name.endswith(".json"):
+    if (name.startswith("hlac-") or name.startswith("variant-")) and name.endswith(".json"):
         for k in load(name)["kernels"]:
             gb = k.get("gb_per_s")
-            print(f"  {name[5:-5]:10s} {k['kernel']:32s} {f(k.get('median_ms'), 4):>10s} ms  {f(gb, 0):>6s} GB/s  {k.get('error') or ''}")
+            label = name[5:-5] if name.startswith("hlac-") else name[:-5]
+            print(f"  {label:10s} {k['kernel']:32s} {f(k.get('median_ms'), 4):>10s} ms  {f(gb, 0):>6s} GB/s  {k.get('error') or ''}")
