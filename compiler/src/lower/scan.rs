@@ -65,18 +65,10 @@ pub fn forward(r: &Recurrence<'_>, block: u32, rows: u32) -> Result<Kernel, Lowe
             // Rows past the sequence's end hold the state (multiplier 1, input 0), so the last
             // row carries it to the next block; the carried state enters through the first row.
             let zero = b.f32(0.0);
-            let one = b.f32(1.0);
             let kv = b.mul(k, v);
             let kv = b.broadcast(kv, &shape);
             let kv = b.select(tile.mask, kv, zero);
-            let a = match decay {
-                Some(d) => {
-                    let a = expr::lower(b, d, &env)?;
-                    let a = b.broadcast(a, &shape);
-                    b.select(tile.mask, a, one)
-                }
-                None => b.broadcast(one, &shape),
-            };
+            let a = tile.gates(b, decay, &env)?;
             let entering = b.mul(a, carried[0]);
             let entering = b.select(tile.first, entering, zero);
             let x = b.add(kv, entering);
@@ -175,16 +167,8 @@ pub fn backward(r: &Recurrence<'_>, block: u32, rows: u32) -> Result<Kernel, Low
             env.insert(name.clone(), x);
         }
         let body = (|| -> Result<Vec<Value>, String> {
-            let one_f = b.f32(1.0);
             // The gates of this block (1 past the end, so the carried H passes through).
-            let a = match decay {
-                Some(d) => {
-                    let a = expr::lower(b, d, &env)?;
-                    let a = b.broadcast(a, &shape);
-                    b.select(tile.mask, a, one_f)
-                }
-                None => b.broadcast(one_f, &shape),
-            };
+            let a = tile.gates(b, decay, &env)?;
             let dout = b.load(d_o, tile.off, Some(tile.mask), 0.0);
             // What the block after this one hands back enters at the last row.
             let last = b.select(tile.last, carried[0], zero);
@@ -295,6 +279,22 @@ impl Rows {
         let end = b.i64(i64::from(rows) - 1);
         let last = b.cmp(CmpOp::Eq, r, end);
         Rows { t, off, mask, first, last }
+    }
+
+    /// The gate α of every element as a `[rows, channels]` tile: the declaration's decay where
+    /// the element is inside the sequence and the channels, 1 elsewhere (so the state passes
+    /// through rows past the end unchanged), and 1 everywhere for a recurrence without decay.
+    fn gates(&self, b: &mut Builder, decay: Option<&hlac_grammar::ast::Expr>, env: &Env) -> Result<Value, String> {
+        let one = b.f32(1.0);
+        let shape = b.shape(self.off);
+        Ok(match decay {
+            Some(d) => {
+                let a = expr::lower(b, d, env)?;
+                let a = b.broadcast(a, &shape);
+                b.select(self.mask, a, one)
+            }
+            None => b.broadcast(one, &shape),
+        })
     }
 
     /// The row of a `[rows, channels]` tile that `which` (`first` or `last`) selects, as

@@ -592,6 +592,23 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         self.barrier()
     }
 
+    /// `*acc = fma(a[ia], b[ib], *acc)` for f32 tiles `a`, `b` and an f32 stack slot `acc`: one
+    /// term of a `dot`.
+    fn fma_into(
+        &mut self,
+        acc: PointerValue<'ctx>,
+        fma: FunctionValue<'ctx>,
+        (a, ia): (Value, IntValue<'ctx>),
+        (b, ib): (Value, IntValue<'ctx>),
+    ) -> R<()> {
+        let x = self.read(a, ia)?;
+        let y = self.read(b, ib)?;
+        let cur = self.b.build_load(self.ctx.f32_type(), acc, "").map_err(|e| self.llvm(e))?;
+        let nv = self.call(fma, &[x, y, cur])?;
+        self.b.build_store(acc, nv).map_err(|e| self.llvm(e))?;
+        Ok(())
+    }
+
     /// A sequential loop over 0..n in every thread.
     fn seq(&mut self, n: u64, body: &mut dyn FnMut(&mut Self, IntValue<'ctx>) -> R<()>) -> R<()> {
         let zero = self.i64c(0);
@@ -1423,12 +1440,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                         let ia = g.b.build_int_add(ia, l, "").map_err(|x| g.llvm(x))?;
                         let ib = g.b.build_int_mul(l, g.i64c(i64::from(n)), "").map_err(|x| g.llvm(x))?;
                         let ib = g.b.build_int_add(ib, j, "").map_err(|x| g.llvm(x))?;
-                        let x = g.read(a, ia)?;
-                        let y = g.read(b2, ib)?;
-                        let cur = g.b.build_load(t, acc, "").map_err(|x| g.llvm(x))?;
-                        let nv = g.call(fma, &[x, y, cur])?;
-                        g.b.build_store(acc, nv).map_err(|x| g.llvm(x))?;
-                        Ok(())
+                        g.fma_into(acc, fma, (a, ia), (b2, ib))
                     })?;
                     let v = g.b.build_load(t, acc, "").map_err(|x| g.llvm(x))?;
                     g.write(out, ij, v)

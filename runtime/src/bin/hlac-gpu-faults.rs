@@ -109,9 +109,10 @@ fn main() -> ExitCode {
     })();
     match bad {
         Ok(a) => {
-            all &= case("a module the driver rejects", Expect { kind: "ModuleLoad", contains: vec![first.clone(), "bad.ptx".into()] }, || {
-                GpuModule::load(&a)
-            })
+            all &=
+                case("a module the driver rejects", Expect { kind: "ModuleLoad", contains: vec![first.clone(), "bad.ptx".into()] }, || {
+                    GpuModule::load(&a)
+                })
         }
         Err(e) => {
             println!("FAIL  a module the driver rejects: could not write the faulty PTX: {e}");
@@ -123,9 +124,11 @@ fn main() -> ExitCode {
     // More shared memory per block than any device has.
     let mut a = Artifact { dir: artifact.dir.clone(), manifest: artifact.manifest.clone(), programs: artifact.programs.clone() };
     a.manifest.kernels[0].shared_bytes = Some(1 << 30);
-    all &= case("more shared memory than the device has", Expect { kind: "Ptx", contains: vec![first.clone(), "shared memory".into()] }, || {
-        GpuModule::load(&a)
-    });
+    all &= case(
+        "more shared memory than the device has",
+        Expect { kind: "Ptx", contains: vec![first.clone(), "shared memory".into()] },
+        || GpuModule::load(&a),
+    );
 
     // An artifact for another GPU.
     let mut a = Artifact { dir: artifact.dir.clone(), manifest: artifact.manifest.clone(), programs: artifact.programs.clone() };

@@ -103,12 +103,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             let ia = g.b.build_int_add(row, l, "").map_err(|x| g.llvm(x))?;
             let ib = g.b.build_int_mul(l, g.i64c(n as i64), "").map_err(|x| g.llvm(x))?;
             let ib = g.b.build_int_add(ib, c, "").map_err(|x| g.llvm(x))?;
-            let x = g.read(a, ia)?;
-            let y = g.read(b, ib)?;
-            let cur = g.b.build_load(t, acc, "").map_err(|x| g.llvm(x))?;
-            let nv = g.call(fma, &[x, y, cur])?;
-            g.b.build_store(acc, nv).map_err(|x| g.llvm(x))?;
-            Ok(())
+            g.fma_into(acc, fma, (a, ia), (b, ib))
         })?;
         let mut v = self.b.build_load(t, acc, "").map_err(e)?;
         let full: BasicValueEnum = self.ctx.i32_type().const_all_ones().into();
