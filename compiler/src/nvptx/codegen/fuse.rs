@@ -19,7 +19,11 @@
 //! - never a value a loop yields (its carried storage is rewritten while later carried values may
 //!   still read it), nor a loop's carried values and results, nor an operand of an operation that
 //!   reads each element many times (`dot`, `tri_inv`, a reduction to a scalar, which every thread
-//!   computes: recomputing per read measured slower than storing once).
+//!   computes: recomputing per read measured slower than storing once);
+//! - with `HLAC_NVPTX_FUSE=no-amplify` (an experiment, not yet measured on a GPU), nor a value
+//!   whose computation holds a transcendental function and that a broadcast expands: HGRN-2's
+//!   key 1 − α, say, read through a `[64, 1, K] → [64, 64, K]` broadcast, is otherwise recomputed
+//!   (a sigmoid each time) for every one of the 64 rows of the pairwise product.
 
 use std::collections::{HashMap, HashSet};
 
@@ -42,6 +46,8 @@ struct Info {
     yielded: bool,
     /// Read by an operation that reads each element many times (`dot`, `tri_inv`, a reduction…).
     reread: bool,
+    /// Read by a broadcast that repeats its elements (directly or through reshapes).
+    expanded: bool,
 }
 
 #[derive(Default)]
@@ -68,6 +74,9 @@ impl Walk {
                     if matches!(inst.op, Op::Dot(..) | Op::TriInv(_)) || (matches!(inst.op, Op::Reduce(..)) && to_scalar) {
                         i.reread = true;
                     }
+                    if matches!(inst.op, Op::Broadcast(_)) && inst.results.first().is_some_and(|r| p.ty(*r).numel() > p.ty(*v).numel()) {
+                        i.expanded = true;
+                    }
                 }
             }
             if let Op::For { body, .. } = &inst.op {
@@ -76,7 +85,8 @@ impl Walk {
             }
             if let [r] = inst.results[..] {
                 if !p.ty(r).is_scalar() && candidate(&inst.op) {
-                    self.info.insert(r, Info { op: inst.op.clone(), block: id, reads: Vec::new(), yielded: false, reread: false });
+                    let info = Info { op: inst.op.clone(), block: id, reads: Vec::new(), yielded: false, reread: false, expanded: false };
+                    self.info.insert(r, info);
                 }
             }
         }
@@ -109,8 +119,21 @@ pub(super) fn analyse(p: &Program) -> Fusion {
     // Decide in definition order (operands before users): value numbers grow along the program.
     let mut order: Vec<Value> = w.info.keys().copied().collect();
     order.sort();
+    let no_amplify = std::env::var("HLAC_NVPTX_FUSE").is_ok_and(|v| v == "no-amplify");
+    if no_amplify {
+        // A reshape that is expanded expands its operand too: users before operands.
+        for v in order.iter().rev() {
+            let Some(Info { op: Op::Reshape(src), expanded: true, .. }) = w.info.get(v) else { continue };
+            let src = *src;
+            if let Some(i) = w.info.get_mut(&src) {
+                i.expanded = true;
+            }
+        }
+    }
     let mut fused = HashSet::new();
     let mut index_like = HashSet::new();
+    // Fused values whose computation holds a transcendental function.
+    let mut costly: HashSet<Value> = HashSet::new();
     for v in order {
         let Some(i) = w.info.get(&v) else { continue };
         let mut tiles = Vec::new();
@@ -123,6 +146,10 @@ pub(super) fn analyse(p: &Program) -> Fusion {
         if i.yielded || i.reread {
             continue;
         }
+        let is_costly = !cheap(&i.op) || tiles.iter().any(|o| costly.contains(o));
+        if no_amplify && i.expanded && is_costly {
+            continue;
+        }
         let is_index = cheap(&i.op) && tiles.iter().all(|o| index_like.contains(o));
         let local = i.reads.iter().all(|b| *b == i.block);
         let few = i.reads.len() <= 1 || (cheap(&i.op) && i.reads.len() <= MAX_CHEAP_READS);
@@ -130,6 +157,9 @@ pub(super) fn analyse(p: &Program) -> Fusion {
             fused.insert(v);
             if is_index {
                 index_like.insert(v);
+            }
+            if is_costly {
+                costly.insert(v);
             }
         }
     }
