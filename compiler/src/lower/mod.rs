@@ -220,9 +220,9 @@ pub fn model_kernels(model: &crate::ir::Model) -> Result<Vec<ModelKernel>, Lower
         let block_v = if model.target.device == crate::ir::Device::Cpu { r.v() } else { block_of(r.v(), gpu_cap) };
         let tiling = Tiling { chunk: model.target.chunk_size as u32, block_v };
         if class.family == crate::classify::Family::Scan {
-            // The scan walks the tokens in order, so its parallelism is the channels: on a GPU,
-            // blocks of 32 channels run as one warp each (`nvptx::threads_for`) and twice as many
-            // blocks share the SMs as with 64.
+            // The tokens of a sequence are one chain, so the scan's parallelism is the channels: on
+            // a GPU, blocks of 32 channels, whose [rows, 32] tiles (rows = 64) fill a 256-thread
+            // block, and twice as many blocks share the SMs as with 64 (256 at B = 4, d = 2048).
             let scan_block = if model.target.device == crate::ir::Device::Cpu { 64 } else { 32 };
             // Tokens per block of the scan: the chunk size (HLAC_SCAN_ROWS=n overrides it, for
             // A/B measurements).

@@ -1393,7 +1393,8 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                         let cur = g.b.build_load(t, acc, "").map_err(|x| g.llvm(x))?.into_float_value();
                         let nv = match decay {
                             // As on the CPU: d at k (forward) or k + 1 (reverse, clamped on the
-                            // first step, whose product is discarded); product rounded, then added.
+                            // first step, whose product is discarded); LLVM may contract the
+                            // multiply and add into one FMA (within the f32 tolerance).
                             Some(d) => {
                                 let km = if reverse {
                                     let next = g.b.build_int_add(k, g.i64c(1), "").map_err(|x| g.llvm(x))?;
