@@ -75,10 +75,17 @@ fn check_gla(lengths: &[usize], chunk: u32, with_h0: bool, gate_scale: f64, seed
     let (want_o, want_s) = forward(&mixers::gla(&q, &kk, &vv, &gk), h0.as_deref(), &cu);
     let h0_flat = h0.as_ref().map(|s| f32s(&states_flat(s)));
     let inputs = [("q", f32s(&q.data)), ("k", f32s(&kk.data)), ("v", f32s(&vv.data)), ("gk", f32s(&gk.data))];
-    let (o, ht) = run_forward(&m, Tiling { chunk, block_v: 16 }, &inputs, &cu64, h0_flat.as_deref());
-    let (eo, es) = (rel_l2(&o, &want_o.data), rel_l2(&ht, &states_flat(&want_s)));
-    assert!(o.iter().chain(&ht).all(|x| x.is_finite()), "non-finite output");
-    assert!(eo <= 1e-5 && es <= 1e-5, "GLA lengths {lengths:?} chunk {chunk} h0 {with_h0}: output error {eo:.2e}, state error {es:.2e}");
+    // The whole chunk pairwise, and sub-blocks of 16 and 8 rows (algorithms.md §1.2; the
+    // lowering falls back to pairwise where a width does not divide the chunk).
+    for sub_block in [0, 16, 8] {
+        let (o, ht) = run_forward(&m, Tiling { chunk, block_v: 16, sub_block }, &inputs, &cu64, h0_flat.as_deref());
+        let (eo, es) = (rel_l2(&o, &want_o.data), rel_l2(&ht, &states_flat(&want_s)));
+        assert!(o.iter().chain(&ht).all(|x| x.is_finite()), "non-finite output (sub-blocks of {sub_block})");
+        assert!(
+            eo <= 1e-5 && es <= 1e-5,
+            "GLA lengths {lengths:?} chunk {chunk} h0 {with_h0} sub-blocks {sub_block}: output error {eo:.2e}, state error {es:.2e}"
+        );
+    }
 }
 
 #[test]
@@ -123,7 +130,7 @@ fn hgrn2_forward_with_lower_bound_matches_reference() {
         let h0: Vec<Vec<f64>> = (0..lengths.len() * h).map(|_| rng.normals(k * v)).collect();
         let (want_o, want_s) = forward(&mixers::hgrn2(&q, &f, &i, Some(&lb)), Some(&h0), &cu);
         let inputs = [("q", f32s(&q.data)), ("f", f32s(&f.data)), ("i", f32s(&i.data)), ("lower_bound", f32s(&lb))];
-        let (o, ht) = run_forward(&m, Tiling { chunk: 64, block_v: 16 }, &inputs, &cu64, Some(&f32s(&states_flat(&h0))));
+        let (o, ht) = run_forward(&m, Tiling { chunk: 64, block_v: 16, sub_block: 0 }, &inputs, &cu64, Some(&f32s(&states_flat(&h0))));
         let (eo, es) = (rel_l2(&o, &want_o.data), rel_l2(&ht, &states_flat(&want_s)));
         assert!(eo <= 1e-5 && es <= 1e-5, "HGRN2 {lengths:?}: output error {eo:.2e}, state error {es:.2e}");
     }
@@ -139,7 +146,7 @@ fn decay_forward_kernel_ir_is_pinned() {
         heads: m.instance.heads,
         storage: DType::F32,
     };
-    let kernel = decay::forward(&r, Tiling { chunk: 64, block_v: 16 }, false).expect("lowers");
+    let kernel = decay::forward(&r, Tiling { chunk: 64, block_v: 16, sub_block: 0 }, false).expect("lowers");
     hlac_runtime::kir::verify(&kernel.program).expect("verifies");
     insta::assert_snapshot!("gla_chunk_fwd", kernel.program.to_string());
     let _ = T3::zeros(1, 1, 1);
@@ -171,7 +178,7 @@ fn check_delta(gated: bool, lengths: &[usize], chunk: u32, with_h0: bool, gate_s
         inputs.extend([("a", f32s(&a.data)), ("A_log", f32s(&a_log)), ("dt_bias", f32s(&dt_bias))]);
     }
     let h0_flat = h0.as_ref().map(|s| f32s(&states_flat(s)));
-    let (o, ht) = run_forward(&m, Tiling { chunk, block_v: 16 }, &inputs, &cu64, h0_flat.as_deref());
+    let (o, ht) = run_forward(&m, Tiling { chunk, block_v: 16, sub_block: 0 }, &inputs, &cu64, h0_flat.as_deref());
     assert!(o.iter().chain(&ht).all(|x| x.is_finite()), "non-finite output");
     let (eo, es) = (rel_l2(&o, &want_o.data), rel_l2(&ht, &states_flat(&want_s)));
     let what = if gated { "GDN" } else { "DeltaNet" };
@@ -250,7 +257,7 @@ fn a_user_declared_recurrence_gets_kernels_that_match_the_reference() {
         };
         let (want_o, want_s) = forward(&prepared, Some(&h0), &cu);
         let inputs = [("q", f32s(&q.data)), ("k", f32s(&kk.data)), ("v", f32s(&vv.data)), ("b", f32s(&bb.data))];
-        let (o, ht) = run_forward(&m, Tiling { chunk: 64, block_v: 16 }, &inputs, &cu64, Some(&f32s(&states_flat(&h0))));
+        let (o, ht) = run_forward(&m, Tiling { chunk: 64, block_v: 16, sub_block: 0 }, &inputs, &cu64, Some(&f32s(&states_flat(&h0))));
         let (eo, es) = (rel_l2(&o, &want_o.data), rel_l2(&ht, &states_flat(&want_s)));
         assert!(eo <= 1e-5 && es <= 1e-5, "DecayedDelta {lengths:?}: output error {eo:.2e}, state error {es:.2e}");
     }
@@ -268,7 +275,7 @@ fn hgrn_scan_matches_reference() {
     for (seed, lengths, block, chunk) in
         [(91u64, vec![1usize, 3, 50], 16u32, 64u32), (92, vec![783, 64], 32, 64), (93, vec![5, 130, 1, 14], 16, 7)]
     {
-        let kernel = chunk_forward(&r, Tiling { chunk, block_v: block }).expect("lowers");
+        let kernel = chunk_forward(&r, Tiling { chunk, block_v: block, sub_block: 0 }).expect("lowers");
         let (cu, cu64) = packing(&lengths);
         let total = *cu.last().unwrap_or(&0);
         let mut rng = Rng::new(seed);
@@ -400,7 +407,7 @@ fn decode_step_by_step_equals_the_reference_and_the_chunked_forward() {
                 Input::Head(p) => (*n, f32s(p)),
             })
             .collect();
-        let (fo, fs) = run_forward(&m, Tiling { chunk: 16, block_v: 16 }, &flat, &cu64, Some(&f32s(&h0)));
+        let (fo, fs) = run_forward(&m, Tiling { chunk: 16, block_v: 16, sub_block: 0 }, &flat, &cu64, Some(&f32s(&h0)));
         let as_f64 = |x: &[f32]| x.iter().map(|v| f64::from(*v)).collect::<Vec<f64>>();
         let (eo, es) = (rel_l2(&o, &as_f64(&fo)), rel_l2(&s, &as_f64(&fs)));
         assert!(eo <= 1e-5 && es <= 1e-5, "{what}: decode vs forward: output error {eo:.2e}, state error {es:.2e}");
@@ -444,7 +451,7 @@ fn retnet_forward_with_rotary_embeddings_matches_reference() {
         let h0: Vec<Vec<f64>> = (0..lengths.len() * h).map(|_| rng.normals(k * v)).collect();
         let (want_o, want_s) = forward(&mixers::retnet(&q, &kk, &vv, &hlac_tests::reference::positions(&cu)), Some(&h0), &cu);
         let inputs = [("q", f32s(&q.data)), ("k", f32s(&kk.data)), ("v", f32s(&vv.data))];
-        let (o, ht) = run_forward(&m, Tiling { chunk: 64, block_v: 16 }, &inputs, &cu64, Some(&f32s(&states_flat(&h0))));
+        let (o, ht) = run_forward(&m, Tiling { chunk: 64, block_v: 16, sub_block: 0 }, &inputs, &cu64, Some(&f32s(&states_flat(&h0))));
         let (eo, es) = (rel_l2(&o, &want_o.data), rel_l2(&ht, &states_flat(&want_s)));
         assert!(eo <= 1e-5 && es <= 1e-5, "RetNet {lengths:?}: output error {eo:.2e}, state error {es:.2e}");
     }
@@ -551,9 +558,17 @@ fn every_chunked_mixer_matches_the_reference_at_every_awkward_length() {
             let h0: Option<Vec<Vec<f64>>> = with_h0.then(|| (0..lengths.len() * h).map(|_| rng.normals(k * v)).collect());
             let (want_o, want_s) = forward(&reference_for(what, &tensors, &cu), h0.as_deref(), &cu);
             let h0_flat = h0.as_ref().map(|s| f32s(&states_flat(s)));
-            let (o, ht) = run_forward(&m, Tiling { chunk: 64, block_v: 16 }, &flat_inputs(&tensors), &cu64, h0_flat.as_deref());
-            let (eo, es) = (rel_l2(&o, &want_o.data), rel_l2(&ht, &states_flat(&want_s)));
-            assert!(eo <= 1e-5 && es <= 1e-5, "{what} T={t} h0={with_h0}: output error {eo:.2e}, state error {es:.2e}");
+            // Vector gates also in sub-blocks of 16 rows (the others ignore the setting).
+            let subs: &[u32] = if matches!(what, "GLA" | "HGRN2") { &[0, 16] } else { &[0] };
+            for &sub_block in subs {
+                let (o, ht) =
+                    run_forward(&m, Tiling { chunk: 64, block_v: 16, sub_block }, &flat_inputs(&tensors), &cu64, h0_flat.as_deref());
+                let (eo, es) = (rel_l2(&o, &want_o.data), rel_l2(&ht, &states_flat(&want_s)));
+                assert!(
+                    eo <= 1e-5 && es <= 1e-5,
+                    "{what} T={t} h0={with_h0} sub-blocks {sub_block}: output error {eo:.2e}, state error {es:.2e}"
+                );
+            }
         }
     }
 }
@@ -572,11 +587,18 @@ fn extreme_gates_give_finite_outputs() {
         let mut rng = Rng::new(77);
         let tensors = random_inputs(&m, total, &mut rng, 1000.0);
         let h0: Vec<Vec<f64>> = (0..lengths.len() * h).map(|_| rng.normals(k * v)).collect();
-        let (o, ht) = run_forward(&m, Tiling { chunk: 64, block_v: 16 }, &flat_inputs(&tensors), &cu64, Some(&f32s(&states_flat(&h0))));
-        assert!(o.iter().chain(&ht).all(|x| x.is_finite()), "{what}: non-finite output with extreme gates");
         let (want_o, want_s) = forward(&reference_for(what, &tensors, &cu), Some(&h0), &cu);
-        let (eo, es) = (rel_l2(&o, &want_o.data), rel_l2(&ht, &states_flat(&want_s)));
-        assert!(eo <= 1e-4 && es <= 1e-4, "{what} with extreme gates: output error {eo:.2e}, state error {es:.2e}");
+        // Sub-blocks matter most here: their anchored factors must not overflow (algorithms.md §1.2).
+        for sub_block in [0, 16] {
+            let tiling = Tiling { chunk: 64, block_v: 16, sub_block };
+            let (o, ht) = run_forward(&m, tiling, &flat_inputs(&tensors), &cu64, Some(&f32s(&states_flat(&h0))));
+            assert!(o.iter().chain(&ht).all(|x| x.is_finite()), "{what}: non-finite output with extreme gates (sub-blocks {sub_block})");
+            let (eo, es) = (rel_l2(&o, &want_o.data), rel_l2(&ht, &states_flat(&want_s)));
+            assert!(
+                eo <= 1e-4 && es <= 1e-4,
+                "{what} with extreme gates, sub-blocks {sub_block}: output error {eo:.2e}, state error {es:.2e}"
+            );
+        }
     }
 }
 
@@ -587,7 +609,7 @@ fn hgrn_decode_is_the_scan_on_one_token_sequences() {
     let class = m.class.as_ref().expect("class");
     let r = Recurrence { name: &m.name, class, math, heads: m.instance.heads, storage: DType::F32 };
     let (d, batch, len) = (32usize, 3usize, 7usize);
-    let kernel = chunk_forward(&r, Tiling { chunk: 64, block_v: 16 }).expect("lowers");
+    let kernel = chunk_forward(&r, Tiling { chunk: 64, block_v: 16, sub_block: 0 }).expect("lowers");
     let mut module = CpuModule::new().expect("jit");
     let id = module.add(kernel.program.clone()).expect("compiles");
     let mut rng = Rng::new(5);
@@ -666,7 +688,14 @@ fn check_forward_storage(storage: DType, seed: u64) -> Vec<String> {
             let h0: Option<Vec<Vec<f64>>> = with_h0.then(|| (0..lengths.len() * h).map(|_| rng.normals(k * v)).collect());
             let (want_o, want_s) = forward(&reference_for(what, &tensors, &cu), h0.as_deref(), &cu);
             let h0_flat = h0.as_ref().map(|s| f32s(&states_flat(s)));
-            let (o, ht) = run_forward_as(&m, Tiling { chunk: 64, block_v: 16 }, storage, &flat_inputs(&tensors), &cu64, h0_flat.as_deref());
+            let (o, ht) = run_forward_as(
+                &m,
+                Tiling { chunk: 64, block_v: 16, sub_block: 0 },
+                storage,
+                &flat_inputs(&tensors),
+                &cu64,
+                h0_flat.as_deref(),
+            );
             let label = format!("{what} {} {lengths:?}", storage.name());
             worst = worst.max(check_stored(&format!("o of {label}"), storage, &o, &want_o.data, 1e-5));
             let es = rel_l2(&ht, &states_flat(&want_s));
@@ -698,7 +727,7 @@ fn hgrn_scan_with_bf16_storage_matches_reference() {
     let d = 48usize;
     let mut worst = 0.0f64;
     for (seed, lengths, block) in [(2201u64, vec![65usize], 16u32), (2202, vec![1, 65, 3, 130], 32)] {
-        let kernel = chunk_forward(&r, Tiling { chunk: 64, block_v: block }).expect("lowers");
+        let kernel = chunk_forward(&r, Tiling { chunk: 64, block_v: block, sub_block: 0 }).expect("lowers");
         let (cu, cu64) = packing(&lengths);
         let total = *cu.last().unwrap_or(&0);
         let mut rng = Rng::new(seed);

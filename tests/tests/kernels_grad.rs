@@ -53,7 +53,7 @@ fn check_backward_as(
     let class = m.class.as_ref().expect("class");
     let r = Recurrence { name: &m.name, class, math, heads: m.instance.heads, storage };
     let (k, v, h) = (math.key_axis.1 as usize, math.value_axis.1 as usize, m.instance.heads as usize);
-    let tiling = Tiling { chunk, block_v: v as u32 };
+    let tiling = Tiling { chunk, block_v: v as u32, sub_block: 0 };
     let mut cu = vec![0usize];
     for l in lengths {
         cu.push(cu.last().copied().unwrap_or(0) + l);

@@ -9,9 +9,11 @@
 //! S ← e^Λ ⊙ S + (K ⊙ e^{Λ − λ})ᵀ V, Λ = λ at the chunk's last row
 //! ```
 //!
-//! The intra-chunk A is computed pairwise over channels, so every exponent is ≤ 0 and no anchoring
-//! is needed (a C×C×K tile; the GPU back end will block it). Scalar and fixed gates use one C×C
-//! decay matrix, and no decay skips the exponentials. The gate activation, key, value, query and
+//! For vector gates the intra-chunk A is computed pairwise over channels, so every exponent is
+//! ≤ 0 and no anchoring is needed (a C×C×K tile), or — with [`Tiling::sub_block`] — in sub-blocks
+//! (§1.2, `intra_blocked`): pairwise only inside the diagonal blocks, anchored matrix products
+//! between them. Scalar and fixed gates use one C×C decay matrix, and no decay skips the
+//! exponentials. The gate activation, key, value, query and
 //! scale are the declaration's own expressions, compiled in by [`super::expr`].
 
 use hlac_runtime::kir::{Builder, CmpOp, Value};
@@ -69,7 +71,10 @@ fn step(r: &Recurrence<'_>, sc: &Scaffold, b: &mut Builder, chunk: &Chunk, s: Va
     let e_lam = b.exp(lam);
     let qg = b.mul(q, e_lam);
     let o_inter = b.dot(qg, s);
-    let a = if vector {
+    let sub = sc.tiling.sub_block;
+    let a = if vector && sub > 0 && sub < c && c.is_multiple_of(sub) {
+        intra_blocked(b, q, k, lam, c, kd, sub)
+    } else if vector {
         // A_ij = Σ_d q_id k_jd e^{λ_id − λ_jd}, exponents masked to j ≤ i before exponentiating.
         let li = b.reshape(lam, &[c, 1, kd]);
         let lj = b.reshape(lam, &[1, c, kd]);
@@ -100,6 +105,68 @@ fn step(r: &Recurrence<'_>, sc: &Scaffold, b: &mut Builder, chunk: &Chunk, s: Va
     let kt = b.transpose(k_state);
     let upd = b.dot(kt, v);
     Ok(b.add(s, upd))
+}
+
+/// The intra-chunk A_ij = Σ_d q_id k_jd e^{λ_id − λ_jd} (j ≤ i) for vector gates, in sub-blocks
+/// of `w` rows (algorithms.md §1.2). Inside a diagonal block the exponentials are pairwise, as in
+/// the unblocked form but over w instead of C columns (a `[C/w, w, w, K]` tile). Between row block
+/// I and the blocks before it, with the anchor r = λ at I's first row, A = (Q ⊙ e^{λ − r})
+/// (K ⊙ e^{r − λ})ᵀ: rows of I lie at or after the anchor and columns before it, so both factors
+/// are at most 1 and the product is one matrix product per row block. Rows and columns outside a
+/// factor's range are selected away before exponentiating (never multiplied by a mask).
+fn intra_blocked(b: &mut Builder, q: Value, k: Value, lam: Value, c: u32, kd: u32, w: u32) -> Value {
+    let nb = c / w;
+    let zero = b.f32(0.0);
+    let never = b.f32(-1e30);
+    // Diagonal blocks: [nb, w, w, K] pairwise, masked to j ≤ i within the block.
+    let li = b.reshape(lam, &[nb, w, 1, kd]);
+    let lj = b.reshape(lam, &[nb, 1, w, kd]);
+    let diff = b.sub(li, lj);
+    let inner = causal_mask(b, w);
+    let inner = b.reshape(inner, &[1, w, w, 1]);
+    let diff = b.select(inner, diff, never);
+    let decay = b.exp(diff);
+    let qi = b.reshape(q, &[nb, w, 1, kd]);
+    let kj = b.reshape(k, &[nb, 1, w, kd]);
+    let qk = b.mul(qi, kj);
+    let prod = b.mul(qk, decay);
+    let diag = b.sum(prod, 3);
+    // Placed on the diagonal of the [C, C] matrix: element (I, i, J, j) is block I's (i, j).
+    let diag = b.reshape(diag, &[nb, w, 1, w]);
+    let diag = b.broadcast(diag, &[nb, w, nb, w]);
+    let diag = b.reshape(diag, &[c, c]);
+    let rows = b.iota(c);
+    let width = b.i64(i64::from(w));
+    let block_of = b.div(rows, width);
+    let bi = b.col(block_of);
+    let bj = b.row(block_of);
+    let same = b.cmp(CmpOp::Eq, bi, bj);
+    let mut a = b.select(same, diag, zero);
+    let rows = b.col(rows);
+    for blk in 1..nb {
+        let first = b.i64(i64::from(blk * w));
+        let end = b.i64(i64::from((blk + 1) * w));
+        let is_first = b.cmp(CmpOp::Eq, rows, first);
+        let anchor = b.select(is_first, lam, zero);
+        let anchor = b.sum(anchor, 0);
+        let anchor = b.row(anchor);
+        let from = b.cmp(CmpOp::Ge, rows, first);
+        let upto = b.cmp(CmpOp::Lt, rows, end);
+        let in_block = b.binary(hlac_runtime::kir::BinOp::And, from, upto);
+        let before = b.cmp(CmpOp::Lt, rows, first);
+        let ex = b.sub(lam, anchor);
+        let ex = b.select(in_block, ex, never);
+        let ex = b.exp(ex);
+        let qa = b.mul(q, ex);
+        let ek = b.sub(anchor, lam);
+        let ek = b.select(before, ek, never);
+        let ek = b.exp(ek);
+        let ka = b.mul(k, ek);
+        let kt = b.transpose(ka);
+        let part = b.dot(qa, kt);
+        a = b.add(a, part);
+    }
+    a
 }
 
 /// [C, C] bool: j ≤ i.

@@ -8,7 +8,7 @@
 //! - a `conv` weight `[C, 1, W]` is a `ShortConvolution` of C channels and kernel size W (the
 //!   mixer's `conv_size`), without bias; SiLU follows it in fla's GLA, DeltaNet and Gated DeltaNet
 //!   (and in a user's recurrence, as the prelude's header states), but not in HGRN and HGRN-2,
-//!   whose layers convolve with `activation=None` ([`conv_activation`]);
+//!   whose layers convolve with `activation=None` (`conv_activation`);
 //! - a recurrence's `norm` weight is its output norm over D-wide rows of its output (per head, or
 //!   HGRN-2's whole width); it is gated by silu of the output-gate projection (`FusedRMSNormGated`,
 //!   fla's swish) when the mixer declares one (`g_proj`: GLA's and RetNet's `g_norm_swish_gate`,
@@ -29,8 +29,8 @@
 //!
 //! Block sizes: a conv program walks its sequence in steps of 64 tokens × 16 channels on the CPU
 //! (fla's setting) and of 32 tokens on a GPU (see [`kernels`]); a norm program takes rows
-//! spanning about [`NORM_TILE`] elements. On a GPU target each is shrunk (to 16 tokens, to fewer
-//! rows) until its workspace fits the block's shared memory, where [`ModelKernel::workspace`]
+//! spanning about `NORM_TILE` elements. On a GPU target each is shrunk (to 16 tokens, to fewer
+//! rows) until its workspace fits the block's shared memory, where [`ModelKernel::gpu_options`](super::ModelKernel::gpu_options)
 //! lets the back end put it.
 
 use hlac_runtime::{PieceInfo, PieceUse};

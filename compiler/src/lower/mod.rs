@@ -79,6 +79,11 @@ pub struct Tiling {
     pub chunk: u32,
     /// Value columns per program instance (must divide V).
     pub block_v: u32,
+    /// For vector gates: rows per sub-block of the intra-chunk product (algorithms.md §1.2:
+    /// anchored matrix products between sub-blocks, pairwise exponentials only inside the
+    /// diagonal ones); 0 computes the whole chunk pairwise. Used when it divides the chunk and is
+    /// smaller than it.
+    pub sub_block: u32,
 }
 
 impl Recurrence<'_> {
@@ -139,7 +144,7 @@ pub struct ModelKernel {
 }
 
 /// Whether a kernel's whole workspace fits in one block's shared memory on a GPU `device` (where
-/// the NVPTX back end then places it, for kernels that ask: [`ModelKernel::workspace`]). On the CPU
+/// the NVPTX back end then places it, for kernels that ask: [`ModelKernel::gpu_options`]). On the CPU
 /// any size fits.
 fn fits_shared(device: crate::ir::Device, k: &Kernel) -> bool {
     device == crate::ir::Device::Cpu || crate::nvptx::workspace_fits_shared(&k.program, device.name())
@@ -218,7 +223,14 @@ pub fn model_kernels(model: &crate::ir::Model) -> Result<Vec<ModelKernel>, Lower
         // HLAC_GPU_BLOCK_V=n caps the GPU's value block at n instead (for A/B measurements).
         let gpu_cap = std::env::var("HLAC_GPU_BLOCK_V").ok().and_then(|v| v.parse::<u32>().ok()).filter(|v| *v > 0).unwrap_or(64);
         let block_v = if model.target.device == crate::ir::Device::Cpu { r.v() } else { block_of(r.v(), gpu_cap) };
-        let tiling = Tiling { chunk: model.target.chunk_size as u32, block_v };
+        // Vector gates' sub-blocks: 16 rows on the CPU (measured faster: BENCHMARKS.md); on GPUs
+        // the pairwise form until the blocked one is measured there (HLAC_SUB_BLOCK=n selects it).
+        let sub_block = match std::env::var("HLAC_SUB_BLOCK").ok().and_then(|v| v.parse::<u32>().ok()) {
+            Some(n) => n,
+            None if model.target.device == crate::ir::Device::Cpu => 16,
+            None => 0,
+        };
+        let tiling = Tiling { chunk: model.target.chunk_size as u32, block_v, sub_block };
         if class.family == crate::classify::Family::Scan {
             // The tokens of a sequence are one chain, so the scan's parallelism is the channels: on
             // a GPU, blocks of 32 channels, whose [rows, 32] tiles (rows = 64) fill a 256-thread
