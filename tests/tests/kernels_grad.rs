@@ -28,7 +28,7 @@ struct Input {
 /// Checks the backward kernel of a decay-class mixer against central differences of `reference`,
 /// which maps (inputs by name, h0) to (o, S_T).
 fn check_backward(spec: &str, inputs: Vec<Input>, lengths: &[usize], chunk: u32, seed: u64, reference: &Reference) {
-    check_backward_as(DType::F32, spec, inputs, lengths, chunk, seed, reference);
+    check_backward_as(DType::F32, spec, inputs, lengths, (chunk, 0), seed, reference);
 }
 
 /// [`check_backward`] with the token tensors (inputs, `do` and the token gradients) stored as
@@ -41,7 +41,7 @@ fn check_backward_as(
     spec: &str,
     mut inputs: Vec<Input>,
     lengths: &[usize],
-    chunk: u32,
+    (chunk, sub_block): (u32, u32),
     seed: u64,
     reference: &Reference,
 ) -> f64 {
@@ -53,7 +53,7 @@ fn check_backward_as(
     let class = m.class.as_ref().expect("class");
     let r = Recurrence { name: &m.name, class, math, heads: m.instance.heads, storage };
     let (k, v, h) = (math.key_axis.1 as usize, math.value_axis.1 as usize, m.instance.heads as usize);
-    let tiling = Tiling { chunk, block_v: v as u32, sub_block: 0 };
+    let tiling = Tiling { chunk, block_v: v as u32, sub_block };
     let mut cu = vec![0usize];
     for l in lengths {
         cu.push(cu.last().copied().unwrap_or(0) + l);
@@ -158,7 +158,18 @@ fn t3(vals: &HashMap<&str, Vec<f64>>, name: &str, total: usize, h: usize, d: usi
 fn gla_backward_matches_central_differences() {
     let spec = "model m {\n  hidden_size = 16\n  pattern = GLA\n  mixer GLA {\n    num_heads = 2\n  }\n}\n";
     let (k, v, h) = (4usize, 8usize, 2usize);
-    for (seed, lengths, chunk) in [(1u64, vec![5usize], 4u32), (2, vec![3, 9, 1], 4), (3, vec![17], 8)] {
+    // The whole chunk pairwise, and in sub-blocks (algorithms.md §1.2) of 2 rows, and of 4 for
+    // the chunk of 8.
+    let cases = [
+        (1u64, vec![5usize], 4u32, 0u32),
+        (2, vec![3, 9, 1], 4, 0),
+        (3, vec![17], 8, 0),
+        (1, vec![5], 4, 2),
+        (2, vec![3, 9, 1], 4, 2),
+        (3, vec![17], 8, 2),
+        (3, vec![17], 8, 4),
+    ];
+    for (seed, lengths, chunk, sub_block) in cases {
         let total: usize = lengths.iter().sum();
         let mut rng = Rng::new(seed);
         let inputs = vec![
@@ -167,7 +178,7 @@ fn gla_backward_matches_central_differences() {
             Input { name: "v", values: rng.normals(total * h * v), token_dim: Some(v) },
             Input { name: "gk", values: rng.normals(total * h * k).iter().map(|x| x * 4.0).collect(), token_dim: Some(k) },
         ];
-        check_backward(spec, inputs, &lengths, chunk, seed, &|vals, h0, cu| {
+        check_backward_as(DType::F32, spec, inputs, &lengths, (chunk, sub_block), seed, &|vals, h0, cu| {
             let total = *cu.last().unwrap_or(&0);
             let p = mixers::gla(
                 &t3(vals, "q", total, h, k),
@@ -184,7 +195,7 @@ fn gla_backward_matches_central_differences() {
 fn hgrn2_backward_with_lower_bound_matches_central_differences() {
     let spec = "model m {\n  hidden_size = 16\n  pattern = HGRN2\n  mixer HGRN2 {\n    expand_ratio = 4\n  }\n}\n";
     let (k, v, h) = (4usize, 4usize, 4usize);
-    {
+    for sub_block in [0u32, 2] {
         let (seed, lengths) = (11u64, vec![6usize, 11]);
         let total: usize = lengths.iter().sum();
         let mut rng = Rng::new(seed);
@@ -194,7 +205,7 @@ fn hgrn2_backward_with_lower_bound_matches_central_differences() {
             Input { name: "i", values: rng.normals(total * h * v), token_dim: Some(v) },
             Input { name: "lower_bound", values: rng.vec(h * k, 0.05, 0.8), token_dim: None },
         ];
-        check_backward(spec, inputs, &lengths, 4, seed, &|vals, h0, cu| {
+        check_backward_as(DType::F32, spec, inputs, &lengths, (4, sub_block), seed, &|vals, h0, cu| {
             let total = *cu.last().unwrap_or(&0);
             let p = mixers::hgrn2(
                 &t3(vals, "q", total, h, k),
@@ -406,7 +417,7 @@ fn backward_with_bf16_storage_matches_central_differences() {
             Input { name: "v", values: rng.normals(total * h * v), token_dim: Some(v) },
             Input { name: "gk", values: rng.normals(total * h * k).iter().map(|x| x * 4.0).collect(), token_dim: Some(k) },
         ];
-        let err = check_backward_as(DType::Bf16, spec, inputs, &lengths, 16, seed, &|vals, h0, cu| {
+        let err = check_backward_as(DType::Bf16, spec, inputs, &lengths, (16, 0), seed, &|vals, h0, cu| {
             let total = *cu.last().unwrap_or(&0);
             let p = mixers::gla(
                 &t3(vals, "q", total, h, k),
@@ -433,7 +444,7 @@ fn backward_with_bf16_storage_matches_central_differences() {
             Input { name: "A_log", values: rng.vec(h, -1.0, 0.5), token_dim: None },
             Input { name: "dt_bias", values: rng.vec(h, -1.0, 1.0), token_dim: None },
         ];
-        let err = check_backward_as(DType::Bf16, spec, inputs, &lengths, 16, seed, &|vals, h0, cu| {
+        let err = check_backward_as(DType::Bf16, spec, inputs, &lengths, (16, 0), seed, &|vals, h0, cu| {
             let total = *cu.last().unwrap_or(&0);
             let p = mixers::gated_deltanet(
                 &t3(vals, "q", total, h, k),

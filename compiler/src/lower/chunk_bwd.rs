@@ -198,7 +198,7 @@ pub fn backward(r: &Recurrence<'_>, tiling: Tiling) -> Result<Kernel, LowerError
                 }
                 None => None,
             };
-            let core = Core { q, k, v, beta, lam, s, ds_next, d_o, valid, c, kd, vd, gw };
+            let core = Core { q, k, v, beta, lam, s, ds_next, d_o, valid, c, kd, vd, gw, sub_block: tiling.sub_block };
             let grads_core = if delta { delta_core(b, &core) } else { decay_core(b, &core, vector) };
             let mut grads = Grads::new();
             if let (Some(ge), Some(dg)) = (&g_expr, grads_core.dg) {
@@ -323,6 +323,8 @@ pub struct Core {
     pub vd: u32,
     /// Gate width: K for a vector gate, else 1.
     pub gw: u32,
+    /// Vector gates' sub-block rows ([`Tiling::sub_block`]; 0: the whole chunk pairwise).
+    pub sub_block: u32,
 }
 
 /// The core gradients of a chunk.
@@ -376,7 +378,10 @@ fn decay_core(b: &mut Builder, core: &Core, vector: bool) -> CoreGrads {
     let vt = b.transpose(v);
     let dov = b.dot(d_o, vt);
     let d_a = b.select(causal, dov, zero);
-    let (a, dq_intra, dk_intra) = if vector {
+    let sub = core.sub_block;
+    let (a, dq_intra, dk_intra) = if vector && sub > 0 && sub < c && c.is_multiple_of(sub) {
+        super::decay::intra_blocked_grads(b, q, k, lam, d_a, c, kd, sub)
+    } else if vector {
         let never = b.f32(-1e30);
         let li = b.reshape(lam, &[c, 1, kd]);
         let lj = b.reshape(lam, &[1, c, kd]);

@@ -115,35 +115,128 @@ fn step(r: &Recurrence<'_>, sc: &Scaffold, b: &mut Builder, chunk: &Chunk, s: Va
 /// are at most 1 and the product is one matrix product per row block. Rows and columns outside a
 /// factor's range are selected away before exponentiating (never multiplied by a mask).
 fn intra_blocked(b: &mut Builder, q: Value, k: Value, lam: Value, c: u32, kd: u32, w: u32) -> Value {
+    let d = Diagonal::new(b, q, k, lam, c, kd, w);
+    let mut a = d.a;
+    for blk in 1..c / w {
+        let f = Anchored::new(b, lam, c, w, blk);
+        let qa = b.mul(q, f.ex);
+        let ka = b.mul(k, f.ek);
+        let kt = b.transpose(ka);
+        let part = b.dot(qa, kt);
+        a = b.add(a, part);
+    }
+    a
+}
+
+/// The backward's intra-chunk terms for vector gates in sub-blocks of `w` rows, from
+/// dA = causal(dO Vᵀ): A as [`intra_blocked`] computes it, dQ_i = Σ_j dA_ij e^{λ_i − λ_j} k_j and
+/// dK_j = Σ_i dA_ij e^{λ_i − λ_j} q_i — pairwise inside the diagonal blocks, and between a row
+/// block and the ones before it e^{λ − r} ⊙ (dA (K ⊙ e^{r − λ})) and e^{r − λ} ⊙ (dAᵀ (Q ⊙ e^{λ − r})).
+pub(super) fn intra_blocked_grads(
+    b: &mut Builder,
+    q: Value,
+    k: Value,
+    lam: Value,
+    d_a: Value,
+    c: u32,
+    kd: u32,
+    w: u32,
+) -> (Value, Value, Value) {
     let nb = c / w;
     let zero = b.f32(0.0);
-    let never = b.f32(-1e30);
-    // Diagonal blocks: [nb, w, w, K] pairwise, masked to j ≤ i within the block.
-    let li = b.reshape(lam, &[nb, w, 1, kd]);
-    let lj = b.reshape(lam, &[nb, 1, w, kd]);
-    let diff = b.sub(li, lj);
-    let inner = causal_mask(b, w);
-    let inner = b.reshape(inner, &[1, w, w, 1]);
-    let diff = b.select(inner, diff, never);
-    let decay = b.exp(diff);
-    let qi = b.reshape(q, &[nb, w, 1, kd]);
-    let kj = b.reshape(k, &[nb, 1, w, kd]);
-    let qk = b.mul(qi, kj);
-    let prod = b.mul(qk, decay);
-    let diag = b.sum(prod, 3);
-    // Placed on the diagonal of the [C, C] matrix: element (I, i, J, j) is block I's (i, j).
-    let diag = b.reshape(diag, &[nb, w, 1, w]);
-    let diag = b.broadcast(diag, &[nb, w, nb, w]);
-    let diag = b.reshape(diag, &[c, c]);
-    let rows = b.iota(c);
-    let width = b.i64(i64::from(w));
-    let block_of = b.div(rows, width);
-    let bi = b.col(block_of);
-    let bj = b.row(block_of);
+    let d = Diagonal::new(b, q, k, lam, c, kd, w);
+    // dA's diagonal blocks as [nb, w, w, 1]: element (I, i, I, j) of its [nb, w, nb, w] view.
+    let da4 = b.reshape(d_a, &[nb, w, nb, w]);
+    let blocks = b.iota(nb);
+    let bi = b.reshape(blocks, &[nb, 1, 1, 1]);
+    let bj = b.reshape(blocks, &[1, 1, nb, 1]);
     let same = b.cmp(CmpOp::Eq, bi, bj);
-    let mut a = b.select(same, diag, zero);
-    let rows = b.col(rows);
+    let da4 = b.select(same, da4, zero);
+    let da_diag = b.sum(da4, 2);
+    let da_diag = b.reshape(da_diag, &[nb, w, w, 1]);
+    let dae = b.mul(da_diag, d.decay);
+    let t = b.mul(dae, d.kj);
+    let dq = b.sum(t, 2);
+    let mut dq = b.reshape(dq, &[c, kd]);
+    let t = b.mul(dae, d.qi);
+    let dk = b.sum(t, 1);
+    let mut dk = b.reshape(dk, &[c, kd]);
+    let mut a = d.a;
+    let d_at = b.transpose(d_a);
     for blk in 1..nb {
+        let f = Anchored::new(b, lam, c, w, blk);
+        let qa = b.mul(q, f.ex);
+        let ka = b.mul(k, f.ek);
+        let kt = b.transpose(ka);
+        let part = b.dot(qa, kt);
+        a = b.add(a, part);
+        let dqa = b.dot(d_a, ka);
+        let dqa = b.mul(dqa, f.ex);
+        dq = b.add(dq, dqa);
+        let dka = b.dot(d_at, qa);
+        let dka = b.mul(dka, f.ek);
+        dk = b.add(dk, dka);
+    }
+    (a, dq, dk)
+}
+
+/// The diagonal sub-blocks of the intra-chunk product: their pairwise exponentials, the operands
+/// in the blocked view, and A's diagonal blocks placed in a `[C, C]` matrix (zero elsewhere).
+struct Diagonal {
+    /// `[nb, w, w, K]`: e^{λ_i − λ_j} for j ≤ i within a block, 0 above its diagonal.
+    decay: Value,
+    /// q as `[nb, w, 1, K]` and k as `[nb, 1, w, K]`.
+    qi: Value,
+    kj: Value,
+    a: Value,
+}
+
+impl Diagonal {
+    fn new(b: &mut Builder, q: Value, k: Value, lam: Value, c: u32, kd: u32, w: u32) -> Diagonal {
+        let nb = c / w;
+        let zero = b.f32(0.0);
+        let never = b.f32(-1e30);
+        let li = b.reshape(lam, &[nb, w, 1, kd]);
+        let lj = b.reshape(lam, &[nb, 1, w, kd]);
+        let diff = b.sub(li, lj);
+        let inner = causal_mask(b, w);
+        let inner = b.reshape(inner, &[1, w, w, 1]);
+        let diff = b.select(inner, diff, never);
+        let decay = b.exp(diff);
+        let qi = b.reshape(q, &[nb, w, 1, kd]);
+        let kj = b.reshape(k, &[nb, 1, w, kd]);
+        let qk = b.mul(qi, kj);
+        let prod = b.mul(qk, decay);
+        let diag = b.sum(prod, 3);
+        // Element (I, i, J, j) of the [nb, w, nb, w] view is block I's (i, j) where I = J.
+        let diag = b.reshape(diag, &[nb, w, 1, w]);
+        let diag = b.broadcast(diag, &[nb, w, nb, w]);
+        let diag = b.reshape(diag, &[c, c]);
+        let rows = b.iota(c);
+        let width = b.i64(i64::from(w));
+        let block_of = b.div(rows, width);
+        let bi = b.col(block_of);
+        let bj = b.row(block_of);
+        let same = b.cmp(CmpOp::Eq, bi, bj);
+        let a = b.select(same, diag, zero);
+        Diagonal { decay, qi, kj, a }
+    }
+}
+
+/// Row block `blk`'s anchored factors, `[C, K]` each: `ex` = e^{λ − r} on the block's rows and 0
+/// elsewhere, `ek` = e^{r − λ} on the rows before the block and 0 elsewhere, with r = λ at the
+/// block's first row; both at most 1 where they are not 0.
+struct Anchored {
+    ex: Value,
+    ek: Value,
+}
+
+impl Anchored {
+    fn new(b: &mut Builder, lam: Value, c: u32, w: u32, blk: u32) -> Anchored {
+        let zero = b.f32(0.0);
+        let never = b.f32(-1e30);
+        let rows = b.iota(c);
+        let rows = b.col(rows);
         let first = b.i64(i64::from(blk * w));
         let end = b.i64(i64::from((blk + 1) * w));
         let is_first = b.cmp(CmpOp::Eq, rows, first);
@@ -157,16 +250,11 @@ fn intra_blocked(b: &mut Builder, q: Value, k: Value, lam: Value, c: u32, kd: u3
         let ex = b.sub(lam, anchor);
         let ex = b.select(in_block, ex, never);
         let ex = b.exp(ex);
-        let qa = b.mul(q, ex);
         let ek = b.sub(anchor, lam);
         let ek = b.select(before, ek, never);
         let ek = b.exp(ek);
-        let ka = b.mul(k, ek);
-        let kt = b.transpose(ka);
-        let part = b.dot(qa, kt);
-        a = b.add(a, part);
+        Anchored { ex, ek }
     }
-    a
 }
 
 /// [C, C] bool: j ≤ i.
