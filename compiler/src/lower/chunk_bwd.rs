@@ -380,7 +380,7 @@ fn decay_core(b: &mut Builder, core: &Core, vector: bool) -> CoreGrads {
     let d_a = b.select(causal, dov, zero);
     let sub = core.sub_block;
     let (a, dq_intra, dk_intra) = if vector && sub > 0 && sub < c && c.is_multiple_of(sub) {
-        super::decay::intra_blocked_grads(b, q, k, lam, d_a, c, kd, sub)
+        super::decay::intra_blocked_grads(b, (q, k, lam, d_a), c, kd, sub)
     } else if vector {
         let never = b.f32(-1e30);
         let li = b.reshape(lam, &[c, 1, kd]);

@@ -134,10 +134,7 @@ fn intra_blocked(b: &mut Builder, q: Value, k: Value, lam: Value, c: u32, kd: u3
 /// block and the ones before it e^{λ − r} ⊙ (dA (K ⊙ e^{r − λ})) and e^{r − λ} ⊙ (dAᵀ (Q ⊙ e^{λ − r})).
 pub(super) fn intra_blocked_grads(
     b: &mut Builder,
-    q: Value,
-    k: Value,
-    lam: Value,
-    d_a: Value,
+    (q, k, lam, d_a): (Value, Value, Value, Value),
     c: u32,
     kd: u32,
     w: u32,
