@@ -333,6 +333,9 @@ impl ModelKernel {
     ///   bwd_dkv 77.3 → 72.6) and the elementwise scan's backward (5.0 → 3.1 ms), whose register
     ///   use then lets two blocks share an SM; the chunked kernels and attention's forward are
     ///   slower with 128 (GDN forward 9.4 → 11.2 ms).
+    /// - Split-K `dot`s (an output's sum shared by a group of lanes) everywhere but in the
+    ///   recurrences' decode steps: attention's decode gained from them (1.30 → 0.98 ms), GDN's
+    ///   decode at B = 64 lost (0.090 → 0.102 ms; the lanes of a group read one shared bank).
     pub fn gpu_options(&self) -> crate::nvptx::Options {
         use crate::nvptx::{Options, Workspace, THREADS};
         let workspace = match self.role {
@@ -343,7 +346,8 @@ impl ModelKernel {
             "attn_bwd_dq" | "attn_bwd_dkv" | "scan_bwd" => 128,
             _ => THREADS,
         };
-        Options { workspace, max_threads }
+        let split_k = self.role != "decode";
+        Options { workspace, max_threads, split_k }
     }
 }
 

@@ -131,11 +131,14 @@ pub struct Options {
     pub workspace: Workspace,
     /// The most threads per block (a multiple of 32).
     pub max_threads: u32,
+    /// Whether a `dot` with fewer outputs than threads splits each output's sum across lanes
+    /// (`codegen/warp.rs`); otherwise one thread computes each output.
+    pub split_k: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { workspace: Workspace::SharedWhenFits, max_threads: THREADS }
+        Options { workspace: Workspace::SharedWhenFits, max_threads: THREADS, split_k: true }
     }
 }
 
@@ -168,7 +171,7 @@ pub fn compile(program: &Program, device: &str, options: Options) -> Result<Comp
             _ => workspace == Workspace::Global,
         };
         let limit = if global { 0 } else { shared_limit(device) };
-        let mut g = Gen::new(&context, &module, program, &entry, limit, options.max_threads)?;
+        let mut g = Gen::new(&context, &module, program, &entry, limit, options)?;
         // HLAC_NVPTX_LAYOUT=<kernel> prints that kernel's stored tiles (offset, type) to stderr:
         // what makes its workspace the size it is.
         if std::env::var("HLAC_NVPTX_LAYOUT").is_ok_and(|k| k == program.name) {
@@ -267,6 +270,8 @@ struct Gen<'a, 'ctx> {
     layout: kir::layout::Layout,
     /// How `dot` multiplies ([`mma`]).
     dot_mode: DotMode,
+    /// Whether small-output `dot`s split their sums across lanes ([`Options::split_k`]).
+    split_k: bool,
     /// Tiles computed where they are read instead of stored ([`fuse`]).
     fusion: fuse::Fusion,
     /// Elements of fused tiles already computed in the current basic block, by (tile, index value,
@@ -277,7 +282,7 @@ struct Gen<'a, 'ctx> {
 type R<T> = Result<T, NvptxError>;
 
 impl<'a, 'ctx> Gen<'a, 'ctx> {
-    fn new(ctx: &'ctx Context, module: &'a Module<'ctx>, p: &'a Program, entry: &str, shared_limit: u64, max_threads: u32) -> R<Self> {
+    fn new(ctx: &'ctx Context, module: &'a Module<'ctx>, p: &'a Program, entry: &str, shared_limit: u64, options: Options) -> R<Self> {
         let i64t = ctx.i64_type();
         let mut params = Vec::new();
         for param in &p.params {
@@ -340,7 +345,8 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             smem,
             error,
             tid: i64t.const_zero(),
-            threads: threads_for(p, max_threads),
+            threads: threads_for(p, options.max_threads),
+            split_k: options.split_k,
             slots: HashMap::new(),
             unsynced: Vec::new(),
             scalars: HashMap::new(),

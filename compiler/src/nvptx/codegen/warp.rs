@@ -79,7 +79,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             parts *= 2;
         }
         // HLAC_NVPTX_SPLITK=off keeps the one-thread-per-output loop, for A/B measurements.
-        if parts < 2 || std::env::var("HLAC_NVPTX_SPLITK").is_ok_and(|v| v == "off") {
+        if parts < 2 || !self.split_k || std::env::var("HLAC_NVPTX_SPLITK").is_ok_and(|v| v == "off") {
             return Ok(false);
         }
         self.alloc(out);
