@@ -18,7 +18,9 @@
 //! launches, so the times are the kernels' own, without a per-launch memset.
 //!
 //! Prints, per kernel: role, shape, median and minimum ms, achieved GB/s (every parameter buffer
-//! counted once, read or written, at its size as it lies in device memory) and tokens/s;
+//! counted once, read or written, at its size as it lies in device memory), tokens/s, and
+//! TFLOP/s of the matrix products the algorithm performs ([`matrix_flops`]: a yardstick for the
+//! chunked and attention kernels, none for the memory-bound ones);
 //! and the cold start: process start to the artifact opened and every kernel's module loaded.
 //! Exits 0 when every kernel ran, 1 when one failed (its row says why), 2 on bad usage or an
 //! unreadable artifact; with no CUDA driver it prints "no CUDA driver found: skipping" and exits 0.
@@ -65,6 +67,8 @@ struct Sized {
     tokens: usize,
     /// A short description of the shape.
     shape: String,
+    /// The matrix-product FLOPs of one launch ([`matrix_flops`]).
+    flops: Option<f64>,
 }
 
 /// One row of the results.
@@ -76,6 +80,7 @@ struct Row {
     bytes: u64,
     tokens: usize,
     scratch_bytes: u64,
+    flops: Option<f64>,
     /// Per-launch device times (ms), when it ran.
     times: Vec<f64>,
     error: Option<String>,
@@ -103,6 +108,34 @@ impl Row {
 
     fn tokens_per_s(&self) -> Option<f64> {
         self.median_ms().filter(|&m| m > 0.0).map(|m| self.tokens as f64 / (m * 1e-3))
+    }
+
+    fn tflops(&self) -> Option<f64> {
+        let (m, f) = (self.median_ms().filter(|&m| m > 0.0)?, self.flops?);
+        Some(f / (m * 1e-3) / 1e12)
+    }
+}
+
+/// FLOPs (a multiply-add counted as 2) of the matrix products a kernel's algorithm performs for
+/// `b` sequences of `t` tokens, from its role and sizes; `None` for kernels that are memory-bound
+/// by design (decode steps, scans, convs, norms). Chunked recurrences (C-token chunks, per token
+/// and head): 2C(K + V) for the intra-chunk QKᵀ and AV, 4KV for the state's QS and KᵀV — the
+/// forward's count, ×2.5 for the backward, whatever the class does besides (the delta rule's
+/// inverse and WY products are not counted). Causal attention, per sequence and head: T²D for
+/// each of QKᵀ and PV (half of each square); its dq kernel recomputes QKᵀ and forms dO Vᵀ and dS K
+/// (3 T²D), its dk/dv kernel recomputes QKᵀ and forms dO Vᵀ, Pᵀ dO and dSᵀ Q (4 T²D).
+fn matrix_flops(role: &str, s: &common::Sizer, b: usize, t: usize, chunk: usize) -> Option<f64> {
+    let (b, t, chunk) = (b as f64, t as f64, chunk as f64);
+    let (h, k, v, d) = (s.h as f64, s.k as f64, s.v as f64, s.d as f64);
+    let chunked = b * t * h * (2.0 * chunk * (k + v) + 4.0 * k * v);
+    let attn = b * h * t * t * d;
+    match role {
+        "chunk_fwd" | "chunk_fwd_states" => Some(chunked),
+        "chunk_bwd" => Some(2.5 * chunked),
+        "attn_fwd" => Some(2.0 * attn),
+        "attn_bwd_dq" => Some(3.0 * attn),
+        "attn_bwd_dkv" => Some(4.0 * attn),
+        _ => None,
     }
 }
 
@@ -199,6 +232,7 @@ fn main() -> ExitCode {
             bytes: 0,
             tokens: 0,
             scratch_bytes: 0,
+            flops: None,
             times: Vec::new(),
             error: None,
         };
@@ -208,6 +242,7 @@ fn main() -> ExitCode {
             Ok(sized) => {
                 row.shape = sized.shape.clone();
                 row.grid = sized.grid.clone();
+                row.flops = sized.flops;
                 row.bytes = sized.bytes;
                 row.tokens = sized.tokens;
                 let per_instance = info.scratch_bytes.unwrap_or(0);
@@ -354,7 +389,8 @@ fn size_kernel(
     } else {
         format!("B={} T={} {heads}", batch.seqs, opts.tokens)
     };
-    Ok(Sized { host: make_host(program, &plans, seed), grid, bytes, tokens: sizer.rows(), shape })
+    let flops = matrix_flops(&info.role, &sizer, opts.batch, opts.tokens, chunk as usize);
+    Ok(Sized { host: make_host(program, &plans, seed), grid, bytes, tokens: sizer.rows(), shape, flops })
 }
 
 /// Uploads a kernel's arguments, runs the warm-up and the timed launches, and returns each timed
@@ -398,8 +434,8 @@ fn si(x: f64) -> String {
 }
 
 fn print_table(rows: &[Row], plan_only: bool) {
-    let header = ["kernel", "role", "shape", "grid", "median ms", "min ms", "MB moved", "GB/s", "tokens/s", "scratch MB"];
-    let mut table: Vec<[String; 10]> = vec![header.map(String::from)];
+    let header = ["kernel", "role", "shape", "grid", "median ms", "min ms", "MB moved", "GB/s", "tokens/s", "scratch MB", "TFLOP/s"];
+    let mut table: Vec<[String; 11]> = vec![header.map(String::from)];
     for r in rows {
         table.push([
             r.kernel.clone(),
@@ -412,6 +448,7 @@ fn print_table(rows: &[Row], plan_only: bool) {
             fmt_opt(r.gb_per_s(), |x| format!("{x:.1}")),
             fmt_opt(r.tokens_per_s(), si),
             format!("{:.1}", r.scratch_bytes as f64 / 1e6),
+            fmt_opt(r.tflops(), |x| format!("{x:.2}")),
         ]);
     }
     let widths: Vec<usize> = (0..header.len()).map(|c| table.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
@@ -455,6 +492,8 @@ fn write_json(
                 "min_ms": r.min_ms(),
                 "gb_per_s": r.gb_per_s(),
                 "tokens_per_s": r.tokens_per_s(),
+                "flops": r.flops,
+                "tflops": r.tflops(),
                 "times_ms": r.times,
                 "error": r.error,
             })
