@@ -1,23 +1,26 @@
 //! The NVPTX back end: kernel IR → LLVM IR (through inkwell, LLVM 19) → PTX for sm_80 and sm_90.
 //!
-//! This first version maps the kernel IR onto the GPU directly, as a sibling of the Cranelift back
-//! end: one program instance is one thread block of up to [`THREADS`] threads ([`threads_for`]:
-//! whole warps enough for its widest tile, recorded in the manifest); every tile lives in a
-//! per-instance workspace at the offsets `kir::layout` plans for both back ends — in the block's
-//! dynamic shared memory when the whole of it fits (zeroed at entry; the manifest records
-//! `shared_bytes`), else in global memory (`scratch_bytes`; see [`Workspace`]); every tile
-//! operation is a loop over its elements strided across the block's threads, followed by a block
-//! barrier, as is every read of a tile into a scalar, since the workspace layout reuses a dead
-//! tile's storage for the next one (a chain of elementwise operations that touch each byte from
-//! one thread only pays one barrier at its end); scalars are computed by every thread alike.
-//! `dot`, reductions and scans give each thread whole output elements or lines; `tri_inv` proceeds a row at a time. Every global access
-//! is bounds-checked against the length passed with its pointer, and an out-of-bounds access is
-//! recorded in the `error` word, exactly as on the CPU; an element of a bf16 or f16 pointer is
-//! widened to f32 as it is loaded and rounded to nearest even as it is stored (the kernel IR's
-//! storage types), so every workspace tile stays f32. Transcendentals use the approximate PTX
-//! instructions with range reduction (exp via ex2.approx, log via lg2.approx, sin/cos reduced to
-//! [−π, π]). Tensor cores, register tiles and warp-level layouts come later; this back end is the
-//! correct baseline they will be measured against.
+//! The kernel IR maps onto the GPU directly, as a sibling of the Cranelift back end: one program
+//! instance is one thread block of up to [`THREADS`] threads ([`threads_for`]: whole warps enough
+//! for its widest tile, capped per kernel by [`Options`], recorded in the manifest); every stored
+//! tile lives in a per-instance workspace at the offsets `kir::layout` plans for both back ends —
+//! in the block's dynamic shared memory when the whole of it fits and the kernel asks for it
+//! (zeroed at entry; the manifest records `shared_bytes`), else in global memory
+//! (`scratch_bytes`; see [`Workspace`]). Every tile operation is a loop over its elements strided
+//! across the block's threads, followed by a block barrier, as is every read of a tile into a
+//! scalar, since the workspace layout reuses a dead tile's storage for the next one; elementwise
+//! chains are fused into the operations that read them (computed per element, not stored), and a
+//! chain that touches each byte from one thread only pays one barrier at its end. Scalars are
+//! computed by every thread alike. `dot` runs on the tensor cores (`mma.sync`) where its shape
+//! tiles, else as FMA loops (each output's sum split across lanes when outputs are fewer than
+//! threads); row reductions take a warp per row; scans give each thread whole lines; `tri_inv`
+//! solves a column per thread. Every global access is bounds-checked against the length passed
+//! with its pointer, and an out-of-bounds access is recorded in the `error` word, exactly as on
+//! the CPU; an element of a bf16 or f16 pointer is widened to f32 as it is loaded and rounded to
+//! nearest even as it is stored (the kernel IR's storage types), so every workspace tile stays
+//! f32. Transcendentals use the approximate PTX instructions with range reduction (exp via
+//! ex2.approx, log via lg2.approx, sin/cos reduced to [−π, π]). Still to come: tiles held in
+//! registers across operations, wgmma on sm_90a (BENCHMARKS.md says why it matters).
 //!
 //! Kernel ABI (what the runtime launches): for each kernel-IR parameter in order, a pointer is two
 //! PTX parameters (the device address, then its element count) and an integer is one; then
