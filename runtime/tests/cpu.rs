@@ -2,7 +2,7 @@
 //! the same computation done directly in f64, on seeded random inputs at awkward sizes.
 
 use hlac_runtime::cpu::{Arg, CpuModule, LaunchError};
-use hlac_runtime::kir::{verify, BinOp, Builder, CmpOp, DType, Program, UnOp};
+use hlac_runtime::kir::{verify, BinOp, Builder, CmpOp, DType, Program, UnOp, Value};
 
 /// A small deterministic generator (SplitMix64).
 struct Rng(u64);
@@ -35,18 +35,28 @@ fn close(a: &[f32], b: &[f64], tol: f64, what: &str) {
     }
 }
 
+/// Offsets `base + row · cols + col` of a row-major [rows, cols] tile.
+fn grid_offsets(b: &mut Builder, rows: u32, cols: u32, base: i64) -> Value {
+    let r = b.iota(rows);
+    let c = b.iota(cols);
+    let cv = b.i64(i64::from(cols));
+    let rc = b.col(r);
+    let rr = b.mul(rc, cv);
+    let cr = b.row(c);
+    let o = b.add(rr, cr);
+    if base == 0 {
+        return o;
+    }
+    let base = b.i64(base);
+    b.add(o, base)
+}
+
 /// y = f(x) elementwise over a [rows, cols] tile.
 fn unary_kernel(op: UnOp, rows: u32, cols: u32) -> Program {
     let mut b = Builder::new("unary", &["one"]);
     let x = b.ptr("x", DType::F32, false);
     let y = b.ptr("y", DType::F32, true);
-    let r = b.iota(rows);
-    let c = b.iota(cols);
-    let cols_v = b.i64(i64::from(cols));
-    let rc = b.col(r);
-    let rr = b.mul(rc, cols_v);
-    let cr = b.row(c);
-    let off = b.add(rr, cr);
+    let off = grid_offsets(&mut b, rows, cols, 0);
     let v = b.load(x, off, None, 0.0);
     let w = b.unary(op, v);
     b.store(y, off, w, None);
@@ -102,27 +112,16 @@ fn broadcast_transpose_reduce_scan_dot_and_tri_inv_match_f64() {
     let pa = b.ptr("a", DType::F32, false);
     let pb = b.ptr("b", DType::F32, false);
     let out = b.ptr("out", DType::F32, true);
-    let grid_off = |b: &mut Builder, rows: u32, cols: u32, base: i64| {
-        let r = b.iota(rows);
-        let c = b.iota(cols);
-        let cv = b.i64(i64::from(cols));
-        let rc = b.col(r);
-        let rr = b.mul(rc, cv);
-        let cr = b.row(c);
-        let o = b.add(rr, cr);
-        let base = b.i64(base);
-        b.add(o, base)
-    };
-    let oa = grid_off(&mut b, m, k, 0);
-    let ob = grid_off(&mut b, k, n, 0);
+    let oa = grid_offsets(&mut b, m, k, 0);
+    let ob = grid_offsets(&mut b, k, n, 0);
     let ta = b.load(pa, oa, None, 0.0);
     let tb = b.load(pb, ob, None, 0.0);
     // dot, then transpose of the product, then row sums of the transpose, then a reverse cumsum.
     let d = b.dot(ta, tb); // [m, n]
-    let od = grid_off(&mut b, m, n, 0);
+    let od = grid_offsets(&mut b, m, n, 0);
     b.store(out, od, d, None);
     let t = b.transpose(d); // [n, m]
-    let ot = grid_off(&mut b, n, m, i64::from(m * n));
+    let ot = grid_offsets(&mut b, n, m, i64::from(m * n));
     b.store(out, ot, t, None);
     let s = b.sum(d, 0); // [n]
     let sn = b.iota(n);
@@ -130,12 +129,12 @@ fn broadcast_transpose_reduce_scan_dot_and_tri_inv_match_f64() {
     let os = b.add(sn, base);
     b.store(out, os, s, None);
     let c = b.cumsum(d, 0, true); // reverse cumsum down the rows, [m, n]
-    let oc = grid_off(&mut b, m, n, i64::from(2 * m * n + n));
+    let oc = grid_offsets(&mut b, m, n, i64::from(2 * m * n + n));
     b.store(out, oc, c, None);
     // A broadcast row added to every row.
     let row = b.reshape(s, &[1, n]);
     let br = b.add(d, row);
-    let ob2 = grid_off(&mut b, m, n, i64::from(3 * m * n + n));
+    let ob2 = grid_offsets(&mut b, m, n, i64::from(3 * m * n + n));
     b.store(out, ob2, br, None);
     let p = b.finish();
     let total = (4 * m * n + n) as usize;
@@ -169,13 +168,7 @@ fn tri_inv_inverts_unit_lower_triangular_matrices() {
         let mut b = Builder::new("tri", &["one"]);
         let pl = b.ptr("l", DType::F32, false);
         let out = b.ptr("t", DType::F32, true);
-        let r = b.iota(size);
-        let sv = b.i64(i64::from(size));
-        let rc = b.col(r);
-        let rr = b.mul(rc, sv);
-        let c = b.iota(size);
-        let cr = b.row(c);
-        let off = b.add(rr, cr);
+        let off = grid_offsets(&mut b, size, size, 0);
         let lt = b.load(pl, off, None, 0.0);
         let t = b.tri_inv(lt);
         b.store(out, off, t, None);
@@ -344,30 +337,19 @@ fn vector_paths_with_tails_match_f64() {
     let pb1 = b.ptr("b1", DType::F32, false);
     let pb2 = b.ptr("b2", DType::F32, false);
     let out = b.ptr("out", DType::F32, true);
-    let grid_off = |b: &mut Builder, rows: u32, cols: u32, base: i64| {
-        let r = b.iota(rows);
-        let c = b.iota(cols);
-        let cv = b.i64(i64::from(cols));
-        let rc = b.col(r);
-        let rr = b.mul(rc, cv);
-        let cr = b.row(c);
-        let o = b.add(rr, cr);
-        let base = b.i64(base);
-        b.add(o, base)
-    };
-    let oa = grid_off(&mut b, m, k, 0);
+    let oa = grid_offsets(&mut b, m, k, 0);
     let ta = b.load(pa, oa, None, 0.0);
-    let o1 = grid_off(&mut b, k, n1, 0);
+    let o1 = grid_offsets(&mut b, k, n1, 0);
     let t1 = b.load(pb1, o1, None, 0.0);
-    let o2 = grid_off(&mut b, k, n2, 0);
+    let o2 = grid_offsets(&mut b, k, n2, 0);
     let t2 = b.load(pb2, o2, None, 0.0);
     let d1 = b.dot(ta, t1); // [m, n1]
     let d2 = b.dot(ta, t2); // [m, n2]
     let mut at = 0i64;
-    let od1 = grid_off(&mut b, m, n1, at);
+    let od1 = grid_offsets(&mut b, m, n1, at);
     b.store(out, od1, d1, None);
     at += i64::from(m * n1);
-    let od2 = grid_off(&mut b, m, n2, at);
+    let od2 = grid_offsets(&mut b, m, n2, at);
     b.store(out, od2, d2, None);
     at += i64::from(m * n2);
     let rs = b.sum(d2, 1); // [m]
@@ -377,7 +359,7 @@ fn vector_paths_with_tails_match_f64() {
     b.store(out, ors, rs, None);
     at += i64::from(m);
     let cs = b.cumsum(d1, 0, false); // [m, n1]
-    let ocs = grid_off(&mut b, m, n1, at);
+    let ocs = grid_offsets(&mut b, m, n1, at);
     b.store(out, ocs, cs, None);
     at += i64::from(m * n1);
     let zero = b.f32(0.0);
@@ -385,7 +367,7 @@ fn vector_paths_with_tails_match_f64() {
     let pos = b.cmp(CmpOp::Gt, d1, zt);
     let e = b.exp(d1);
     let sel = b.select(pos, e, d1);
-    let osel = grid_off(&mut b, m, n1, at);
+    let osel = grid_offsets(&mut b, m, n1, at);
     b.store(out, osel, sel, None);
     at += i64::from(m * n1);
     let p = b.finish();
@@ -440,13 +422,7 @@ fn linear_scans_match_f64_and_the_reverse_is_the_adjoint() {
     let py = b.ptr("y", DType::F32, false);
     let pd = b.ptr("d", DType::F32, false);
     let out = b.ptr("out", DType::F32, true);
-    let r = b.iota(m);
-    let c = b.iota(n);
-    let nv = b.i64(i64::from(n));
-    let rc = b.col(r);
-    let rr = b.mul(rc, nv);
-    let cr = b.row(c);
-    let off = b.add(rr, cr);
+    let off = grid_offsets(&mut b, m, n, 0);
     let tx = b.load(px, off, None, 0.0);
     let ty = b.load(py, off, None, 0.0);
     let td = b.load(pd, off, None, 0.0);

@@ -134,8 +134,8 @@ pub struct Scaffold {
     pub c: u32,
     /// Value block.
     pub bv: u32,
-    /// The kernel's tiling (for the choices a step makes, such as vector gates' sub-blocks).
-    pub tiling: Tiling,
+    /// Vector gates' sub-block rows ([`Tiling::sub_block`]).
+    pub sub_block: u32,
     /// Whether the expressions use token positions (`rope`).
     needs_position: bool,
     /// Offsets of an element of the state tile relative to the tile's start.
@@ -241,7 +241,7 @@ impl Scaffold {
                 v,
                 c,
                 bv,
-                tiling,
+                sub_block: tiling.sub_block,
             },
         ))
     }

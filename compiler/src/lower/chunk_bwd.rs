@@ -378,9 +378,8 @@ fn decay_core(b: &mut Builder, core: &Core, vector: bool) -> CoreGrads {
     let vt = b.transpose(v);
     let dov = b.dot(d_o, vt);
     let d_a = b.select(causal, dov, zero);
-    let sub = core.sub_block;
-    let (a, dq_intra, dk_intra) = if vector && sub > 0 && sub < c && c.is_multiple_of(sub) {
-        super::decay::intra_blocked_grads(b, (q, k, lam, d_a), c, kd, sub)
+    let (a, dq_intra, dk_intra) = if let Some(w) = super::decay::sub_blocks(vector, c, core.sub_block) {
+        super::decay::intra_blocked_grads(b, (q, k, lam, d_a), c, kd, w)
     } else if vector {
         let never = b.f32(-1e30);
         let li = b.reshape(lam, &[c, 1, kd]);

@@ -71,9 +71,8 @@ fn step(r: &Recurrence<'_>, sc: &Scaffold, b: &mut Builder, chunk: &Chunk, s: Va
     let e_lam = b.exp(lam);
     let qg = b.mul(q, e_lam);
     let o_inter = b.dot(qg, s);
-    let sub = sc.tiling.sub_block;
-    let a = if vector && sub > 0 && sub < c && c.is_multiple_of(sub) {
-        intra_blocked(b, q, k, lam, c, kd, sub)
+    let a = if let Some(w) = sub_blocks(vector, c, sc.sub_block) {
+        intra_blocked(b, q, k, lam, c, kd, w)
     } else if vector {
         // A_ij = Σ_d q_id k_jd e^{λ_id − λ_jd}, exponents masked to j ≤ i before exponentiating.
         let li = b.reshape(lam, &[c, 1, kd]);
@@ -107,6 +106,12 @@ fn step(r: &Recurrence<'_>, sc: &Scaffold, b: &mut Builder, chunk: &Chunk, s: Va
     Ok(b.add(s, upd))
 }
 
+/// The sub-block width a chunk of `c` rows uses for a vector gate: `sub` when it is set, smaller
+/// than the chunk and divides it; `None` computes the chunk pairwise.
+pub(super) fn sub_blocks(vector: bool, c: u32, sub: u32) -> Option<u32> {
+    (vector && sub > 0 && sub < c && c.is_multiple_of(sub)).then_some(sub)
+}
+
 /// The intra-chunk A_ij = Σ_d q_id k_jd e^{λ_id − λ_jd} (j ≤ i) for vector gates, in sub-blocks
 /// of `w` rows (algorithms.md §1.2). Inside a diagonal block the exponentials are pairwise, as in
 /// the unblocked form but over w instead of C columns (a `[C/w, w, w, K]` tile). Between row block
@@ -118,12 +123,8 @@ fn intra_blocked(b: &mut Builder, q: Value, k: Value, lam: Value, c: u32, kd: u3
     let d = Diagonal::new(b, q, k, lam, c, kd, w);
     let mut a = d.a;
     for blk in 1..c / w {
-        let f = Anchored::new(b, lam, c, w, blk);
-        let qa = b.mul(q, f.ex);
-        let ka = b.mul(k, f.ek);
-        let kt = b.transpose(ka);
-        let part = b.dot(qa, kt);
-        a = b.add(a, part);
+        let f = Anchored::new(b, q, k, lam, c, w, blk);
+        a = b.add(a, f.part);
     }
     a
 }
@@ -161,16 +162,12 @@ pub(super) fn intra_blocked_grads(
     let mut a = d.a;
     let d_at = b.transpose(d_a);
     for blk in 1..nb {
-        let f = Anchored::new(b, lam, c, w, blk);
-        let qa = b.mul(q, f.ex);
-        let ka = b.mul(k, f.ek);
-        let kt = b.transpose(ka);
-        let part = b.dot(qa, kt);
-        a = b.add(a, part);
-        let dqa = b.dot(d_a, ka);
+        let f = Anchored::new(b, q, k, lam, c, w, blk);
+        a = b.add(a, f.part);
+        let dqa = b.dot(d_a, f.ka);
         let dqa = b.mul(dqa, f.ex);
         dq = b.add(dq, dqa);
-        let dka = b.dot(d_at, qa);
+        let dka = b.dot(d_at, f.qa);
         let dka = b.mul(dka, f.ek);
         dk = b.add(dk, dka);
     }
@@ -222,14 +219,18 @@ impl Diagonal {
 
 /// Row block `blk`'s anchored factors, `[C, K]` each: `ex` = e^{λ − r} on the block's rows and 0
 /// elsewhere, `ek` = e^{r − λ} on the rows before the block and 0 elsewhere, with r = λ at the
-/// block's first row; both at most 1 where they are not 0.
+/// block's first row (both at most 1 where they are not 0); the scaled operands `qa` = Q ⊙ ex and
+/// `ka` = K ⊙ ek, and the block's part of A, `qa kaᵀ`.
 struct Anchored {
     ex: Value,
     ek: Value,
+    qa: Value,
+    ka: Value,
+    part: Value,
 }
 
 impl Anchored {
-    fn new(b: &mut Builder, lam: Value, c: u32, w: u32, blk: u32) -> Anchored {
+    fn new(b: &mut Builder, q: Value, k: Value, lam: Value, c: u32, w: u32, blk: u32) -> Anchored {
         let zero = b.f32(0.0);
         let never = b.f32(-1e30);
         let rows = b.iota(c);
@@ -250,7 +251,11 @@ impl Anchored {
         let ek = b.sub(anchor, lam);
         let ek = b.select(before, ek, never);
         let ek = b.exp(ek);
-        Anchored { ex, ek }
+        let qa = b.mul(q, ex);
+        let ka = b.mul(k, ek);
+        let kt = b.transpose(ka);
+        let part = b.dot(qa, kt);
+        Anchored { ex, ek, qa, ka, part }
     }
 }
 

@@ -615,6 +615,20 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         Ok(())
     }
 
+    /// Emits `body` so that only threads where `cond` holds run it (a branch around it; the
+    /// threads meet again after it).
+    fn only_where(&mut self, cond: IntValue<'ctx>, body: &mut dyn FnMut(&mut Self) -> R<()>) -> R<()> {
+        let e = |x| NvptxError::Llvm { kernel: String::new(), message: format!("{x}") };
+        let run = self.ctx.append_basic_block(self.func, "only");
+        let after = self.ctx.append_basic_block(self.func, "only_done");
+        self.b.build_conditional_branch(cond, run, after).map_err(e)?;
+        self.b.position_at_end(run);
+        body(self)?;
+        self.b.build_unconditional_branch(after).map_err(e)?;
+        self.b.position_at_end(after);
+        Ok(())
+    }
+
     /// A sequential loop over 0..n in every thread.
     fn seq(&mut self, n: u64, body: &mut dyn FnMut(&mut Self, IntValue<'ctx>) -> R<()>) -> R<()> {
         let zero = self.i64c(0);
@@ -1176,16 +1190,13 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                 // Thread 0 writes the (short) table; the barrier publishes it.
                 let zero = self.i64c(0);
                 let first = self.b.build_int_compare(IntPredicate::EQ, self.tid, zero, "").map_err(e)?;
-                let w = self.ctx.append_basic_block(self.func, "table");
-                let j = self.ctx.append_basic_block(self.func, "table_done");
-                self.b.build_conditional_branch(first, w, j).map_err(e)?;
-                self.b.position_at_end(w);
-                for (i, x) in xs.iter().enumerate() {
-                    let at = self.i64c(i as i64);
-                    self.write(out, at, self.f32c(*x))?;
-                }
-                self.b.build_unconditional_branch(j).map_err(e)?;
-                self.b.position_at_end(j);
+                self.only_where(first, &mut |g| {
+                    for (i, x) in xs.iter().enumerate() {
+                        let at = g.i64c(i as i64);
+                        g.write(out, at, g.f32c(*x))?;
+                    }
+                    Ok(())
+                })?;
                 self.barrier()?;
             }
             Op::Iota(n) => {
@@ -1226,13 +1237,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                     // One thread writes; the barrier publishes it.
                     let zero = self.i64c(0);
                     let first = self.b.build_int_compare(IntPredicate::EQ, self.tid, zero, "").map_err(e)?;
-                    let w = self.ctx.append_basic_block(self.func, "w");
-                    let j = self.ctx.append_basic_block(self.func, "j");
-                    self.b.build_conditional_branch(first, w, j).map_err(e)?;
-                    self.b.position_at_end(w);
-                    self.write(out, zero, x)?;
-                    self.b.build_unconditional_branch(j).map_err(e)?;
-                    self.b.position_at_end(j);
+                    self.only_where(first, &mut |g| g.write(out, zero, x))?;
                     self.barrier()?;
                 } else if self.p.ty(out).is_scalar() {
                     let x = self.read(*a, self.i64c(0))?;

@@ -23,7 +23,6 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         };
         let t: BasicTypeEnum = self.ctx.f32_type().into();
         let acc = self.stack_slot(t)?;
-        let shfl = self.intrinsic("llvm.nvvm.shfl.sync.bfly.f32", &[])?;
         let e = |x| self.llvm(x);
         let lane = self.b.build_and(self.tid, self.i64c(31), "").map_err(e)?;
         let warp = self.b.build_right_shift(self.tid, self.i64c(5), false, "").map_err(e)?;
@@ -42,24 +41,11 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                 g.b.build_store(acc, nv).map_err(|x| g.llvm(x))?;
                 Ok(())
             })?;
-            let mut v = g.b.build_load(t, acc, "").map_err(|x| g.llvm(x))?;
-            let full: BasicValueEnum = g.ctx.i32_type().const_all_ones().into();
-            let clamp: BasicValueEnum = g.ctx.i32_type().const_int(31, false).into();
-            for m in [16u64, 8, 4, 2, 1] {
-                let mask: BasicValueEnum = g.ctx.i32_type().const_int(m, false).into();
-                let other = g.call(shfl, &[full, v, mask, clamp])?;
-                v = g.binary(bop, d, v, other)?;
-            }
+            let v = g.b.build_load(t, acc, "").map_err(|x| g.llvm(x))?;
+            let v = g.butterfly(v, 32, &mut |g, x, y| g.binary(bop, d, x, y))?;
             // Every lane holds the row's value; lane 0 writes it.
             let first = g.b.build_int_compare(inkwell::IntPredicate::EQ, lane, g.i64c(0), "").map_err(|x| g.llvm(x))?;
-            let w = g.ctx.append_basic_block(g.func, "row_out");
-            let j = g.ctx.append_basic_block(g.func, "row_done");
-            g.b.build_conditional_branch(first, w, j).map_err(|x| g.llvm(x))?;
-            g.b.position_at_end(w);
-            g.write(out, o, v)?;
-            g.b.build_unconditional_branch(j).map_err(|x| g.llvm(x))?;
-            g.b.position_at_end(j);
-            Ok(())
+            g.only_where(first, &mut |g| g.write(out, o, v))
         })?;
         self.barrier()
     }
@@ -87,7 +73,6 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         let t: BasicTypeEnum = self.ctx.f32_type().into();
         let acc = self.stack_slot(t)?;
         let fma = self.intrinsic("llvm.fma", &[t])?;
-        let shfl = self.intrinsic("llvm.nvvm.shfl.sync.bfly.f32", &[])?;
         let shift = i64::from(parts.trailing_zeros());
         let o = self.b.build_right_shift(self.tid, self.i64c(shift), false, "").map_err(e)?;
         let j = self.b.build_and(self.tid, self.i64c(parts as i64 - 1), "").map_err(e)?;
@@ -105,26 +90,37 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             let ib = g.b.build_int_add(ib, c, "").map_err(|x| g.llvm(x))?;
             g.fma_into(acc, fma, (a, ia), (b, ib))
         })?;
-        let mut v = self.b.build_load(t, acc, "").map_err(e)?;
+        let v = self.b.build_load(t, acc, "").map_err(e)?;
+        let add = |g: &mut Self, x: BasicValueEnum<'ctx>, y: BasicValueEnum<'ctx>| -> R<BasicValueEnum<'ctx>> {
+            Ok(g.b.build_float_add(x.into_float_value(), y.into_float_value(), "").map_err(|x| g.llvm(x))?.into())
+        };
+        let v = self.butterfly(v, parts, &mut |g, x, y| add(g, x, y))?;
+        let lead = self.b.build_int_compare(inkwell::IntPredicate::EQ, j, self.i64c(0), "").map_err(e)?;
+        let writes = self.b.build_and(active, lead, "").map_err(e)?;
+        self.only_where(writes, &mut |g| g.write(out, o, v))?;
+        self.barrier()?;
+        Ok(true)
+    }
+
+    /// Combines `v` across each aligned group of `width` lanes (a power of two, at most 32) by
+    /// butterfly shuffles over lane distances width/2, …, 1: every lane of a group ends with the
+    /// group's `combine` of all its values. Every lane of the warp must execute it.
+    fn butterfly(
+        &mut self,
+        mut v: BasicValueEnum<'ctx>,
+        width: u64,
+        combine: &mut dyn FnMut(&mut Self, BasicValueEnum<'ctx>, BasicValueEnum<'ctx>) -> R<BasicValueEnum<'ctx>>,
+    ) -> R<BasicValueEnum<'ctx>> {
+        let shfl = self.intrinsic("llvm.nvvm.shfl.sync.bfly.f32", &[])?;
         let full: BasicValueEnum = self.ctx.i32_type().const_all_ones().into();
         let clamp: BasicValueEnum = self.ctx.i32_type().const_int(31, false).into();
-        let mut mask = parts / 2;
+        let mut mask = width / 2;
         while mask >= 1 {
             let lane_mask: BasicValueEnum = self.ctx.i32_type().const_int(mask, false).into();
             let other = self.call(shfl, &[full, v, lane_mask, clamp])?;
-            v = self.b.build_float_add(v.into_float_value(), other.into_float_value(), "").map_err(e)?.into();
+            v = combine(self, v, other)?;
             mask /= 2;
         }
-        let lead = self.b.build_int_compare(inkwell::IntPredicate::EQ, j, self.i64c(0), "").map_err(e)?;
-        let writes = self.b.build_and(active, lead, "").map_err(e)?;
-        let w = self.ctx.append_basic_block(self.func, "dot_out");
-        let done = self.ctx.append_basic_block(self.func, "dot_done");
-        self.b.build_conditional_branch(writes, w, done).map_err(e)?;
-        self.b.position_at_end(w);
-        self.write(out, o, v)?;
-        self.b.build_unconditional_branch(done).map_err(e)?;
-        self.b.position_at_end(done);
-        self.barrier()?;
-        Ok(true)
+        Ok(v)
     }
 }
