@@ -223,13 +223,11 @@ pub fn model_kernels(model: &crate::ir::Model) -> Result<Vec<ModelKernel>, Lower
         // HLAC_GPU_BLOCK_V=n caps the GPU's value block at n instead (for A/B measurements).
         let gpu_cap = std::env::var("HLAC_GPU_BLOCK_V").ok().and_then(|v| v.parse::<u32>().ok()).filter(|v| *v > 0).unwrap_or(64);
         let block_v = if model.target.device == crate::ir::Device::Cpu { r.v() } else { block_of(r.v(), gpu_cap) };
-        // Vector gates' sub-blocks: 16 rows on the CPU (measured faster: BENCHMARKS.md); on GPUs
-        // the pairwise form until the blocked one is measured there (HLAC_SUB_BLOCK=n selects it).
-        let sub_block = match std::env::var("HLAC_SUB_BLOCK").ok().and_then(|v| v.parse::<u32>().ok()) {
-            Some(n) => n,
-            None if model.target.device == crate::ir::Device::Cpu => 16,
-            None => 0,
-        };
+        // Vector gates' sub-blocks of 16 rows on every target, measured faster than the pairwise
+        // form on both (BENCHMARKS.md; on an H200, GLA fwd 14.7 -> 11.2 ms, bwd 114 -> 51 ms;
+        // HGRN-2 fwd 35.1 -> 11.6 ms, bwd 225 -> 58 ms). HLAC_SUB_BLOCK=n selects n rows (0: the
+        // pairwise form), for A/B measurements.
+        let sub_block = std::env::var("HLAC_SUB_BLOCK").ok().and_then(|v| v.parse::<u32>().ok()).unwrap_or(16);
         let tiling = Tiling { chunk: model.target.chunk_size as u32, block_v, sub_block };
         if class.family == crate::classify::Family::Scan {
             // The tokens of a sequence are one chain, so the scan's parallelism is the channels: on

@@ -214,6 +214,35 @@ pub fn compile(program: &Program, device: &str, options: Options) -> Result<Comp
     Ok(Compiled { ptx, entry, scratch_bytes, shared_bytes, threads: threads_for(program, options.max_threads), cubin: None })
 }
 
+/// The shared-memory tiles to store swizzled, with their row length: f32 tiles of two or more
+/// axes whose last axis is a multiple of 32 elements, the same for every tile of the storage
+/// group. Row r's 16-byte groups are stored XORed with r mod 8, so the column-strided reads of the
+/// tensor-core fragments (eight rows at one column: one bank, eight-way conflicts on a plain
+/// row-major tile whose rows are a multiple of 128 bytes) and of transposes spread over the banks,
+/// while a warp reading 32 consecutive elements of a row still touches 128 contiguous bytes and
+/// the adjacent pairs the fragments load as one 8-byte access stay adjacent.
+/// `HLAC_NVPTX_SWIZZLE=off` stores every tile plainly, for A/B measurements.
+fn swizzle_of(p: &Program, layout: &kir::layout::Layout) -> HashMap<Value, u32> {
+    if std::env::var("HLAC_NVPTX_SWIZZLE").is_ok_and(|v| v == "off") {
+        return HashMap::new();
+    }
+    let row = |v: Value| {
+        let t = p.ty(v);
+        let c = t.shape.last().copied().unwrap_or(0);
+        (t.dtype == DType::F32 && t.shape.len() >= 2 && c > 0 && c.is_multiple_of(32)).then_some(c)
+    };
+    // Per storage group: the common row length, or None when any member does not qualify.
+    let mut groups: HashMap<Value, Option<u32>> = HashMap::new();
+    for (v, _) in layout.tiles() {
+        let r = row(v);
+        let g = groups.entry(layout.group(v)).or_insert(r);
+        if *g != r {
+            *g = None;
+        }
+    }
+    layout.tiles().into_iter().filter_map(|(v, _)| groups.get(&layout.group(v)).copied().flatten().map(|c| (v, c))).collect()
+}
+
 /// A PTX-safe identifier.
 fn sanitize(name: &str) -> String {
     name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' }).collect()
@@ -241,6 +270,9 @@ struct Region {
     elem: i64,
     len: u64,
     cross: bool,
+    /// The tile's swizzle ([`Gen::swizzle`]; 0 for none): one placement seen through two
+    /// swizzles puts an element at two threads.
+    swizzle: u32,
 }
 
 struct Gen<'a, 'ctx> {
@@ -274,6 +306,8 @@ struct Gen<'a, 'ctx> {
     split_k: bool,
     /// Tiles computed where they are read instead of stored ([`fuse`]).
     fusion: fuse::Fusion,
+    /// Row length of each shared-memory tile stored swizzled ([`swizzle_of`]).
+    swizzle: HashMap<Value, u32>,
     /// Elements of fused tiles already computed in the current basic block, by (tile, index value,
     /// basic block): a fused expression read twice at one index is computed once.
     memo: HashMap<(Value, usize, usize), BasicValueEnum<'ctx>>,
@@ -332,6 +366,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             g.set_alignment(16);
             g.as_pointer_value()
         });
+        let swizzle = if smem.is_some() { swizzle_of(p, &layout) } else { HashMap::new() };
         let mut g = Gen {
             ctx,
             module,
@@ -353,6 +388,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             layout,
             dot_mode: DotMode::for_program(p),
             fusion,
+            swizzle,
             memo: HashMap::new(),
         };
         g.tid = g.sreg("llvm.nvvm.read.ptx.sreg.tid.x")?;
@@ -428,6 +464,16 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         let base = self.slots.get(&v).copied().unwrap_or(0) as i64;
         let size = Self::elem_bytes(self.p.ty(v).dtype);
         let e = |x| self.llvm(x);
+        // A swizzled tile keeps row r's 16-byte groups XORed with r mod 8 (see `swizzle_of`).
+        let i = match self.swizzle.get(&v) {
+            Some(&c) => {
+                let row = self.b.build_int_unsigned_div(i, self.i64c(i64::from(c)), "").map_err(e)?;
+                let key = self.b.build_and(row, self.i64c(7), "").map_err(e)?;
+                let key = self.b.build_left_shift(key, self.i64c(2), "").map_err(e)?;
+                self.b.build_xor(i, key, "").map_err(e)?
+            }
+            None => i,
+        };
         let off = self.b.build_int_mul(i, self.i64c(size), "").map_err(e)?;
         let off = self.b.build_int_add(off, self.i64c(base), "").map_err(e)?;
         if self.smem.is_some() {
@@ -503,6 +549,10 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                 let x = self.read(a, i)?;
                 self.convert(x, dt(self, a), to)?
             }
+            Op::Transpose(a) => {
+                let src = self.transposed(v, i)?;
+                self.read(a, src)?
+            }
             other => return Err(self.llvm(format!("fused tile {v} defined by {other:?}"))),
         };
         self.memo.insert(key, x);
@@ -522,6 +572,14 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             }
         }
         Ok(src)
+    }
+
+    /// The flat index in a transpose's operand of element `i` of the transpose `out` (2-D).
+    fn transposed(&self, out: Value, i: IntValue<'ctx>) -> R<IntValue<'ctx>> {
+        let oshape = &self.p.ty(out).shape;
+        let idx = self.unflatten(i, oshape)?;
+        let t = self.b.build_int_mul(idx[1], self.i64c(i64::from(oshape[0])), "").map_err(|x| self.llvm(x))?;
+        self.b.build_int_add(t, idx[0], "").map_err(|x| self.llvm(x))
     }
 
     fn write(&mut self, v: Value, i: IntValue<'ctx>, x: BasicValueEnum<'ctx>) -> R<()> {
@@ -953,12 +1011,18 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             .iter()
             .map(|(v, own)| {
                 let size = Self::elem_bytes(self.p.ty(*v).dtype);
-                Region { at: self.slots.get(v).copied().unwrap_or(0), elem: size, len: self.p.ty(*v).numel() * size as u64, cross: !own }
+                Region {
+                    at: self.slots.get(v).copied().unwrap_or(0),
+                    elem: size,
+                    len: self.p.ty(*v).numel() * size as u64,
+                    cross: !own,
+                    swizzle: self.swizzle.get(v).copied().unwrap_or(0),
+                }
             })
             .collect();
         let clash = |a: &Region, b: &Region| {
             let disjoint = a.at + a.len <= b.at || b.at + b.len <= a.at;
-            let same_placement = a.at == b.at && a.elem == b.elem && !a.cross && !b.cross;
+            let same_placement = a.at == b.at && a.elem == b.elem && a.swizzle == b.swizzle && !a.cross && !b.cross;
             !disjoint && !same_placement
         };
         if regions.iter().any(|r| self.unsynced.iter().any(|u| clash(r, u))) {
@@ -1268,12 +1332,8 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                 let out = res()?;
                 let a = *a;
                 self.alloc(out);
-                let oshape = self.p.ty(out).shape.clone();
-                let rows_in = i64::from(oshape[0]);
                 self.par(self.p.ty(out).numel(), &mut |g, i| {
-                    let idx = g.unflatten(i, &oshape)?;
-                    let t = g.b.build_int_mul(idx[1], g.i64c(rows_in), "").map_err(|x| g.llvm(x))?;
-                    let src = g.b.build_int_add(t, idx[0], "").map_err(|x| g.llvm(x))?;
+                    let src = g.transposed(out, i)?;
                     let x = g.read(a, src)?;
                     g.write(out, i, x)
                 })?;

@@ -17,6 +17,9 @@ use super::{Block, DType, Op, Program, Value};
 #[derive(Debug, Clone, Default)]
 pub struct Layout {
     offsets: HashMap<Value, u64>,
+    /// Each stored tile's storage group (a `reshape` and its operand, a loop's carried argument
+    /// and its result), named by one of its members.
+    groups: HashMap<Value, Value>,
     /// Bytes the workspace needs (from offset 0).
     pub bytes: u64,
 }
@@ -25,6 +28,13 @@ impl Layout {
     /// The offset of a tile (0 for a value that is not a tile).
     pub fn offset(&self, v: Value) -> u64 {
         self.offsets.get(&v).copied().unwrap_or(0)
+    }
+
+    /// The storage group of a stored tile (itself for a value that is not one): tiles of one group
+    /// are one storage seen through different shapes, so a back end that permutes a tile's
+    /// elements in storage must permute the whole group alike.
+    pub fn group(&self, v: Value) -> Value {
+        self.groups.get(&v).copied().unwrap_or(v)
     }
 
     /// Every stored tile with its offset, by offset (for diagnostics: which tiles make a workspace
@@ -231,9 +241,11 @@ pub fn plan_fused(p: &Program, fused: &HashSet<Value>) -> Layout {
         bytes = bytes.max(at + size);
     }
     let mut offsets = HashMap::new();
+    let mut members = HashMap::new();
     for v in tiles {
         let root = w.find(v);
         offsets.insert(v, root_offset.get(&root).copied().unwrap_or(0));
+        members.insert(v, root);
     }
-    Layout { offsets, bytes }
+    Layout { offsets, groups: members, bytes }
 }

@@ -16,6 +16,8 @@
 //!   block that defines them (not inside a nested loop, which would recompute them per iteration),
 //!   and there is one read, or at most [`MAX_CHEAP_READS`] of an operation without a
 //!   transcendental function;
+//! - a transpose of a stored tile: always (it is read through, at the transposed index), unless
+//!   a loop yields it;
 //! - never a value a loop yields (its carried storage is rewritten while later carried values may
 //!   still read it), nor a loop's carried values and results, nor an operand of an operation that
 //!   reads each element many times (`dot`, `tri_inv`, a reduction to a scalar, which every thread
@@ -98,7 +100,15 @@ fn candidate(op: &Op) -> bool {
     // A reshape qualifies when its operand is a scalar or itself fuses (decided in `analyse`).
     matches!(
         op,
-        Op::Iota(_) | Op::Broadcast(_) | Op::Reshape(_) | Op::Unary(..) | Op::Binary(..) | Op::Cmp(..) | Op::Select { .. } | Op::Cast(..)
+        Op::Iota(_)
+            | Op::Broadcast(_)
+            | Op::Reshape(_)
+            | Op::Transpose(_)
+            | Op::Unary(..)
+            | Op::Binary(..)
+            | Op::Cmp(..)
+            | Op::Select { .. }
+            | Op::Cast(..)
     )
 }
 
@@ -141,6 +151,14 @@ pub(super) fn analyse(p: &Program) -> Fusion {
         tiles.retain(|o| !p.ty(*o).is_scalar());
         // A reshape shares its operand's storage unless both fuse.
         if matches!(i.op, Op::Reshape(_)) && tiles.iter().any(|o| !fused.contains(o)) {
+            continue;
+        }
+        // A transpose of a stored tile is an index remap of it: read through, wherever and however
+        // often it is read, instead of a pass that copies it (and a barrier).
+        if let Op::Transpose(src) = i.op {
+            if !i.yielded && !p.ty(src).is_scalar() && !fused.contains(&src) {
+                fused.insert(v);
+            }
             continue;
         }
         if i.yielded || i.reread {
@@ -205,7 +223,7 @@ pub(super) fn leaves(f: &Fusion, p: &Program, v: Value, own_index: bool, out: &m
         }
         return;
     };
-    let same = !matches!(op, Op::Broadcast(_));
+    let same = !matches!(op, Op::Broadcast(_) | Op::Transpose(_));
     let mut ops = Vec::new();
     operands_of(op, &mut ops);
     for o in ops {
