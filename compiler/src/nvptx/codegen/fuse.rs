@@ -17,7 +17,8 @@
 //!   and there is one read, or at most [`MAX_CHEAP_READS`] of an operation without a
 //!   transcendental function;
 //! - a transpose of a stored tile: always (it is read through, at the transposed index), unless
-//!   a loop yields it;
+//!   a loop yields it or a `dot` off the tensor cores reads it (a decode step's one-row product,
+//!   whose lanes would then read the tile down its columns: measured slower on an H200);
 //! - never a value a loop yields (its carried storage is rewritten while later carried values may
 //!   still read it), nor a loop's carried values and results, nor an operand of an operation that
 //!   reads each element many times (`dot`, `tri_inv`, a reduction to a scalar, which every thread
@@ -50,15 +51,18 @@ struct Info {
     reread: bool,
     /// Read by a broadcast that repeats its elements (directly or through reshapes).
     expanded: bool,
+    /// Read by a `dot` that runs as a per-thread loop (not on the tensor cores).
+    simt_dot: bool,
 }
 
-#[derive(Default)]
-struct Walk {
+struct Walk<'m> {
     info: HashMap<Value, Info>,
     blocks: usize,
+    /// Whether a `dot` of these operands runs on the tensor cores.
+    mma: &'m dyn Fn(Value, Value) -> bool,
 }
 
-impl Walk {
+impl Walk<'_> {
     fn block(&mut self, p: &Program, b: &Block) {
         let id = self.blocks;
         self.blocks += 1;
@@ -76,6 +80,11 @@ impl Walk {
                     if matches!(inst.op, Op::Dot(..) | Op::TriInv(_)) || (matches!(inst.op, Op::Reduce(..)) && to_scalar) {
                         i.reread = true;
                     }
+                    if let Op::Dot(a, b) = inst.op {
+                        if !(self.mma)(a, b) {
+                            i.simt_dot = true;
+                        }
+                    }
                     if matches!(inst.op, Op::Broadcast(_)) && inst.results.first().is_some_and(|r| p.ty(*r).numel() > p.ty(*v).numel()) {
                         i.expanded = true;
                     }
@@ -87,7 +96,15 @@ impl Walk {
             }
             if let [r] = inst.results[..] {
                 if !p.ty(r).is_scalar() && candidate(&inst.op) {
-                    let info = Info { op: inst.op.clone(), block: id, reads: Vec::new(), yielded: false, reread: false, expanded: false };
+                    let info = Info {
+                        op: inst.op.clone(),
+                        block: id,
+                        reads: Vec::new(),
+                        yielded: false,
+                        reread: false,
+                        expanded: false,
+                        simt_dot: false,
+                    };
                     self.info.insert(r, info);
                 }
             }
@@ -122,9 +139,9 @@ fn cheap(op: &Op) -> bool {
     }
 }
 
-/// The fused tiles of `p`.
-pub(super) fn analyse(p: &Program) -> Fusion {
-    let mut w = Walk::default();
+/// The fused tiles of `p`; `mma` says whether a `dot` of two operands runs on the tensor cores.
+pub(super) fn analyse(p: &Program, mma: &dyn Fn(Value, Value) -> bool) -> Fusion {
+    let mut w = Walk { info: HashMap::new(), blocks: 0, mma };
     w.block(p, &p.body);
     // Decide in definition order (operands before users): value numbers grow along the program.
     let mut order: Vec<Value> = w.info.keys().copied().collect();
@@ -156,7 +173,7 @@ pub(super) fn analyse(p: &Program) -> Fusion {
         // A transpose of a stored tile is an index remap of it: read through, wherever and however
         // often it is read, instead of a pass that copies it (and a barrier).
         if let Op::Transpose(src) = i.op {
-            if !i.yielded && !p.ty(src).is_scalar() && !fused.contains(&src) {
+            if !i.yielded && !i.simt_dot && !p.ty(src).is_scalar() && !fused.contains(&src) {
                 fused.insert(v);
             }
             continue;

@@ -53,6 +53,14 @@ impl DotMode {
         }
     }
 
+    /// Whether `a · b` runs on the tensor cores in this mode (its shape tiles into `mma`s); else
+    /// it is a per-thread loop.
+    pub(super) fn tiles(self, p: &Program, a: Value, b: Value) -> bool {
+        let (sa, sb) = (&p.ty(a).shape, &p.ty(b).shape);
+        let (Some(&m), Some(&k), Some(&n)) = (sa.first(), sa.get(1), sb.get(1)) else { return false };
+        self != DotMode::Simt && m.is_multiple_of(16) && n.is_multiple_of(8) && k.is_multiple_of(self.k_step())
+    }
+
     /// The reduction depth of one `mma` instruction.
     fn k_step(self) -> u32 {
         match self {
@@ -101,7 +109,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         let mode = self.dot_mode;
         let (m, k) = (self.p.ty(a).shape[0], self.p.ty(a).shape[1]);
         let n = self.p.ty(b).shape[1];
-        if mode == DotMode::Simt || !m.is_multiple_of(16) || !n.is_multiple_of(8) || !k.is_multiple_of(mode.k_step()) {
+        if !mode.tiles(self.p, a, b) {
             return Ok(false);
         }
         self.alloc(out);
