@@ -215,40 +215,33 @@ pub fn compile(program: &Program, device: &str, options: Options) -> Result<Comp
     Ok(Compiled { ptx, entry, scratch_bytes, shared_bytes, threads: threads_for(program, options.max_threads), cubin: None })
 }
 
-/// The shared-memory tiles to store swizzled, with their row length: the tiles the tensor-core
-/// fragments read (operands of `dot`s on the tensor cores and what fused operands, transposes
-/// included, read of them), when they are f32 tiles of two or more axes whose last axis is a
-/// multiple of 32 elements, the same for every tile of the storage group. Row r's 16-byte groups
-/// are stored XORed with r mod 8, so fragment reads down a column (eight rows at one column: one
-/// bank, eight-way conflicts on a plain row-major tile whose rows are a multiple of 128 bytes)
-/// spread over the banks, while a warp reading 32 consecutive elements of a row still touches 128
-/// contiguous bytes and the adjacent pairs the fragments load as one 8-byte access stay adjacent.
-/// Only those tiles: with every qualifying tile swizzled, kernels without tensor-core products
-/// measured slower on an H200 (the index arithmetic on every access: RMSNorm 0.112 → 0.133 ms,
-/// attention decode 1.09 → 1.36, the HGRN scan 0.97 → 1.15), while attention's forward gained
-/// 37.5 → 34.2 ms.
-/// `HLAC_NVPTX_SWIZZLE=off` stores every tile plainly, for A/B measurements.
-fn swizzle_of(p: &Program, layout: &kir::layout::Layout, fusion: &fuse::Fusion) -> HashMap<Value, u32> {
+/// The shared-memory tiles to store swizzled, with their row length: in a kernel with a `dot` on
+/// the tensor cores, every f32 tile of two or more axes whose last axis is a multiple of 32
+/// elements, the same for every tile of the storage group. Row r's 16-byte groups are stored
+/// XORed with r mod 8, so the fragments' reads and writes down a column (eight rows at one column:
+/// one bank, eight-way conflicts on a plain row-major tile whose rows are a multiple of 128
+/// bytes) and transposes spread over the banks, while a warp reading 32 consecutive elements of a
+/// row still touches 128 contiguous bytes and the adjacent pairs the fragments load as one 8-byte
+/// access stay adjacent. Measured on an H200: attention's forward 37.5 → 34.2 ms; swizzling only
+/// the fragments' operands gave 37.3. Kernels without tensor-core products keep plain tiles: the
+/// index arithmetic on every access made them slower (RMSNorm 0.112 → 0.133 ms, attention decode
+/// 1.09 → 1.36, the HGRN scan 0.97 → 1.15). `HLAC_NVPTX_SWIZZLE=off` stores every tile plainly,
+/// for A/B measurements.
+fn swizzle_of(p: &Program, layout: &kir::layout::Layout) -> HashMap<Value, u32> {
     if std::env::var("HLAC_NVPTX_SWIZZLE").is_ok_and(|v| v == "off") {
         return HashMap::new();
     }
-    // The stored tiles that fragments read.
     let mode = DotMode::for_program(p);
-    let mut read = Vec::new();
-    fn walk(p: &Program, b: &Block, mode: DotMode, fusion: &fuse::Fusion, read: &mut Vec<(Value, bool)>) {
-        for inst in &b.insts {
-            match &inst.op {
-                Op::Dot(a, x) if mode.tiles(p, *a, *x) => {
-                    fuse::leaves(fusion, p, *a, true, read);
-                    fuse::leaves(fusion, p, *x, true, read);
-                }
-                Op::For { body, .. } => walk(p, body, mode, fusion, read),
-                _ => {}
-            }
-        }
+    fn any_mma(p: &Program, b: &Block, mode: DotMode) -> bool {
+        b.insts.iter().any(|inst| match &inst.op {
+            Op::Dot(a, x) => mode.tiles(p, *a, *x),
+            Op::For { body, .. } => any_mma(p, body, mode),
+            _ => false,
+        })
     }
-    walk(p, &p.body, mode, fusion, &mut read);
-    let wanted: std::collections::HashSet<Value> = read.iter().map(|(v, _)| layout.group(*v)).collect();
+    if !any_mma(p, &p.body, mode) {
+        return HashMap::new();
+    }
     let row = |v: Value| {
         let t = p.ty(v);
         let c = t.shape.last().copied().unwrap_or(0);
@@ -263,12 +256,7 @@ fn swizzle_of(p: &Program, layout: &kir::layout::Layout, fusion: &fuse::Fusion) 
             *g = None;
         }
     }
-    layout
-        .tiles()
-        .into_iter()
-        .filter(|(v, _)| wanted.contains(&layout.group(*v)))
-        .filter_map(|(v, _)| groups.get(&layout.group(v)).copied().flatten().map(|c| (v, c)))
-        .collect()
+    layout.tiles().into_iter().filter_map(|(v, _)| groups.get(&layout.group(v)).copied().flatten().map(|c| (v, c))).collect()
 }
 
 /// A PTX-safe identifier.
@@ -394,7 +382,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             g.set_alignment(16);
             g.as_pointer_value()
         });
-        let swizzle = if smem.is_some() { swizzle_of(p, &layout, &fusion) } else { HashMap::new() };
+        let swizzle = if smem.is_some() { swizzle_of(p, &layout) } else { HashMap::new() };
         let mut g = Gen {
             ctx,
             module,
