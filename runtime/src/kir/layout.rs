@@ -5,9 +5,10 @@
 //! outside it stays live to the loop's end (the loop reads it again), and a loop's carried tiles
 //! live through the whole loop. Tiles that share storage — a `reshape` and its operand, a loop's
 //! carried argument and its result — form one group, live for the union of their intervals.
-//! Groups are placed first-fit in order of definition; storage is reused only by a group defined
-//! after every use of the previous occupant, so an instruction never overwrites one of its own
-//! operands. Every offset is a multiple of 64 bytes.
+//! Groups are placed first-fit in order of definition (or largest first: [`Packing`]); two
+//! groups share storage only when one is defined after every use of the other, so an
+//! instruction never overwrites one of its own operands ([`check`] tests exactly that). Every
+//! offset is a multiple of 64 bytes.
 
 use std::collections::{HashMap, HashSet};
 
@@ -208,44 +209,115 @@ pub fn plan(p: &Program) -> Layout {
 /// storage, and the stored values their computation reads (their leaves) stay live until the
 /// fused tile's last use. A fused tile must not be a loop's carried value or a reshape of a stored
 /// tile.
+/// `HLAC_PACK=largest` selects [`Packing::LargestFirst`] for both back ends, `HLAC_PACK=best`
+/// whichever of the two packings is smaller, kernel by kernel (for A/B measurements; not yet
+/// measured on a GPU).
 pub fn plan_fused(p: &Program, fused: &HashSet<Value>) -> Layout {
+    match std::env::var("HLAC_PACK").as_deref() {
+        Ok("largest") => plan_packed(p, fused, Packing::LargestFirst),
+        Ok("best") => {
+            let (a, b) = (plan_packed(p, fused, Packing::Definition), plan_packed(p, fused, Packing::LargestFirst));
+            if b.bytes < a.bytes {
+                b
+            } else {
+                a
+            }
+        }
+        _ => plan_packed(p, fused, Packing::Definition),
+    }
+}
+
+/// The order in which [`plan_packed`] places storage groups, each at the lowest offset where it
+/// overlaps no group live at the same time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Packing {
+    /// In order of definition (both back ends' default).
+    Definition,
+    /// Largest first, then in order of definition: packs closer to the peak of live bytes when
+    /// large and small tiles interleave (GDN's forward at K = V = 128 and bf16: 197 KB, its peak,
+    /// instead of 247), so more kernels fit one block's shared memory.
+    LargestFirst,
+}
+
+/// The stored tiles, each with its storage group's root, and each group's (definition, last use,
+/// bytes).
+type Groups = (Vec<(Value, Value)>, HashMap<Value, (u64, u64, u64)>);
+
+fn groups_of(p: &Program, fused: &HashSet<Value>) -> Groups {
     let mut w = Walk { fused: fused.clone(), ..Walk::default() };
     w.block(p, &p.body, &mut Vec::new());
-    // Group intervals and sizes over the tiles.
     let mut groups: HashMap<Value, (u64, u64, u64)> = HashMap::new();
-    let tiles: Vec<Value> = w.def.keys().copied().filter(|v| !p.ty(*v).is_scalar() && !fused.contains(v)).collect();
-    for v in &tiles {
-        let root = w.find(*v);
-        let d = w.def.get(v).copied().unwrap_or(0);
-        let l = w.last.get(v).copied().unwrap_or(d);
-        let size = bytes_of(p.ty(*v).numel(), p.ty(*v).dtype);
+    let mut tiles: Vec<(Value, Value)> = Vec::new();
+    let stored: Vec<Value> = w.def.keys().copied().filter(|v| !p.ty(*v).is_scalar() && !fused.contains(v)).collect();
+    for v in stored {
+        let root = w.find(v);
+        let d = w.def.get(&v).copied().unwrap_or(0);
+        let l = w.last.get(&v).copied().unwrap_or(d);
+        let size = bytes_of(p.ty(v).numel(), p.ty(v).dtype);
         let e = groups.entry(root).or_insert((d, l, size));
         e.0 = e.0.min(d);
         e.1 = e.1.max(l);
         e.2 = e.2.max(size);
+        tiles.push((v, root));
     }
+    (tiles, groups)
+}
+
+/// Checks a layout of `p` (planned with `fused` not stored): every stored tile has the offset of
+/// its storage group, and no two groups live at the same time share a byte. For tests of the
+/// packings; the liveness is the planner's own.
+pub fn check(p: &Program, fused: &HashSet<Value>, layout: &Layout) -> Result<(), String> {
+    let (tiles, groups) = groups_of(p, fused);
+    let mut at: HashMap<Value, u64> = HashMap::new();
+    for (v, root) in &tiles {
+        let o = layout.offset(*v);
+        if *at.entry(*root).or_insert(o) != o {
+            return Err(format!("{v} is not at its storage group's offset"));
+        }
+    }
+    let placed: Vec<(Value, u64, (u64, u64, u64))> = groups.iter().map(|(r, g)| (*r, at.get(r).copied().unwrap_or(0), *g)).collect();
+    for (i, (ra, oa, (da, la, sa))) in placed.iter().enumerate() {
+        if oa + sa > layout.bytes {
+            return Err(format!("{ra}'s storage ends past the workspace's {} bytes", layout.bytes));
+        }
+        for (rb, ob, (db, lb, sb)) in &placed[i + 1..] {
+            let live_together = !(la < db || lb < da);
+            let share = oa < &(ob + sb) && ob < &(oa + sa);
+            if live_together && share {
+                return Err(format!("{ra} and {rb} are live together and share bytes"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// [`plan_fused`] with a choice of [`Packing`].
+pub fn plan_packed(p: &Program, fused: &HashSet<Value>, packing: Packing) -> Layout {
+    let (tiles, groups) = groups_of(p, fused);
     let mut order: Vec<(Value, (u64, u64, u64))> = groups.into_iter().collect();
-    order.sort_by_key(|(v, (d, _, _))| (*d, v.0));
-    // Placed groups: (offset, size, last use).
-    let mut placed: Vec<(u64, u64, u64)> = Vec::new();
+    match packing {
+        Packing::Definition => order.sort_by_key(|(v, (d, _, _))| (*d, v.0)),
+        Packing::LargestFirst => order.sort_by_key(|(v, (d, _, s))| (std::cmp::Reverse(*s), *d, v.0)),
+    }
+    // Placed groups: (offset, size, definition, last use).
+    let mut placed: Vec<(u64, u64, u64, u64)> = Vec::new();
     let mut root_offset: HashMap<Value, u64> = HashMap::new();
     let mut bytes = 0u64;
     for (root, (def, last, size)) in order {
-        // First fit among offsets whose occupants are all dead before `def`.
-        let mut candidates: Vec<u64> = std::iter::once(0).chain(placed.iter().map(|(o, s, _)| o + s)).collect();
+        // First fit among offsets whose occupants are all dead before `def` or born after `last`.
+        let mut candidates: Vec<u64> = std::iter::once(0).chain(placed.iter().map(|(o, s, _, _)| o + s)).collect();
         candidates.sort_unstable();
-        let fits = |at: u64| placed.iter().all(|(o, s, l)| *l < def || at + size <= *o || *o + s <= at);
+        let fits = |at: u64| placed.iter().all(|(o, s, d, l)| *l < def || last < *d || at + size <= *o || *o + s <= at);
         let at = candidates.into_iter().find(|c| fits(*c)).unwrap_or(bytes);
-        placed.push((at, size, last));
+        placed.push((at, size, def, last));
         root_offset.insert(root, at);
         bytes = bytes.max(at + size);
     }
     let mut offsets = HashMap::new();
-    let mut members = HashMap::new();
-    for v in tiles {
-        let root = w.find(v);
+    let mut group_of = HashMap::new();
+    for (v, root) in tiles {
         offsets.insert(v, root_offset.get(&root).copied().unwrap_or(0));
-        members.insert(v, root);
+        group_of.insert(v, root);
     }
-    Layout { offsets, groups: members, bytes }
+    Layout { offsets, groups: group_of, bytes }
 }
