@@ -143,6 +143,11 @@ pub struct ModelKernel {
     pub piece: Option<hlac_runtime::PieceInfo>,
 }
 
+/// An A/B measurement knob: the environment variable `name` as a number, when it is set to one.
+fn knob(name: &str) -> Option<u32> {
+    std::env::var(name).ok().and_then(|v| v.parse::<u32>().ok())
+}
+
 /// Whether a kernel's whole workspace fits in one block's shared memory on a GPU `device` (where
 /// the NVPTX back end then places it, for kernels that ask: [`ModelKernel::gpu_options`]). On the CPU
 /// any size fits.
@@ -221,13 +226,13 @@ pub fn model_kernels(model: &crate::ir::Model) -> Result<Vec<ModelKernel>, Lower
         // On the CPU one instance per head computes every value column (the intra-chunk matrix is
         // then built once per chunk); GPUs split V across blocks for parallelism.
         // HLAC_GPU_BLOCK_V=n caps the GPU's value block at n instead (for A/B measurements).
-        let gpu_cap = std::env::var("HLAC_GPU_BLOCK_V").ok().and_then(|v| v.parse::<u32>().ok()).filter(|v| *v > 0).unwrap_or(64);
+        let gpu_cap = knob("HLAC_GPU_BLOCK_V").filter(|v| *v > 0).unwrap_or(64);
         let block_v = if model.target.device == crate::ir::Device::Cpu { r.v() } else { block_of(r.v(), gpu_cap) };
         // Vector gates' sub-blocks of 16 rows on every target, measured faster than the pairwise
         // form on both (BENCHMARKS.md; on an H200, GLA fwd 14.7 -> 11.2 ms, bwd 114 -> 51 ms;
         // HGRN-2 fwd 35.1 -> 11.6 ms, bwd 225 -> 58 ms). HLAC_SUB_BLOCK=n selects n rows (0: the
         // pairwise form), for A/B measurements.
-        let sub_block = std::env::var("HLAC_SUB_BLOCK").ok().and_then(|v| v.parse::<u32>().ok()).unwrap_or(16);
+        let sub_block = knob("HLAC_SUB_BLOCK").unwrap_or(16);
         let tiling = Tiling { chunk: model.target.chunk_size as u32, block_v, sub_block };
         if class.family == crate::classify::Family::Scan {
             // The tokens of a sequence are one chain, so the scan's parallelism is the channels: on
@@ -236,7 +241,7 @@ pub fn model_kernels(model: &crate::ir::Model) -> Result<Vec<ModelKernel>, Lower
             let scan_block = if model.target.device == crate::ir::Device::Cpu { 64 } else { 32 };
             // Tokens per block of the scan: the chunk size (HLAC_SCAN_ROWS=n overrides it, for
             // A/B measurements).
-            let rows = std::env::var("HLAC_SCAN_ROWS").ok().and_then(|v| v.parse::<u32>().ok()).filter(|r| *r > 0).unwrap_or(tiling.chunk);
+            let rows = knob("HLAC_SCAN_ROWS").filter(|r| *r > 0).unwrap_or(tiling.chunk);
             out.push(ModelKernel {
                 name: format!("{}_scan_fwd", m.name),
                 mixer: Some(h.index()),

@@ -10,7 +10,9 @@
 //! across the block's threads, followed by a block barrier, as is every read of a tile into a
 //! scalar, since the workspace layout reuses a dead tile's storage for the next one; elementwise
 //! chains are fused into the operations that read them (computed per element, not stored), and a
-//! chain that touches each byte from one thread only pays one barrier at its end. Scalars are
+//! chain that touches each byte from one thread only pays one barrier at its end; a transpose of a
+//! stored tile is read through at the transposed index. In kernels with tensor-core products,
+//! shared-memory tiles are stored swizzled against bank conflicts (`swizzle_of`). Scalars are
 //! computed by every thread alike. `dot` runs on the tensor cores (`mma.sync`) where its shape
 //! tiles, else as FMA loops (each output's sum split across lanes when outputs are fewer than
 //! threads); row reductions take a warp per row; scans give each thread whole lines; `tri_inv`

@@ -99,7 +99,7 @@ impl Walk {
             self.pos += 1;
             let here = self.pos;
             let mut direct = Vec::new();
-            collect_operands(&inst.op, &mut direct);
+            inst.op.operands(&mut direct);
             // A fused operand is computed here from its leaves, so here is where they are read.
             let mut operands = Vec::new();
             for v in direct {
@@ -170,33 +170,6 @@ impl Walk {
 /// Instructions in a block, nested ones included.
 fn count(b: &Block) -> u64 {
     b.insts.iter().map(|i| 1 + if let Op::For { body, .. } = &i.op { count(body) + 1 } else { 0 }).sum()
-}
-
-fn collect_operands(op: &Op, out: &mut Vec<Value>) {
-    match op {
-        Op::ProgramId(_) | Op::Param(_) | Op::Const(_) | Op::Iota(_) | Op::Table(_) => {}
-        Op::Unary(_, a) | Op::Cast(a, _) | Op::Broadcast(a) | Op::Reshape(a) | Op::Transpose(a) | Op::TriInv(a) => out.push(*a),
-        Op::Reduce(_, a, _) => out.push(*a),
-        Op::Scan { value, decay, .. } => {
-            out.push(*value);
-            out.extend(decay);
-        }
-        Op::Binary(_, a, b) | Op::Cmp(_, a, b) | Op::Dot(a, b) => out.extend([*a, *b]),
-        Op::Select { cond, then, otherwise } => out.extend([*cond, *then, *otherwise]),
-        Op::Load { offsets, mask, .. } => {
-            out.push(*offsets);
-            out.extend(mask);
-        }
-        Op::Store { offsets, value, mask, .. } => {
-            out.extend([*offsets, *value]);
-            out.extend(mask);
-        }
-        Op::For { lo, hi, step, init, .. } => {
-            out.extend([*lo, *hi, *step]);
-            out.extend(init);
-        }
-        Op::Yield(vs) => out.extend(vs),
-    }
 }
 
 /// Plans the workspace of a verified program.

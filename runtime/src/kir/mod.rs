@@ -378,6 +378,37 @@ pub enum Op {
     Yield(Vec<Value>),
 }
 
+impl Op {
+    /// Every value the operation reads, appended to `out` (a loop's body excluded: its bounds and
+    /// initial values only).
+    pub fn operands(&self, out: &mut Vec<Value>) {
+        match self {
+            Op::ProgramId(_) | Op::Param(_) | Op::Const(_) | Op::Iota(_) | Op::Table(_) => {}
+            Op::Unary(_, a) | Op::Cast(a, _) | Op::Broadcast(a) | Op::Reshape(a) | Op::Transpose(a) | Op::TriInv(a) => out.push(*a),
+            Op::Reduce(_, a, _) => out.push(*a),
+            Op::Scan { value, decay, .. } => {
+                out.push(*value);
+                out.extend(decay);
+            }
+            Op::Binary(_, a, b) | Op::Cmp(_, a, b) | Op::Dot(a, b) => out.extend([*a, *b]),
+            Op::Select { cond, then, otherwise } => out.extend([*cond, *then, *otherwise]),
+            Op::Load { offsets, mask, .. } => {
+                out.push(*offsets);
+                out.extend(mask);
+            }
+            Op::Store { offsets, value, mask, .. } => {
+                out.extend([*offsets, *value]);
+                out.extend(mask);
+            }
+            Op::For { lo, hi, step, init, .. } => {
+                out.extend([*lo, *hi, *step]);
+                out.extend(init);
+            }
+            Op::Yield(vs) => out.extend(vs),
+        }
+    }
+}
+
 /// One instruction.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Inst {

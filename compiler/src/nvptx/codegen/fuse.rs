@@ -68,7 +68,7 @@ impl Walk<'_> {
         self.blocks += 1;
         for inst in &b.insts {
             let mut operands = Vec::new();
-            operands_of(&inst.op, &mut operands);
+            inst.op.operands(&mut operands);
             for v in &operands {
                 if let Some(i) = self.info.get_mut(v) {
                     i.reads.push(id);
@@ -164,7 +164,7 @@ pub(super) fn analyse(p: &Program, mma: &dyn Fn(Value, Value) -> bool) -> Fusion
     for v in order {
         let Some(i) = w.info.get(&v) else { continue };
         let mut tiles = Vec::new();
-        operands_of(&i.op, &mut tiles);
+        i.op.operands(&mut tiles);
         tiles.retain(|o| !p.ty(*o).is_scalar());
         // A reshape shares its operand's storage unless both fuse.
         if matches!(i.op, Op::Reshape(_)) && tiles.iter().any(|o| !fused.contains(o)) {
@@ -202,34 +202,6 @@ pub(super) fn analyse(p: &Program, mma: &dyn Fn(Value, Value) -> bool) -> Fusion
     Fusion { fused, defs }
 }
 
-/// Every value an operation reads (nested blocks excluded).
-fn operands_of(op: &Op, out: &mut Vec<Value>) {
-    match op {
-        Op::ProgramId(_) | Op::Param(_) | Op::Const(_) | Op::Iota(_) | Op::Table(_) => {}
-        Op::Unary(_, a) | Op::Cast(a, _) | Op::Broadcast(a) | Op::Reshape(a) | Op::Transpose(a) | Op::TriInv(a) => out.push(*a),
-        Op::Reduce(_, a, _) => out.push(*a),
-        Op::Scan { value, decay, .. } => {
-            out.push(*value);
-            out.extend(decay);
-        }
-        Op::Binary(_, a, b) | Op::Cmp(_, a, b) | Op::Dot(a, b) => out.extend([*a, *b]),
-        Op::Select { cond, then, otherwise } => out.extend([*cond, *then, *otherwise]),
-        Op::Load { offsets, mask, .. } => {
-            out.push(*offsets);
-            out.extend(mask);
-        }
-        Op::Store { offsets, value, mask, .. } => {
-            out.extend([*offsets, *value]);
-            out.extend(mask);
-        }
-        Op::For { lo, hi, step, init, .. } => {
-            out.extend([*lo, *hi, *step]);
-            out.extend(init);
-        }
-        Op::Yield(vs) => out.extend(vs),
-    }
-}
-
 /// The stored tiles a fused tile's computation reads, each with whether it is read at the fused
 /// element's own index (through elementwise operations and reshapes only) or elsewhere (through a
 /// broadcast), which matters for barriers: another thread may read it.
@@ -242,7 +214,7 @@ pub(super) fn leaves(f: &Fusion, p: &Program, v: Value, own_index: bool, out: &m
     };
     let same = !matches!(op, Op::Broadcast(_) | Op::Transpose(_));
     let mut ops = Vec::new();
-    operands_of(op, &mut ops);
+    op.operands(&mut ops);
     for o in ops {
         leaves(f, p, o, own_index && same, out);
     }
