@@ -33,7 +33,8 @@ chunk_flops = B * T * H * (4 * C * D + 4 * D * D)
 attn_flops = B * T * H * 2 * T * D
 # (label, hlac artifact, fwd roles, fwd+bwd roles, peer op, flops fwd)
 OPS = [
-    ("causal attention (fla: SDPA)", "gdn", ["attn_fwd"], ["attn_fwd", "attn_bwd_dq", "attn_bwd_dkv"], "sdpa", attn_flops),
+    ("causal attention, no RoPE (fla: SDPA)", "attn", ["attn_fwd"], ["attn_fwd", "attn_bwd_dq", "attn_bwd_dkv"], "sdpa", attn_flops),
+    ("causal attention + fused RoPE (fla: SDPA, no RoPE)", "gdn", ["attn_fwd"], ["attn_fwd", "attn_bwd_dq", "attn_bwd_dkv"], "sdpa", attn_flops),
     ("GLA", "gla", ["chunk_fwd"], ["chunk_fwd_states", "chunk_bwd"], "gla", chunk_flops),
     ("HGRN-2 (fla: chunk_gla)", "hgrn2", ["chunk_fwd"], ["chunk_fwd_states", "chunk_bwd"], "gla", chunk_flops),
     ("RetNet", "retnet", ["chunk_fwd"], ["chunk_fwd_states", "chunk_bwd"], "retnet", chunk_flops),
