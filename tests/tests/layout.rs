@@ -43,3 +43,102 @@ fn largest_first_packs_gdn_forward_into_shared_memory() {
     let largest_first = layout::plan_packed(p, &HashSet::new(), Packing::LargestFirst).bytes;
     assert!(largest_first < by_definition, "largest first {largest_first} bytes, by definition {by_definition}");
 }
+
+/// A loop's yielded tile takes its carried tile's storage exactly when the carried tile is dead by
+/// the time it is written: read only before (or by an elementwise operation at the element it
+/// writes), never afterwards, and never by the writing operation at other elements (through a
+/// fused transpose, or a product) — with every elementwise step stored, and with them fused as the
+/// NVPTX back end computes them.
+#[test]
+fn yields_in_place_only_over_dead_carried_tiles() {
+    use hlac_runtime::kir::{Builder, DType, Value};
+    type Body = fn(&mut Builder, Value, hlac_runtime::kir::build::Ptr) -> Value;
+    // (name, body, in place when stored, in place when fused)
+    let cases: [(&str, Body, bool, bool); 5] = [
+        (
+            "elementwise at its own element",
+            |b, x, _| {
+                let two = b.f32(2.0);
+                b.mul(x, two)
+            },
+            true,
+            true,
+        ),
+        (
+            "read once before",
+            |b, x, _| {
+                let e = b.exp(x);
+                let one = b.f32(1.0);
+                b.add(e, one)
+            },
+            true,
+            true,
+        ),
+        (
+            "read again after",
+            |b, x, ptr| {
+                let two = b.f32(2.0);
+                let y = b.mul(x, two);
+                let iota = b.iota(256);
+                let off = b.reshape(iota, &[16, 16]);
+                let one = b.f32(1.0);
+                let w = b.add(x, one);
+                b.store(ptr, off, w, None);
+                y
+            },
+            false,
+            false,
+        ),
+        (
+            "transposed",
+            |b, x, _| {
+                let t = b.transpose(x);
+                let one = b.f32(1.0);
+                b.add(t, one)
+            },
+            true,
+            false,
+        ),
+        ("a product reading it", |b, x, _| b.dot(x, x), false, false),
+    ];
+    for (name, body, stored, fused_too) in cases {
+        let mut b = Builder::new("t", &["x"]);
+        let ptr = b.ptr("x", DType::F32, true);
+        let (lo, hi, step) = (b.i64(0), b.i64(4), b.i64(1));
+        let half = b.f32(0.5);
+        let init = b.broadcast(half, &[16, 16]);
+        let mut seen = (Value(0), Value(0));
+        let out = b.for_loop(lo, hi, step, &[init], |b, _, args| {
+            let y = body(b, args[0], ptr);
+            seen = (args[0], y);
+            vec![y]
+        });
+        let iota = b.iota(256);
+        let off = b.reshape(iota, &[16, 16]);
+        b.store(ptr, off, out[0], None);
+        let p = b.finish();
+        let (arg, y) = seen;
+        // The elementwise steps and transposes inside the body, as the NVPTX back end fuses them.
+        let mut fusable = HashSet::new();
+        for inst in &p.body.insts {
+            if let hlac_runtime::kir::Op::For { body, .. } = &inst.op {
+                for i in &body.insts {
+                    let elementwise = matches!(
+                        i.op,
+                        hlac_runtime::kir::Op::Unary(..) | hlac_runtime::kir::Op::Binary(..) | hlac_runtime::kir::Op::Transpose(_)
+                    );
+                    if let [r] = i.results[..] {
+                        if elementwise && r != y && !p.ty(r).is_scalar() {
+                            fusable.insert(r);
+                        }
+                    }
+                }
+            }
+        }
+        for (fused, expect) in [(HashSet::new(), stored), (fusable, fused_too)] {
+            let l = layout::plan_fused(&p, &fused);
+            layout::check(&p, &fused, &l).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(l.offset(y) == l.offset(arg), expect, "{name} (fused: {})", !fused.is_empty());
+        }
+    }
+}

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 
+mod contig;
 mod fuse;
 mod mma;
 mod warp;
@@ -34,6 +35,12 @@ pub fn threads_for(program: &Program, cap: u32) -> u32 {
         std::env::var("HLAC_NVPTX_THREADS").ok().and_then(|v| v.parse::<u32>().ok()).filter(|t| t % 32 == 0 && (32..=1024).contains(t));
     let cap = forced.unwrap_or(cap).max(32);
     (widest.div_ceil(32) * 32).clamp(32, u64::from(cap)) as u32
+}
+
+/// The most elements a thread computes per iteration of an elementwise pass (`Gen::strided`):
+/// 4, or `HLAC_NVPTX_UNROLL=n` (1, 2 or 4), for A/B measurements.
+fn unroll_limit() -> u64 {
+    std::env::var("HLAC_NVPTX_UNROLL").ok().and_then(|v| v.parse().ok()).filter(|u| [1, 2, 4].contains(u)).unwrap_or(4)
 }
 
 /// Why a program could not be compiled to PTX.
@@ -347,6 +354,9 @@ struct Gen<'a, 'ctx> {
     /// Elements of fused tiles already computed in the current basic block, by (tile, index value,
     /// basic block): a fused expression read twice at one index is computed once.
     memo: HashMap<(Value, usize, usize), BasicValueEnum<'ctx>>,
+    /// What is known of the index tiles along their last axis ([`contig`]): which loads read
+    /// 16 bytes at a time.
+    contig: contig::Contig<'a>,
 }
 
 type R<T> = Result<T, NvptxError>;
@@ -426,6 +436,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             fusion,
             swizzle,
             memo: HashMap::new(),
+            contig: contig::Contig::new(p),
         };
         g.tid = g.sreg("llvm.nvvm.read.ptx.sreg.tid.x")?;
         Ok(g)
@@ -1064,16 +1075,46 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         if regions.iter().any(|r| self.unsynced.iter().any(|u| clash(r, u))) {
             self.sync()?;
         }
-        let end = self.i64c(n as i64);
-        let step = self.i64c(i64::from(self.threads));
-        let tid = self.tid;
-        self.counted(tid, end, step, &mut |g, i| {
-            let xs = operands.iter().map(|o| g.read(*o, i)).collect::<R<Vec<_>>>()?;
-            let r = f(g, &xs)?;
-            g.write(out, i, r)
-        })?;
+        self.strided(
+            n,
+            &mut |g, i| {
+                let xs = operands.iter().map(|o| g.read(*o, i)).collect::<R<Vec<_>>>()?;
+                f(g, &xs)
+            },
+            &mut |g, i, r| g.write(out, i, r),
+        )?;
         self.unsynced.extend(regions);
         Ok(())
+    }
+
+    /// Each thread computes elements tid, tid + threads, … of 0..n (`value`) and stores them
+    /// (`store`), several per iteration: every value of an iteration first, then the stores. The
+    /// workspace is addressed through integers, so neither LLVM nor ptxas may move a load above an
+    /// earlier store; computed one after the other, each element would wait out its own reads'
+    /// latency (an elementwise pass over a 64 × 128 tile, one element at a time, spent most of
+    /// its time stalled on shared-memory loads). No barrier: the caller's.
+    fn strided(
+        &mut self,
+        n: u64,
+        value: &mut dyn FnMut(&mut Self, IntValue<'ctx>) -> R<BasicValueEnum<'ctx>>,
+        store: &mut dyn FnMut(&mut Self, IntValue<'ctx>, BasicValueEnum<'ctx>) -> R<()>,
+    ) -> R<()> {
+        let threads = u64::from(self.threads);
+        let most = unroll_limit();
+        let unroll = [4u64, 2].into_iter().find(|u| *u <= most && n.is_multiple_of(threads * u)).unwrap_or(1);
+        let (tid, end, step) = (self.tid, self.i64c(n as i64), self.i64c((threads * unroll) as i64));
+        self.counted(tid, end, step, &mut |g, i| {
+            let mut done = Vec::new();
+            for u in 0..unroll {
+                let at = if u == 0 { i } else { g.b.build_int_add(i, g.i64c((u * threads) as i64), "").map_err(|x| g.llvm(x))? };
+                let x = value(g, at)?;
+                done.push((at, x));
+            }
+            for (at, x) in done {
+                store(g, at, x)?;
+            }
+            Ok(())
+        })
     }
 
     fn copy(&mut self, from: Value, to: Value) -> R<()> {
@@ -1081,10 +1122,8 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             return Ok(());
         }
         let n = self.p.ty(to).numel();
-        self.par(n, &mut |g, i| {
-            let x = g.read(from, i)?;
-            g.write(to, i, x)
-        })
+        self.strided(n, &mut |g, i| g.read(from, i), &mut |g, i, x| g.write(to, i, x))?;
+        self.barrier()
     }
     /// Per-axis indices of a flat index into `shape`.
     fn unflatten(&self, flat: IntValue<'ctx>, shape: &[u32]) -> R<Vec<IntValue<'ctx>>> {
@@ -1357,28 +1396,36 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                     let x = self.scalar(a)?;
                     self.par(self.p.ty(out).numel(), &mut |g, i| g.write(out, i, x))?;
                 } else {
-                    self.par(self.p.ty(out).numel(), &mut |g, i| {
+                    let read = &mut |g: &mut Self, i| {
                         let src = g.broadcast_source(a, out, i)?;
-                        let x = g.read(a, src)?;
-                        g.write(out, i, x)
-                    })?;
+                        g.read(a, src)
+                    };
+                    self.strided(self.p.ty(out).numel(), read, &mut |g, i, x| g.write(out, i, x))?;
+                    self.barrier()?;
                 }
             }
             Op::Transpose(a) => {
                 let out = res()?;
                 let a = *a;
                 self.alloc(out);
-                self.par(self.p.ty(out).numel(), &mut |g, i| {
+                let read = &mut |g: &mut Self, i| {
                     let src = g.transposed(out, i)?;
-                    let x = g.read(a, src)?;
-                    g.write(out, i, x)
-                })?;
+                    g.read(a, src)
+                };
+                self.strided(self.p.ty(out).numel(), read, &mut |g, i, x| g.write(out, i, x))?;
+                self.barrier()?;
             }
             Op::Load { ptr, offsets, mask, other } => {
                 let out = res()?;
                 let d = self.p.ty(out).dtype;
                 let (offsets, mask, other, ptr) = (*offsets, *mask, *other, *ptr);
                 self.alloc(out);
+                let w = self.vector_width(ptr, offsets, mask, out);
+                if w > 1 {
+                    self.load_vectors(out, ptr, offsets, mask, other, w)?;
+                    self.barrier()?;
+                    return Ok(());
+                }
                 // Each thread issues `unroll` loads before it writes any: independent loads in
                 // flight instead of one round trip to memory after another.
                 let n = self.p.ty(out).numel();

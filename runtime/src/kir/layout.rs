@@ -4,7 +4,11 @@
 //! Each tile is live from its definition to its last use; a tile used inside a loop but defined
 //! outside it stays live to the loop's end (the loop reads it again), and a loop's carried tiles
 //! live through the whole loop. Tiles that share storage — a `reshape` and its operand, a loop's
-//! carried argument and its result — form one group, live for the union of their intervals.
+//! carried argument and its result — form one group, live for the union of their intervals. So
+//! does a loop's carried argument with the tile its body yields for it, when the argument is dead
+//! by the time that tile is written (read before, or elementwise at the written element by the
+//! operation that writes it): the yield then copies nothing (`Walk::in_place`;
+//! `HLAC_YIELD_IN_PLACE=off` for A/B measurements).
 //! Groups are placed first-fit in order of definition (or largest first: [`Packing`]); two
 //! groups share storage only when one is defined after every use of the other, so an
 //! instruction never overwrites one of its own operands ([`check`] tests exactly that). Every
@@ -68,6 +72,12 @@ struct Walk {
     fused: HashSet<Value>,
     /// For each fused tile, the stored values its computation reads.
     leaves: HashMap<Value, Vec<Value>>,
+    /// For each fused tile, the leaves it reads at other elements than the one it computes
+    /// (through a broadcast or a transpose): an operation must not overwrite those in place.
+    cross: HashMap<Value, HashSet<Value>>,
+    /// Each instruction's position and operation, by its single result (for the in-place test of
+    /// a loop's yielded tiles).
+    defining: HashMap<Value, (u64, Op)>,
 }
 
 impl Walk {
@@ -109,9 +119,29 @@ impl Walk {
                 }
             }
             if let Some(r) = inst.results.first().filter(|r| self.fused.contains(r)) {
+                // Leaves read at another element: every leaf of a broadcast or transpose, and
+                // whatever the fused operands read so.
+                let mut cross = HashSet::new();
+                let mut direct = Vec::new();
+                inst.op.operands(&mut direct);
+                let moves = matches!(inst.op, Op::Broadcast(_) | Op::Transpose(_));
+                for v in &direct {
+                    match self.leaves.get(v) {
+                        Some(l) if moves => cross.extend(l.iter().copied()),
+                        Some(_) => cross.extend(self.cross.get(v).into_iter().flatten().copied()),
+                        None if moves => {
+                            cross.insert(*v);
+                        }
+                        None => {}
+                    }
+                }
+                self.cross.insert(*r, cross);
                 self.def.insert(*r, here);
                 self.leaves.insert(*r, operands);
                 continue;
+            }
+            if let [r] = inst.results[..] {
+                self.defining.insert(r, (here, inst.op.clone()));
             }
             for v in operands {
                 self.use_at(v, here);
@@ -138,6 +168,9 @@ impl Walk {
                     }
                     self.block(p, body, loops);
                     loops.pop();
+                    // Uses of each carried tile inside the body (before the loop's own use at its
+                    // end, below).
+                    let inside: Vec<u64> = body.args.iter().map(|a| self.last.get(a).copied().unwrap_or(start)).collect();
                     self.pos = end;
                     for a in &body.args {
                         self.use_at(*a, end);
@@ -146,6 +179,15 @@ impl Walk {
                         self.def.insert(*r, end);
                         if let Some(arg) = body.args.get(k + 1) {
                             self.union(*arg, *r);
+                        }
+                    }
+                    if let Some(super::Inst { op: Op::Yield(next), .. }) = body.insts.last() {
+                        let mut taken = HashSet::new();
+                        for (k, y) in next.iter().enumerate() {
+                            let Some(&arg) = body.args.get(k + 1) else { continue };
+                            if taken.insert(*y) && self.in_place(p, arg, *y, start, end, inside[k + 1]) {
+                                self.union(arg, *y);
+                            }
                         }
                     }
                 }
@@ -164,6 +206,51 @@ impl Walk {
                 }
             }
         }
+    }
+}
+
+impl Walk {
+    /// Whether a loop (positions `start..end`) may compute its yielded tile `y` straight into the
+    /// storage of carried tile `arg`, whose last read inside the body is at `last_inside`, saving
+    /// the copy at the end of each iteration: `y` is a stored tile defined in the body by an
+    /// operation of its own (not a loop, not a view of another tile), no other tile of `y`'s group
+    /// exists, and `arg` is dead when `y` is written — read before `y`'s definition, or by that
+    /// definition only if it is elementwise and reads `arg` at the element it writes (same thread,
+    /// same index, on every back end). `arg` must have no views (reshapes) of its own.
+    fn in_place(&mut self, p: &Program, arg: Value, y: Value, start: u64, end: u64, last_inside: u64) -> bool {
+        // HLAC_YIELD_IN_PLACE=off keeps every yield a copy, for A/B measurements.
+        if std::env::var("HLAC_YIELD_IN_PLACE").is_ok_and(|v| v == "off") {
+            return false;
+        }
+        if y == arg || p.ty(y).is_scalar() || self.fused.contains(&y) || p.ty(y) != p.ty(arg) {
+            return false;
+        }
+        let Some((def, op)) = self.defining.get(&y).cloned() else { return false };
+        if def <= start || def >= end {
+            return false;
+        }
+        // `y` and `arg` alone in their groups (apart from the loop's result, already `arg`'s).
+        let (ry, ra) = (self.find(y), self.find(arg));
+        let members: Vec<Value> = self.def.keys().copied().collect();
+        for m in members {
+            let r = self.find(m);
+            if (r == ry && m != y) || (r == ra && m != arg && self.def.get(&m).is_some_and(|d| *d != end)) {
+                return false;
+            }
+        }
+        if last_inside < def {
+            return true;
+        }
+        if last_inside > def {
+            return false;
+        }
+        // Read by `y`'s own definition: only an elementwise operation at its own index.
+        if !matches!(op, Op::Unary(..) | Op::Binary(..) | Op::Cmp(..) | Op::Select { .. } | Op::Cast(..)) {
+            return false;
+        }
+        let mut direct = Vec::new();
+        op.operands(&mut direct);
+        direct.iter().all(|v| !self.cross.get(v).is_some_and(|c| c.contains(&arg)))
     }
 }
 

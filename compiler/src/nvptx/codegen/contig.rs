@@ -1,0 +1,537 @@
+//! Which global loads can move 16 bytes per thread at once: a small abstract interpretation of
+//! the kernel IR's index arithmetic along the last axis.
+//!
+//! A `load`'s offsets are whole-tile integer expressions (`base_row + iota`, the rotated partner
+//! columns of RoPE `(iota + d/2) mod d`, …). For a group size g (16 bytes of the pointer's
+//! elements: 8 bf16, 4 f32, 2 i64), a [`Fact`] about an integer or bool tile says, for every
+//! aligned group of g elements along its last axis (the elements at j = g·t … g·t + g − 1, other
+//! indices fixed): the elements step by `stride` from the group's first, and the first is a
+//! multiple of `div` (0: it is 0). A load whose offsets step by 1 from a first offset that is a
+//! multiple of g, and whose mask is the same across each group (stride 0), reads each group as one
+//! aligned vector (`ld.global.v4.b32` and kin) — given, at run time, a 16-byte aligned pointer and
+//! a group wholly in bounds; any other group takes the element-by-element path.
+//!
+//! A tile whose last axis has one element (a column `[n, 1]`, a scalar) is uniform along any
+//! broadcast of it: its fact is stride 0 with `div` holding for every element.
+
+use std::collections::HashMap;
+
+use super::{Gen, R};
+use hlac_runtime::kir::{BinOp, Block, Const, DType, Op, ParamKind, Program, Value};
+use inkwell::values::{BasicValueEnum, IntValue};
+use inkwell::{AddressSpace, IntPredicate};
+
+/// What is known about a tile along its last axis, per aligned group (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Fact {
+    /// The step from one element of a group to the next.
+    pub(super) stride: i64,
+    /// A divisor of each group's first element (0: the first element is 0).
+    pub(super) div: u64,
+    /// The value of every element, when it is one known constant.
+    konst: Option<i64>,
+}
+
+impl Fact {
+    fn uniform(div: u64, konst: Option<i64>) -> Fact {
+        Fact { stride: 0, div, konst }
+    }
+
+    /// A divisor of every element (not only of groups' first ones).
+    fn all_div(self) -> u64 {
+        gcd(self.div, self.stride.unsigned_abs())
+    }
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// The facts of a program's values for one group size, computed on demand.
+pub(super) struct Contig<'p> {
+    p: &'p Program,
+    defs: HashMap<Value, &'p Op>,
+    memo: HashMap<(Value, u32), Option<Fact>>,
+}
+
+impl<'p> Contig<'p> {
+    pub(super) fn new(p: &'p Program) -> Contig<'p> {
+        fn walk<'p>(b: &'p Block, defs: &mut HashMap<Value, &'p Op>) {
+            for inst in &b.insts {
+                if let [r] = inst.results[..] {
+                    defs.insert(r, &inst.op);
+                }
+                if let Op::For { body, .. } = &inst.op {
+                    walk(body, defs);
+                }
+            }
+        }
+        let mut defs = HashMap::new();
+        walk(&p.body, &mut defs);
+        Contig { p, defs, memo: HashMap::new() }
+    }
+
+    fn last(&self, v: Value) -> u32 {
+        self.p.ty(v).shape.last().copied().unwrap_or(1)
+    }
+
+    /// The fact about `v` for groups of `g` elements, if anything is known.
+    pub(super) fn fact(&mut self, v: Value, g: u32) -> Option<Fact> {
+        if let Some(f) = self.memo.get(&(v, g)) {
+            return *f;
+        }
+        let f = self.compute(v, g);
+        self.memo.insert((v, g), f);
+        f
+    }
+
+    fn compute(&mut self, v: Value, g: u32) -> Option<Fact> {
+        // Whatever it holds, a tile with one element along its last axis (a scalar, a column) is
+        // the same across each group of any broadcast of it.
+        let single = self.last(v) == 1;
+        match self.derive(v, g) {
+            None if single => Some(Fact::uniform(1, None)),
+            f => f,
+        }
+    }
+
+    fn derive(&mut self, v: Value, g: u32) -> Option<Fact> {
+        let Some(op) = self.defs.get(&v).copied() else {
+            // Loop indices, carried values, a loop's results: nothing known (beyond what
+            // `compute` says of single elements).
+            return None;
+        };
+        let f = match op {
+            Op::Const(Const::Int(c)) => Some(Fact::uniform(c.unsigned_abs(), Some(*c))),
+            Op::Const(_) | Op::ProgramId(_) | Op::Param(_) => Some(Fact::uniform(1, None)),
+            Op::Iota(n) => (n % g == 0).then_some(Fact { stride: 1, div: u64::from(g), konst: None }),
+            Op::Broadcast(a) | Op::Reshape(a) => {
+                let (a, from, to) = (*a, self.last(*a), self.last(v));
+                let fa = self.fact(a, g)?;
+                if from == to && !self.p.ty(a).is_scalar() {
+                    Some(fa)
+                } else if from == 1 || to == 1 {
+                    // Every element becomes (or was) the first of its group.
+                    Some(Fact::uniform(fa.all_div(), fa.konst))
+                } else {
+                    fa.konst.map(|k| Fact::uniform(k.unsigned_abs(), Some(k)))
+                }
+            }
+            Op::Binary(op, a, b) => {
+                let (fa, fb) = (self.fact(*a, g)?, self.fact(*b, g)?);
+                binary(*op, fa, fb, g)
+            }
+            Op::Select { cond, then, otherwise } => {
+                let fc = self.fact(*cond, g)?;
+                let (ft, fe) = (self.fact(*then, g)?, self.fact(*otherwise, g)?);
+                // Each group takes one side whole when the condition is uniform across it.
+                (fc.stride == 0 && ft.stride == fe.stride).then(|| Fact { stride: ft.stride, div: gcd(ft.div, fe.div), konst: None })
+            }
+            Op::Cmp(_, a, b) => {
+                let (fa, fb) = (self.fact(*a, g)?, self.fact(*b, g)?);
+                (fa.stride == 0 && fb.stride == 0).then(|| Fact::uniform(1, None))
+            }
+            Op::Unary(_, a) | Op::Cast(a, _) => {
+                let fa = self.fact(*a, g)?;
+                (fa.stride == 0).then(|| Fact::uniform(1, None))
+            }
+            _ => None,
+        };
+        f
+    }
+}
+
+fn binary(op: BinOp, a: Fact, b: Fact, g: u32) -> Option<Fact> {
+    let both = a.konst.zip(b.konst);
+    match op {
+        BinOp::Add | BinOp::Sub => {
+            let sign = if op == BinOp::Add { 1 } else { -1 };
+            Some(Fact {
+                stride: a.stride.checked_add(sign * b.stride)?,
+                div: gcd(a.div, b.div),
+                konst: both.and_then(|(x, y)| if op == BinOp::Add { x.checked_add(y) } else { x.checked_sub(y) }),
+            })
+        }
+        BinOp::Mul => {
+            let scale = |f: Fact, k: i64| -> Option<Fact> {
+                Some(Fact {
+                    stride: f.stride.checked_mul(k)?,
+                    div: f.div.checked_mul(k.unsigned_abs())?,
+                    konst: f.konst.and_then(|x| x.checked_mul(k)),
+                })
+            };
+            match (a.konst, b.konst) {
+                (_, Some(k)) => scale(a, k),
+                (Some(k), _) => scale(b, k),
+                _ if a.stride == 0 && b.stride == 0 => Some(Fact::uniform(a.div.checked_mul(b.div).unwrap_or(1), None)),
+                _ => None,
+            }
+        }
+        BinOp::Rem => {
+            let k = b.konst.filter(|&k| k > 0)?.unsigned_abs();
+            let div = gcd(a.div, k);
+            // A group starting at a multiple of g runs over g consecutive values, which cannot
+            // straddle a multiple of k when g divides k.
+            match a.stride {
+                0 => Some(Fact::uniform(div, None)),
+                1 if k.is_multiple_of(u64::from(g)) && a.div.is_multiple_of(u64::from(g)) => Some(Fact { stride: 1, div, konst: None }),
+                _ => None,
+            }
+        }
+        _ if a.stride == 0 && b.stride == 0 => {
+            Some(Fact::uniform(if matches!(op, BinOp::Min | BinOp::Max) { gcd(a.div, b.div) } else { 1 }, None))
+        }
+        _ => None,
+    }
+}
+
+impl<'a, 'ctx> Gen<'a, 'ctx> {
+    /// The elements per 16-byte vector with which `load ptr[offsets] mask` can read `out`, or 1
+    /// (element by element). `HLAC_NVPTX_VECTOR=off` always gives 1, for A/B measurements.
+    pub(super) fn vector_width(&mut self, ptr: u32, offsets: Value, mask: Option<Value>, out: Value) -> u32 {
+        if std::env::var("HLAC_NVPTX_VECTOR").is_ok_and(|v| v == "off") {
+            return 1;
+        }
+        let Some(ParamKind::Ptr { dtype, .. }) = self.p.params.get(ptr as usize).map(|q| &q.kind) else { return 1 };
+        let w = 16 / dtype.bytes();
+        let last = self.p.ty(out).shape.last().copied().unwrap_or(1);
+        if w < 2 || !last.is_multiple_of(w) {
+            return 1;
+        }
+        let offsets_ok = self.contig.fact(offsets, w).is_some_and(|f| f.stride == 1 && f.div.is_multiple_of(u64::from(w)));
+        let mask_ok = mask.is_none_or(|m| self.contig.fact(m, w).is_some_and(|f| f.stride == 0));
+        if std::env::var("HLAC_DEBUG_VEC").is_ok() {
+            eprintln!("{} load {offsets} {} {offsets_ok} {mask_ok}", self.p.name, if offsets_ok && mask_ok { "VEC" } else { "SCALAR" });
+        }
+        if offsets_ok && mask_ok {
+            w
+        } else {
+            1
+        }
+    }
+
+    /// `out = load ptr[offsets] mask … else other` in groups of `w` elements, each read as one
+    /// aligned vector when its pointer is 16-byte aligned and the group is in bounds (and the mask,
+    /// uniform across a group by [`Gen::vector_width`], is on); any other group goes element by
+    /// element, bounds-checked as every load is. Each thread issues up to 16 elements' loads
+    /// before it writes any of them.
+    pub(super) fn load_vectors(&mut self, out: Value, ptr: u32, offsets: Value, mask: Option<Value>, other: f64, w: u32) -> R<()> {
+        let e = |x| self.llvm(x);
+        let d = self.p.ty(out).dtype;
+        let g = *self.globals.get(&ptr).ok_or_else(|| self.llvm("access through a non-pointer parameter"))?;
+        let Some(ParamKind::Ptr { dtype: stored, .. }) = self.p.params.get(ptr as usize).map(|q| q.kind.clone()) else {
+            return Err(self.llvm("access through a non-pointer parameter"));
+        };
+        let groups = self.p.ty(out).numel() / u64::from(w);
+        let threads = u64::from(self.threads);
+        // At most 16 elements in flight per thread (two bf16 vectors, four of f32): more made
+        // ptxas spill in attention's backward (255 registers at 128 threads).
+        let unroll = [4u64, 2].into_iter().find(|u| u * u64::from(w) <= 16 && groups.is_multiple_of(threads * u)).unwrap_or(1);
+        let (tid, end, step) = (self.tid, self.i64c(groups as i64), self.i64c((threads * unroll) as i64));
+        let wide = self.i64c(i64::from(w));
+        // len ≥ w, once: then `off ≤ len − w` (unsigned) puts the whole group in bounds.
+        let fits = self.b.build_int_compare(IntPredicate::UGE, g.len, wide, "").map_err(e)?;
+        let last_start = self.b.build_int_sub(g.len, wide, "").map_err(e)?;
+        let elem_ty: inkwell::types::BasicTypeEnum = match stored {
+            DType::Bf16 => self.ctx.bf16_type().into(),
+            DType::F16 => self.ctx.f16_type().into(),
+            DType::F32 => self.ctx.f32_type().into(),
+            _ => self.ctx.i64_type().into(),
+        };
+        let vec_ty = match elem_ty {
+            inkwell::types::BasicTypeEnum::FloatType(t) => t.vec_type(w),
+            inkwell::types::BasicTypeEnum::IntType(t) => t.vec_type(w),
+            _ => return Err(self.llvm("vector of an unexpected element type")),
+        };
+        let reg = self.reg_type(d)?;
+        self.counted(tid, end, step, &mut |g2, i| {
+            let mut loaded: Vec<(IntValue<'ctx>, Vec<BasicValueEnum<'ctx>>)> = Vec::new();
+            for u in 0..unroll {
+                let gi = g2.b.build_int_add(i, g2.i64c((u * threads) as i64), "").map_err(|x| g2.llvm(x))?;
+                let e0 = g2.b.build_int_mul(gi, wide, "").map_err(|x| g2.llvm(x))?;
+                let off = g2.read(offsets, e0)?.into_int_value();
+                let on = match mask {
+                    Some(m) => g2.read(m, e0)?.into_int_value(),
+                    None => g2.ctx.bool_type().const_int(1, false),
+                };
+                let byte = g2.b.build_int_mul(off, g2.i64c(i64::from(stored.bytes())), "").map_err(|x| g2.llvm(x))?;
+                let addr = g2.b.build_int_add(g.addr, byte, "").map_err(|x| g2.llvm(x))?;
+                let low = g2.b.build_and(addr, g2.i64c(15), "").map_err(|x| g2.llvm(x))?;
+                let aligned = g2.b.build_int_compare(IntPredicate::EQ, low, g2.i64c(0), "").map_err(|x| g2.llvm(x))?;
+                let inside = g2.b.build_int_compare(IntPredicate::ULE, off, last_start, "").map_err(|x| g2.llvm(x))?;
+                let ok = g2.b.build_and(on, aligned, "").map_err(|x| g2.llvm(x))?;
+                let ok = g2.b.build_and(ok, inside, "").map_err(|x| g2.llvm(x))?;
+                let ok = g2.b.build_and(ok, fits, "").map_err(|x| g2.llvm(x))?;
+                let vec_bb = g2.ctx.append_basic_block(g2.func, "vector");
+                let one_bb = g2.ctx.append_basic_block(g2.func, "elements");
+                let join = g2.ctx.append_basic_block(g2.func, "loaded");
+                g2.b.build_conditional_branch(ok, vec_bb, one_bb).map_err(|x| g2.llvm(x))?;
+                g2.b.position_at_end(vec_bb);
+                let p = g2.b.build_int_to_ptr(addr, g2.ctx.ptr_type(AddressSpace::from(1)), "").map_err(|x| g2.llvm(x))?;
+                let v = g2.b.build_load(vec_ty, p, "").map_err(|x| g2.llvm(x))?;
+                let v = v.into_vector_value();
+                v.as_instruction().ok_or_else(|| g2.llvm("a load that is no instruction"))?.set_alignment(16).map_err(|x| g2.llvm(x))?;
+                let mut fast = Vec::new();
+                for k in 0..w {
+                    let x = g2.b.build_extract_element(v, g2.ctx.i32_type().const_int(u64::from(k), false), "").map_err(|x| g2.llvm(x))?;
+                    let x: BasicValueEnum = match stored {
+                        DType::Bf16 | DType::F16 => {
+                            g2.b.build_float_ext(x.into_float_value(), g2.ctx.f32_type(), "").map_err(|x| g2.llvm(x))?.into()
+                        }
+                        _ => x,
+                    };
+                    fast.push(x);
+                }
+                let vec_end = g2.b.get_insert_block().ok_or_else(|| g2.llvm("no insertion block"))?;
+                g2.b.build_unconditional_branch(join).map_err(|x| g2.llvm(x))?;
+                g2.b.position_at_end(one_bb);
+                let mut slow = Vec::new();
+                let mut report = g2.ctx.bool_type().const_zero();
+                for k in 0..w {
+                    let at = g2.b.build_int_add(e0, g2.i64c(i64::from(k)), "").map_err(|x| g2.llvm(x))?;
+                    let off = g2.read(offsets, at)?.into_int_value();
+                    let en = match mask {
+                        Some(m) => Some(g2.read(m, at)?),
+                        None => None,
+                    };
+                    let (x, bad) = g2.load_checked(ptr, off, en, d, other)?;
+                    report = g2.b.build_or(report, bad, "").map_err(|x| g2.llvm(x))?;
+                    slow.push(x);
+                }
+                g2.report_if(report, ptr)?;
+                let one_end = g2.b.get_insert_block().ok_or_else(|| g2.llvm("no insertion block"))?;
+                g2.b.build_unconditional_branch(join).map_err(|x| g2.llvm(x))?;
+                g2.b.position_at_end(join);
+                let mut xs = Vec::new();
+                for (x, y) in fast.into_iter().zip(slow) {
+                    let phi = g2.b.build_phi(reg, "").map_err(|x| g2.llvm(x))?;
+                    phi.add_incoming(&[(&x, vec_end), (&y, one_end)]);
+                    xs.push(phi.as_basic_value());
+                }
+                loaded.push((e0, xs));
+            }
+            for (e0, xs) in loaded {
+                for (k, x) in xs.into_iter().enumerate() {
+                    let at = g2.b.build_int_add(e0, g2.i64c(k as i64), "").map_err(|x| g2.llvm(x))?;
+                    g2.write(out, at, x)?;
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hlac_runtime::kir::{Builder, CmpOp, DType, Inst};
+
+    /// Evaluates the integer and bool tiles of a straight-line program (i64, bools as 0/1), with
+    /// `program_id` = `pid`: the reference the facts are checked against.
+    fn eval(p: &Program, pid: i64) -> HashMap<Value, Vec<i64>> {
+        let mut vals: HashMap<Value, Vec<i64>> = HashMap::new();
+        for Inst { results, op } in &p.body.insts {
+            let Some(&r) = results.first() else { continue };
+            let shape = &p.ty(r).shape;
+            let n: usize = shape.iter().map(|&x| x as usize).product();
+            let src = |v: &Value, i: usize, vals: &HashMap<Value, Vec<i64>>| -> i64 {
+                // Broadcasting read: the source index of element i of `r`.
+                let s = &p.ty(*v).shape;
+                if s.is_empty() {
+                    return vals[v][0];
+                }
+                let (mut rest, mut at, mut stride) = (i, 0usize, 1usize);
+                for k in (0..shape.len()).rev() {
+                    let ix = rest % shape[k] as usize;
+                    rest /= shape[k] as usize;
+                    if s[k] != 1 {
+                        at += ix * stride;
+                    }
+                    stride *= s[k] as usize;
+                }
+                vals[v][at]
+            };
+            let out: Vec<i64> = match op {
+                Op::Const(Const::Int(c)) => vec![*c],
+                Op::ProgramId(_) => vec![pid],
+                Op::Iota(m) => (0..i64::from(*m)).collect(),
+                Op::Broadcast(a) => (0..n).map(|i| src(a, i, &vals)).collect(),
+                Op::Reshape(a) => vals[a].clone(),
+                Op::Binary(op, a, b) => (0..n)
+                    .map(|i| {
+                        let (x, y) = (src(a, i, &vals), src(b, i, &vals));
+                        match op {
+                            BinOp::Add => x + y,
+                            BinOp::Sub => x - y,
+                            BinOp::Mul => x * y,
+                            BinOp::Rem => x % y,
+                            BinOp::Div => x / y,
+                            BinOp::Min => x.min(y),
+                            _ => x.max(y),
+                        }
+                    })
+                    .collect(),
+                Op::Cmp(_, a, b) => (0..n).map(|i| i64::from(src(a, i, &vals) < src(b, i, &vals))).collect(),
+                Op::Select { cond, then, otherwise } => {
+                    (0..n).map(|i| if src(cond, i, &vals) != 0 { src(then, i, &vals) } else { src(otherwise, i, &vals) }).collect()
+                }
+                other => panic!("not evaluated: {other:?}"),
+            };
+            vals.insert(r, out);
+        }
+        vals
+    }
+
+    /// Every fact the analysis claims holds on every group of every value of random index
+    /// programs (iotas of awkward and round lengths, row and column broadcasts, constants and a
+    /// program id, sums, differences, products, remainders, selects), for groups of 2, 4 and 8 —
+    /// and the analysis knows the offsets fla-style kernels load through.
+    #[test]
+    fn facts_hold_on_random_index_programs() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |m: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % m
+        };
+        let (rows, cols) = (3u32, 48u32);
+        let mut known = 0;
+        for _ in 0..300 {
+            let mut b = Builder::new("t", &["x"]);
+            let pid = b.program_id(0);
+            let mut pool = vec![pid];
+            for _ in 0..12 {
+                let pick = |next: &mut dyn FnMut(u64) -> u64, pool: &Vec<Value>| pool[next(pool.len() as u64) as usize];
+                let v = match next(9) {
+                    0 => {
+                        let len = [cols, 8, 24][next(3) as usize];
+                        let i = b.iota(len);
+                        if len == cols {
+                            b.row(i)
+                        } else {
+                            i
+                        }
+                    }
+                    1 => {
+                        let i = b.iota(rows);
+                        b.col(i)
+                    }
+                    2 => b.i64([0, 1, 2, 4, 8, 16, 24, 48, 64, 3, -8][next(11) as usize]),
+                    3 | 4 => {
+                        let (x, y) = (pick(&mut next, &pool), pick(&mut next, &pool));
+                        let shapes_ok = |b: &Builder, v: Value| {
+                            let s = b.shape(v);
+                            s.is_empty() || s == [1, cols] || s == [rows, 1] || s == [rows, cols]
+                        };
+                        if !shapes_ok(&b, x) || !shapes_ok(&b, y) {
+                            continue;
+                        }
+                        let op = [BinOp::Add, BinOp::Sub, BinOp::Mul, BinOp::Add][next(4) as usize];
+                        b.binary(op, x, y)
+                    }
+                    5 => {
+                        let x = pick(&mut next, &pool);
+                        let s = b.shape(x);
+                        if !(s.is_empty() || s == [1, cols] || s == [rows, 1] || s == [rows, cols]) {
+                            continue;
+                        }
+                        let k = b.i64([8, 16, 12, 48, 5][next(5) as usize]);
+                        b.binary(BinOp::Rem, x, k)
+                    }
+                    6 => {
+                        let x = pick(&mut next, &pool);
+                        let s = b.shape(x);
+                        if !(s.is_empty() || s == [1, cols] || s == [rows, 1]) {
+                            continue;
+                        }
+                        b.broadcast(x, &[rows, cols])
+                    }
+                    7 => {
+                        let (c, x, y) = (pick(&mut next, &pool), pick(&mut next, &pool), pick(&mut next, &pool));
+                        let full = [rows, cols];
+                        if [c, x, y].iter().any(|&v| {
+                            let s = b.shape(v);
+                            !(s.is_empty() || s == [1, cols] || s == [rows, 1] || s == full)
+                        }) {
+                            continue;
+                        }
+                        let zero = b.i64(0);
+                        let c = b.cmp(CmpOp::Lt, c, zero);
+                        let x = b.broadcast(x, &full);
+                        let y = b.broadcast(y, &full);
+                        let c = b.broadcast(c, &full);
+                        b.select(c, x, y)
+                    }
+                    _ => {
+                        let x = pick(&mut next, &pool);
+                        let k = b.i64(128);
+                        b.mul(x, k)
+                    }
+                };
+                pool.push(v);
+            }
+            let p = b.finish();
+            let pid = next(5) as i64 * 7;
+            let vals = eval(&p, pid);
+            let mut c = Contig::new(&p);
+            for (&v, x) in &vals {
+                let last = p.ty(v).shape.last().copied().unwrap_or(1) as usize;
+                for g in [2u32, 4, 8] {
+                    let Some(f) = c.fact(v, g) else { continue };
+                    known += 1;
+                    let g = g as usize;
+                    for (row, chunk) in x.chunks(last).enumerate() {
+                        let groups: Vec<&[i64]> = if last == 1 { chunk.chunks(1).collect() } else { chunk.chunks(g).collect() };
+                        for grp in groups {
+                            if last != 1 && grp.len() < g {
+                                continue; // a ragged tail: loads with it never vectorise
+                            }
+                            let first = grp[0];
+                            let ok_div = if f.div == 0 { first == 0 } else { first.unsigned_abs() % f.div == 0 };
+                            let ok_step = grp.windows(2).all(|w| w[1] - w[0] == f.stride);
+                            let ok_konst = f.konst.is_none_or(|k| grp.iter().all(|&e| e == k));
+                            assert!(ok_div && ok_step && ok_konst, "{v} (row {row}, g {g}): {f:?} but {grp:?}\n{p}");
+                        }
+                    }
+                }
+            }
+        }
+        assert!(known > 1000, "the analysis knew too little to test: {known} facts");
+    }
+
+    /// The offsets of a RoPE-style head load (row base × width, columns rotated by half the head)
+    /// are known contiguous and aligned; shifted by one element they are contiguous but unaligned.
+    #[test]
+    fn rotated_head_offsets_vectorise() {
+        let mut b = Builder::new("t", &["x"]);
+        let ptr = b.ptr("x", DType::Bf16, false);
+        let pid = b.program_id(0);
+        let rows = b.iota(16);
+        let rows = b.add(rows, pid);
+        let rows = b.col(rows);
+        let width = b.i64(2048);
+        let base = b.mul(rows, width);
+        let cols = b.iota(128);
+        let half = b.i64(64);
+        let shifted = b.add(cols, half);
+        let d = b.i64(128);
+        let partner = b.binary(BinOp::Rem, shifted, d);
+        let partner = b.row(partner);
+        let off = b.add(base, partner);
+        let one = b.i64(1);
+        let odd = b.add(off, one);
+        let _ = b.load(ptr, off, None, 0.0);
+        let p = b.finish();
+        let mut c = Contig::new(&p);
+        let f = c.fact(off, 8).expect("known");
+        assert_eq!((f.stride, f.div % 8), (1, 0));
+        let f = c.fact(odd, 8).expect("known");
+        assert_eq!(f.stride, 1);
+        assert_ne!(f.div % 2, 0);
+    }
+}
