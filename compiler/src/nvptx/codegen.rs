@@ -357,6 +357,11 @@ struct Gen<'a, 'ctx> {
     /// What is known of the index tiles along their last axis ([`contig`]): which loads read
     /// 16 bytes at a time.
     contig: contig::Contig<'a>,
+    /// Products computed straight into the add that uses them ([`mma::accumulations`]): the
+    /// product's value → (the add's result, the other addend).
+    accum: HashMap<Value, (Value, Value)>,
+    /// Those adds' results (already computed by their products: their instructions emit nothing).
+    accumulated: std::collections::HashSet<Value>,
 }
 
 type R<T> = Result<T, NvptxError>;
@@ -403,7 +408,12 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         }
         let (Some(scratch_base), Some(error)) = (arg(at), arg(at + 1)) else { unreachable!("declared above") };
         let fusion = fusion_of(p);
-        let layout = layout_of(p, &fusion.fused, shared_limit);
+        let threads = threads_for(p, options.max_threads);
+        let accum = mma::accumulations(p, &fusion.fused, DotMode::for_program(p), threads / 32);
+        // Neither fused tiles nor the products computed into their adds are stored.
+        let mut unstored = fusion.fused.clone();
+        unstored.extend(accum.keys().copied());
+        let layout = layout_of(p, &unstored, shared_limit);
         let smem = (shared_size(&layout) <= shared_limit).then(|| {
             // `extern __shared__`: a zero-length array in the shared address space whose size is
             // the launch's dynamic shared memory.
@@ -426,7 +436,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             smem,
             error,
             tid: i64t.const_zero(),
-            threads: threads_for(p, options.max_threads),
+            threads,
             split_k: options.split_k,
             slots: HashMap::new(),
             unsynced: Vec::new(),
@@ -437,6 +447,8 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             swizzle,
             memo: HashMap::new(),
             contig: contig::Contig::new(p),
+            accumulated: accum.values().map(|(r, _)| *r).collect(),
+            accum,
         };
         g.tid = g.sreg("llvm.nvvm.read.ptx.sreg.tid.x")?;
         Ok(g)
@@ -783,7 +795,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
     fn block(&mut self, b: &Block) -> R<()> {
         for inst in &b.insts {
             // A fused tile is computed where it is read.
-            if inst.results.first().is_some_and(|r| self.fusion.fused.contains(r)) {
+            if inst.results.first().is_some_and(|r| self.fusion.fused.contains(r) || self.accumulated.contains(r)) {
                 continue;
             }
             // Only elementwise operations may run on without a barrier after the one before.
@@ -1574,6 +1586,12 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             Op::Dot(a, b2) => {
                 let out = res()?;
                 let (a, b2) = (*a, *b2);
+                if let Some(&(sum, addend)) = self.accum.get(&out) {
+                    return match self.dot_mma_from(sum, a, b2, Some(addend))? {
+                        true => Ok(()),
+                        false => Err(self.llvm(format!("{out} was to be accumulated on the tensor cores"))),
+                    };
+                }
                 if self.dot_mma(out, a, b2)? {
                     return Ok(());
                 }

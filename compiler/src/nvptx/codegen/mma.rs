@@ -18,8 +18,10 @@
 //! g = lane / 4 and t = lane mod 4, A's registers hold rows g and g + 8, B's column g, and the
 //! f32 accumulators rows g and g + 8 at columns 2t and 2t + 1.
 
+use std::collections::{HashMap, HashSet};
+
 use super::{Gen, R};
-use hlac_runtime::kir::{DType, ParamKind, Program, Value};
+use hlac_runtime::kir::{BinOp, Block, DType, Op, ParamKind, Program, Value};
 use inkwell::types::BasicTypeEnum;
 use inkwell::values::{BasicValueEnum, FloatValue, IntValue, PointerValue};
 
@@ -95,6 +97,67 @@ pub(super) fn warp_block(tm: u32, tn: u32, warps: u32) -> (u32, u32) {
     best
 }
 
+/// The `dot`s computed straight into the `add` that is their one use, `d → (r, x)` for
+/// `d = a · b` and `r = x + d` (or `d + x`): the accumulators start from `x` instead of zero, so
+/// `d` is never stored and the add's pass and barrier go (attention's `acc·α + p·V`, a chunk's
+/// `o_intra + q·S`, a state's `S·γ + kᵀv`). Only products on the tensor cores that one round of
+/// the block's warps covers (every warp then reads its `x` elements, the block waits at a barrier,
+/// and only then does any warp write `r`, whose storage may be `x`'s), with the add in the same
+/// block after nothing but fused instructions, and `x` defined before the product.
+/// `HLAC_NVPTX_DOTACC=off` keeps every add separate, for A/B measurements.
+pub(super) fn accumulations(p: &Program, fused: &HashSet<Value>, mode: DotMode, warps: u32) -> HashMap<Value, (Value, Value)> {
+    let mut found = HashMap::new();
+    if mode == DotMode::Simt || std::env::var("HLAC_NVPTX_DOTACC").is_ok_and(|v| v == "off") {
+        return found;
+    }
+    let mut uses: HashMap<Value, usize> = HashMap::new();
+    fn count(b: &Block, uses: &mut HashMap<Value, usize>) {
+        for inst in &b.insts {
+            let mut ops = Vec::new();
+            inst.op.operands(&mut ops);
+            for v in ops {
+                *uses.entry(v).or_default() += 1;
+            }
+            if let Op::For { body, .. } = &inst.op {
+                count(body, uses);
+            }
+        }
+    }
+    count(&p.body, &mut uses);
+    fn walk(p: &Program, b: &Block, fused: &HashSet<Value>, mode: DotMode, warps: u32, uses: &HashMap<Value, usize>, found: &mut HashMap<Value, (Value, Value)>) {
+        let defined_here: HashMap<Value, usize> =
+            b.insts.iter().enumerate().flat_map(|(i, inst)| inst.results.iter().map(move |r| (*r, i))).collect();
+        for (i, inst) in b.insts.iter().enumerate() {
+            if let Op::For { body, .. } = &inst.op {
+                walk(p, body, fused, mode, warps, uses, found);
+            }
+            let (Op::Dot(a, bb), [d]) = (&inst.op, &inst.results[..]) else { continue };
+            if !mode.tiles(p, *a, *bb) || fused.contains(d) || uses.get(d) != Some(&1) {
+                continue;
+            }
+            let (m, n) = (p.ty(*a).shape[0], p.ty(*bb).shape[1]);
+            let (mr, nc) = warp_block(m / 16, n / 8, warps);
+            if (m / 16 / mr) * (n / 8 / nc) > warps {
+                continue;
+            }
+            // The add, after nothing but fused instructions.
+            let Some((j, user)) = b.insts.iter().enumerate().skip(i + 1).find(|(_, u)| !u.results.first().is_some_and(|r| fused.contains(r)))
+            else {
+                continue;
+            };
+            let (Op::Binary(BinOp::Add, l, rr), [r]) = (&user.op, &user.results[..]) else { continue };
+            let x = if l == d { *rr } else if rr == d { *l } else { continue };
+            if x == *d || fused.contains(r) || p.ty(x) != p.ty(*d) || defined_here.get(&x).is_some_and(|k| *k > i) {
+                continue;
+            }
+            let _ = j;
+            found.insert(*d, (*r, x));
+        }
+    }
+    walk(p, &p.body, fused, mode, warps, &uses, &mut found);
+    found
+}
+
 /// Fragments of one 16-row (A) or 8-column (B) strip for one k-step, as `mma` register operands.
 /// For 3×TF32 each has a high and a low part.
 struct Frag<'ctx> {
@@ -106,6 +169,13 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
     /// Emits `out = a · b` on the tensor cores when the shapes tile for the current mode; returns
     /// whether it did (else the caller emits the per-thread loop).
     pub(super) fn dot_mma(&mut self, out: Value, a: Value, b: Value) -> R<bool> {
+        self.dot_mma_from(out, a, b, None)
+    }
+
+    /// `out = a · b` on the tensor cores, plus `addend` when given ([`accumulations`]: the caller
+    /// has checked that one round of warps covers the product, so the accumulators can be read in
+    /// from `addend` by every warp before any writes `out`).
+    pub(super) fn dot_mma_from(&mut self, out: Value, a: Value, b: Value, addend: Option<Value>) -> R<bool> {
         let mode = self.dot_mode;
         let (m, k) = (self.p.ty(a).shape[0], self.p.ty(a).shape[1]);
         let n = self.p.ty(b).shape[1];
@@ -130,19 +200,52 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         let warp = self.b.build_right_shift(self.tid, self.i64c(5), false, "").map_err(e)?;
         let g = self.b.build_right_shift(lane, self.i64c(2), false, "").map_err(e)?;
         let t = self.b.build_and(lane, self.i64c(3), "").map_err(e)?;
-        let (k64, n64) = (i64::from(k), i64::from(n));
+        let k64 = i64::from(k);
         let step = self.i64c(i64::from(warps));
         let end = self.i64c(i64::from(blocks));
-        self.counted(warp, end, step, &mut |s, blk| {
+        // The block's first row and column, and row g of every A strip and column g of every B
+        // strip this thread touches.
+        let corner = |s: &mut Self, blk: IntValue<'ctx>| -> R<(IntValue<'ctx>, Vec<IntValue<'ctx>>, Vec<IntValue<'ctx>>)> {
             let bm = s.b.build_int_unsigned_div(blk, s.i64c(i64::from(col_blocks)), "").map_err(|x| s.llvm(x))?;
             let bn = s.b.build_int_unsigned_rem(blk, s.i64c(i64::from(col_blocks)), "").map_err(|x| s.llvm(x))?;
             let row0 = s.mul(bm, i64::from(mr * 16))?;
             let col0 = s.mul(bn, i64::from(nc * 8))?;
-            // Row g of every A strip and column g of every B strip this thread touches.
             let rows: Vec<IntValue> = (0..mr).map(|i| s.add(row0, s.add(g, s.i64c(i64::from(i * 16)))?)).collect::<R<_>>()?;
             let cols: Vec<IntValue> = (0..nc).map(|j| s.add(col0, s.add(g, s.i64c(i64::from(j * 8)))?)).collect::<R<_>>()?;
-            for slot in &acc {
-                s.b.build_store(*slot, s.f32c(0.0)).map_err(|x| s.llvm(x))?;
+            Ok((col0, rows, cols))
+        };
+        // Accumulator q of tile (i, j) is element (row g + 8·(q / 2), column 2t + q mod 2).
+        let n64 = i64::from(n);
+        let at_of = |s: &Self, col0: IntValue<'ctx>, rows: &[IntValue<'ctx>], i: usize, j: usize, q: usize| -> R<IntValue<'ctx>> {
+            let two_t = s.mul(t, 2)?;
+            let col = s.add(col0, s.add(two_t, s.i64c(j as i64 * 8 + (q % 2) as i64))?)?;
+            let row = s.add(rows[i], s.i64c(8 * (q / 2) as i64))?;
+            s.add(s.mul(row, n64)?, col)
+        };
+        if let Some(x) = addend {
+            // Every warp reads its accumulators' starting values, then the block waits: `out`
+            // may be stored where `x` (or what it is computed from) is.
+            self.counted(warp, end, step, &mut |s, blk| {
+                let (col0, rows, _) = corner(s, blk)?;
+                for i in 0..mr as usize {
+                    for j in 0..nc as usize {
+                        for q in 0..4 {
+                            let at = at_of(s, col0, &rows, i, j, q)?;
+                            let v = s.read(x, at)?;
+                            s.b.build_store(acc[(i * nc as usize + j) * 4 + q], v).map_err(|e| s.llvm(e))?;
+                        }
+                    }
+                }
+                Ok(())
+            })?;
+            self.barrier()?;
+        }
+        self.counted(warp, end, step, &mut |s, blk| {
+            let (col0, rows, cols) = corner(s, blk)?;
+            if addend.is_none() {
+                for slot in &acc {
+                    s.b.build_store(*slot, s.f32c(0.0)).map_err(|x| s.llvm(x))?;
+                }
             }
             let zero = s.i64c(0);
             let kend = s.i64c(k64);
@@ -172,14 +275,10 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                 }
                 Ok(())
             })?;
-            // Accumulator q of tile (i, j) is element (row g + 8·(q / 2), column 2t + q mod 2).
-            let two_t = s.mul(t, 2)?;
             for i in 0..mr as usize {
                 for j in 0..nc as usize {
-                    let col = s.add(col0, s.add(two_t, s.i64c(j as i64 * 8))?)?;
                     for half in 0..2usize {
-                        let row = s.add(rows[i], s.i64c(8 * half as i64))?;
-                        let at = s.add(s.mul(row, n64)?, col)?;
+                        let at = at_of(s, col0, &rows, i, j, 2 * half)?;
                         let x = s.b.build_load(f32t, acc[(i * nc as usize + j) * 4 + 2 * half], "").map_err(|x| s.llvm(x))?;
                         let y = s.b.build_load(f32t, acc[(i * nc as usize + j) * 4 + 2 * half + 1], "").map_err(|x| s.llvm(x))?;
                         s.store_pair(out, at, x.into_float_value(), y.into_float_value())?;
