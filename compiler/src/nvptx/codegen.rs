@@ -1469,6 +1469,11 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             Op::Store { ptr, offsets, value, mask } => {
                 let d = self.p.ty(*value).dtype;
                 let (offsets, mask, value, ptr) = (*offsets, *mask, *value, *ptr);
+                let w = self.vector_width(ptr, offsets, mask, value);
+                if w > 1 {
+                    self.store_vectors(ptr, offsets, value, mask, w)?;
+                    return self.barrier();
+                }
                 self.par(self.p.ty(value).numel(), &mut |g, i| {
                     let off = g.read(offsets, i)?.into_int_value();
                     let x = g.read(value, i)?;

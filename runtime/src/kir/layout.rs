@@ -126,7 +126,8 @@ impl Walk {
                 inst.op.operands(&mut direct);
                 // Only elementwise operations and reshapes read each operand at the element they
                 // compute; anything else (a broadcast, a transpose, a product) reads others.
-                let moves = !matches!(inst.op, Op::Unary(..) | Op::Binary(..) | Op::Cmp(..) | Op::Select { .. } | Op::Cast(..) | Op::Reshape(_));
+                let moves =
+                    !matches!(inst.op, Op::Unary(..) | Op::Binary(..) | Op::Cmp(..) | Op::Select { .. } | Op::Cast(..) | Op::Reshape(_));
                 for v in &direct {
                     match self.leaves.get(v) {
                         Some(l) if moves => cross.extend(l.iter().copied()),

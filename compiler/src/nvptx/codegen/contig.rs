@@ -325,6 +325,106 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
     }
 }
 
+impl<'a, 'ctx> Gen<'a, 'ctx> {
+    /// `store ptr[offsets] = value mask …` in groups of `w` elements ([`Gen::vector_width`] of the
+    /// same facts as a load): each group as one aligned vector store of the rounded elements
+    /// when its pointer is 16-byte aligned, the group in bounds and the mask on; any other group
+    /// element by element, bounds-checked. No barrier: the caller's.
+    pub(super) fn store_vectors(&mut self, ptr: u32, offsets: Value, value: Value, mask: Option<Value>, w: u32) -> R<()> {
+        let e = |x| self.llvm(x);
+        let d = self.p.ty(value).dtype;
+        let g = *self.globals.get(&ptr).ok_or_else(|| self.llvm("access through a non-pointer parameter"))?;
+        let Some(ParamKind::Ptr { dtype: stored, .. }) = self.p.params.get(ptr as usize).map(|q| q.kind.clone()) else {
+            return Err(self.llvm("access through a non-pointer parameter"));
+        };
+        let groups = self.p.ty(value).numel() / u64::from(w);
+        let threads = u64::from(self.threads);
+        let (tid, end, step) = (self.tid, self.i64c(groups as i64), self.i64c(threads as i64));
+        let wide = self.i64c(i64::from(w));
+        let fits = self.b.build_int_compare(IntPredicate::UGE, g.len, wide, "").map_err(e)?;
+        let last_start = self.b.build_int_sub(g.len, wide, "").map_err(e)?;
+        let narrow = match stored {
+            DType::Bf16 => Some(self.ctx.bf16_type()),
+            DType::F16 => Some(self.ctx.f16_type()),
+            _ => None,
+        };
+        self.counted(tid, end, step, &mut |g2, gi| {
+            let e0 = g2.b.build_int_mul(gi, wide, "").map_err(|x| g2.llvm(x))?;
+            let off = g2.read(offsets, e0)?.into_int_value();
+            let on = match mask {
+                Some(m) => g2.read(m, e0)?.into_int_value(),
+                None => g2.ctx.bool_type().const_int(1, false),
+            };
+            let byte = g2.b.build_int_mul(off, g2.i64c(i64::from(stored.bytes())), "").map_err(|x| g2.llvm(x))?;
+            let addr = g2.b.build_int_add(g.addr, byte, "").map_err(|x| g2.llvm(x))?;
+            let low = g2.b.build_and(addr, g2.i64c(15), "").map_err(|x| g2.llvm(x))?;
+            let aligned = g2.b.build_int_compare(IntPredicate::EQ, low, g2.i64c(0), "").map_err(|x| g2.llvm(x))?;
+            let inside = g2.b.build_int_compare(IntPredicate::ULE, off, last_start, "").map_err(|x| g2.llvm(x))?;
+            let ok = g2.b.build_and(on, aligned, "").map_err(|x| g2.llvm(x))?;
+            let ok = g2.b.build_and(ok, inside, "").map_err(|x| g2.llvm(x))?;
+            let ok = g2.b.build_and(ok, fits, "").map_err(|x| g2.llvm(x))?;
+            let vec_bb = g2.ctx.append_basic_block(g2.func, "vector_store");
+            let one_bb = g2.ctx.append_basic_block(g2.func, "element_stores");
+            let join = g2.ctx.append_basic_block(g2.func, "stored");
+            g2.b.build_conditional_branch(ok, vec_bb, one_bb).map_err(|x| g2.llvm(x))?;
+            g2.b.position_at_end(vec_bb);
+            let mut xs = Vec::new();
+            for k in 0..w {
+                let at = g2.b.build_int_add(e0, g2.i64c(i64::from(k)), "").map_err(|x| g2.llvm(x))?;
+                xs.push(g2.read(value, at)?);
+            }
+            let vec = match (narrow, d) {
+                (Some(nt), _) => {
+                    let v = g2.ctx.f32_type().vec_type(w).get_undef();
+                    let mut v = v;
+                    for (k, x) in xs.iter().enumerate() {
+                        v =
+                            g2.b.build_insert_element(v, x.into_float_value(), g2.ctx.i32_type().const_int(k as u64, false), "")
+                                .map_err(|x| g2.llvm(x))?;
+                    }
+                    g2.b.build_float_trunc(v, nt.vec_type(w), "").map_err(|x| g2.llvm(x))?
+                }
+                (None, DType::F32) => {
+                    let mut v = g2.ctx.f32_type().vec_type(w).get_undef();
+                    for (k, x) in xs.iter().enumerate() {
+                        v =
+                            g2.b.build_insert_element(v, x.into_float_value(), g2.ctx.i32_type().const_int(k as u64, false), "")
+                                .map_err(|x| g2.llvm(x))?;
+                    }
+                    v
+                }
+                _ => {
+                    let mut v = g2.ctx.i64_type().vec_type(w).get_undef();
+                    for (k, x) in xs.iter().enumerate() {
+                        v =
+                            g2.b.build_insert_element(v, x.into_int_value(), g2.ctx.i32_type().const_int(k as u64, false), "")
+                                .map_err(|x| g2.llvm(x))?;
+                    }
+                    v
+                }
+            };
+            let p = g2.b.build_int_to_ptr(addr, g2.ctx.ptr_type(AddressSpace::from(1)), "").map_err(|x| g2.llvm(x))?;
+            let st = g2.b.build_store(p, vec).map_err(|x| g2.llvm(x))?;
+            st.set_alignment(16).map_err(|x| g2.llvm(x))?;
+            g2.b.build_unconditional_branch(join).map_err(|x| g2.llvm(x))?;
+            g2.b.position_at_end(one_bb);
+            for k in 0..w {
+                let at = g2.b.build_int_add(e0, g2.i64c(i64::from(k)), "").map_err(|x| g2.llvm(x))?;
+                let off = g2.read(offsets, at)?.into_int_value();
+                let x = g2.read(value, at)?;
+                let en = match mask {
+                    Some(m) => Some(g2.read(m, at)?),
+                    None => None,
+                };
+                g2.guarded(ptr, off, en, d, Some(x), 0.0)?;
+            }
+            g2.b.build_unconditional_branch(join).map_err(|x| g2.llvm(x))?;
+            g2.b.position_at_end(join);
+            Ok(())
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

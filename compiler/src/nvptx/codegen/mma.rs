@@ -124,7 +124,15 @@ pub(super) fn accumulations(p: &Program, fused: &HashSet<Value>, mode: DotMode, 
         }
     }
     count(&p.body, &mut uses);
-    fn walk(p: &Program, b: &Block, fused: &HashSet<Value>, mode: DotMode, warps: u32, uses: &HashMap<Value, usize>, found: &mut HashMap<Value, (Value, Value)>) {
+    fn walk(
+        p: &Program,
+        b: &Block,
+        fused: &HashSet<Value>,
+        mode: DotMode,
+        warps: u32,
+        uses: &HashMap<Value, usize>,
+        found: &mut HashMap<Value, (Value, Value)>,
+    ) {
         let defined_here: HashMap<Value, usize> =
             b.insts.iter().enumerate().flat_map(|(i, inst)| inst.results.iter().map(move |r| (*r, i))).collect();
         for (i, inst) in b.insts.iter().enumerate() {
@@ -141,12 +149,19 @@ pub(super) fn accumulations(p: &Program, fused: &HashSet<Value>, mode: DotMode, 
                 continue;
             }
             // The add, after nothing but fused instructions.
-            let Some((j, user)) = b.insts.iter().enumerate().skip(i + 1).find(|(_, u)| !u.results.first().is_some_and(|r| fused.contains(r)))
+            let Some((j, user)) =
+                b.insts.iter().enumerate().skip(i + 1).find(|(_, u)| !u.results.first().is_some_and(|r| fused.contains(r)))
             else {
                 continue;
             };
             let (Op::Binary(BinOp::Add, l, rr), [r]) = (&user.op, &user.results[..]) else { continue };
-            let x = if l == d { *rr } else if rr == d { *l } else { continue };
+            let x = if l == d {
+                *rr
+            } else if rr == d {
+                *l
+            } else {
+                continue;
+            };
             if x == *d || fused.contains(r) || p.ty(x) != p.ty(*d) || defined_here.get(&x).is_some_and(|k| *k > i) {
                 continue;
             }
