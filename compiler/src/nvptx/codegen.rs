@@ -354,8 +354,8 @@ struct Gen<'a, 'ctx> {
     /// Elements of fused tiles already computed in the current basic block, by (tile, index value,
     /// basic block): a fused expression read twice at one index is computed once.
     memo: HashMap<(Value, usize, usize), BasicValueEnum<'ctx>>,
-    /// What is known of the index tiles along their last axis ([`contig`]): which loads read
-    /// 16 bytes at a time.
+    /// What is known of the index tiles along their last axis ([`contig`]): which loads and
+    /// stores move 16 bytes at a time.
     contig: contig::Contig<'a>,
     /// Products computed straight into the add that uses them ([`mma::accumulations`]): the
     /// product's value → (the add's result, the other addend).

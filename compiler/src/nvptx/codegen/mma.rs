@@ -149,9 +149,7 @@ pub(super) fn accumulations(p: &Program, fused: &HashSet<Value>, mode: DotMode, 
                 continue;
             }
             // The add, after nothing but fused instructions.
-            let Some((j, user)) =
-                b.insts.iter().enumerate().skip(i + 1).find(|(_, u)| !u.results.first().is_some_and(|r| fused.contains(r)))
-            else {
+            let Some(user) = b.insts.iter().skip(i + 1).find(|u| !u.results.first().is_some_and(|r| fused.contains(r))) else {
                 continue;
             };
             let (Op::Binary(BinOp::Add, l, rr), [r]) = (&user.op, &user.results[..]) else { continue };
@@ -165,7 +163,6 @@ pub(super) fn accumulations(p: &Program, fused: &HashSet<Value>, mode: DotMode, 
             if x == *d || fused.contains(r) || p.ty(x) != p.ty(*d) || defined_here.get(&x).is_some_and(|k| *k > i) {
                 continue;
             }
-            let _ = j;
             found.insert(*d, (*r, x));
         }
     }
