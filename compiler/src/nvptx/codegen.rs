@@ -1469,7 +1469,9 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             Op::Store { ptr, offsets, value, mask } => {
                 let d = self.p.ty(*value).dtype;
                 let (offsets, mask, value, ptr) = (*offsets, *mask, *value, *ptr);
-                let w = self.vector_width(ptr, offsets, mask, value);
+                // HLAC_NVPTX_VECTOR=loads keeps stores element by element (A/B of the two).
+                let loads_only = std::env::var("HLAC_NVPTX_VECTOR").is_ok_and(|v| v == "loads");
+                let w = if loads_only { 1 } else { self.vector_width(ptr, offsets, mask, value) };
                 if w > 1 {
                     self.store_vectors(ptr, offsets, value, mask, w)?;
                     return self.barrier();
