@@ -52,7 +52,14 @@ fn largest_first_packs_gdn_forward_into_shared_memory() {
 #[test]
 fn yields_in_place_only_over_dead_carried_tiles() {
     use hlac_runtime::kir::{Builder, DType, Value};
-    type Body = fn(&mut Builder, Value, hlac_runtime::kir::build::Ptr) -> Value;
+    type Ptr = hlac_runtime::kir::build::Ptr;
+    type Body = fn(&mut Builder, Value, Ptr) -> Value;
+    /// Stores a [16, 16] tile whole (a use the loop cannot drop).
+    fn store_tile(b: &mut Builder, ptr: Ptr, v: Value) {
+        let iota = b.iota(256);
+        let off = b.reshape(iota, &[16, 16]);
+        b.store(ptr, off, v, None);
+    }
     // (name, body, in place when stored, in place when fused)
     let cases: [(&str, Body, bool, bool); 5] = [
         (
@@ -79,11 +86,9 @@ fn yields_in_place_only_over_dead_carried_tiles() {
             |b, x, ptr| {
                 let two = b.f32(2.0);
                 let y = b.mul(x, two);
-                let iota = b.iota(256);
-                let off = b.reshape(iota, &[16, 16]);
                 let one = b.f32(1.0);
                 let w = b.add(x, one);
-                b.store(ptr, off, w, None);
+                store_tile(b, ptr, w);
                 y
             },
             false,
@@ -113,9 +118,7 @@ fn yields_in_place_only_over_dead_carried_tiles() {
             seen = (args[0], y);
             vec![y]
         });
-        let iota = b.iota(256);
-        let off = b.reshape(iota, &[16, 16]);
-        b.store(ptr, off, out[0], None);
+        store_tile(&mut b, ptr, out[0]);
         let p = b.finish();
         let (arg, y) = seen;
         // The elementwise steps and transposes inside the body, as the NVPTX back end fuses them.

@@ -1199,10 +1199,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         let from = self.b.get_insert_block().ok_or_else(|| self.llvm("no insertion block"))?;
         self.b.build_conditional_branch(go, do_bb, join).map_err(e)?;
         self.b.position_at_end(do_bb);
-        let stored = match self.p.params.get(ptr as usize).map(|x| &x.kind) {
-            Some(ParamKind::Ptr { dtype, .. }) => *dtype,
-            _ => return Err(self.llvm("access through a non-pointer parameter")),
-        };
+        let stored = self.stored_type(ptr)?;
         let narrow = match stored {
             DType::Bf16 => Some(self.ctx.bf16_type()),
             DType::F16 => Some(self.ctx.f16_type()),
@@ -1253,10 +1250,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
     ) -> R<(BasicValueEnum<'ctx>, IntValue<'ctx>)> {
         let e = |x| self.llvm(x);
         let g = *self.globals.get(&ptr).ok_or_else(|| self.llvm("access through a non-pointer parameter"))?;
-        let stored = match self.p.params.get(ptr as usize).map(|x| &x.kind) {
-            Some(ParamKind::Ptr { dtype, .. }) => *dtype,
-            _ => return Err(self.llvm("access through a non-pointer parameter")),
-        };
+        let stored = self.stored_type(ptr)?;
         let fallback: BasicValueEnum = match d {
             DType::F32 => self.f32c(fallback),
             DType::I64 => self.i64c(fallback as i64).into(),
@@ -1284,6 +1278,37 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         };
         let x = self.b.build_select(ok, x, fallback, "").map_err(e)?;
         Ok((x, report))
+    }
+
+    /// The element type in memory of pointer parameter `ptr`.
+    fn stored_type(&self, ptr: u32) -> R<DType> {
+        match self.p.params.get(ptr as usize).map(|x| &x.kind) {
+            Some(ParamKind::Ptr { dtype, .. }) => Ok(*dtype),
+            _ => Err(self.llvm("access through a non-pointer parameter")),
+        }
+    }
+
+    /// Element `at` of `load ptr[offsets] mask … else other` through [`Gen::load_checked`], its
+    /// out-of-bounds flag ORed into `report` (for one [`Gen::report_if`] after several).
+    #[allow(clippy::too_many_arguments)]
+    fn load_element(
+        &mut self,
+        ptr: u32,
+        offsets: Value,
+        mask: Option<Value>,
+        at: IntValue<'ctx>,
+        d: DType,
+        other: f64,
+        report: &mut IntValue<'ctx>,
+    ) -> R<BasicValueEnum<'ctx>> {
+        let off = self.read(offsets, at)?.into_int_value();
+        let en = match mask {
+            Some(m) => Some(self.read(m, at)?),
+            None => None,
+        };
+        let (x, bad) = self.load_checked(ptr, off, en, d, other)?;
+        *report = self.b.build_or(*report, bad, "").map_err(|x| self.llvm(x))?;
+        Ok(x)
     }
 
     /// Records an out-of-bounds access through pointer `ptr` in the error word when `bad` holds.
@@ -1449,13 +1474,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                     let mut report = g.ctx.bool_type().const_zero();
                     for u in 0..unroll {
                         let at = g.b.build_int_add(i, g.i64c((u * threads) as i64), "").map_err(|x| g.llvm(x))?;
-                        let off = g.read(offsets, at)?.into_int_value();
-                        let en = match mask {
-                            Some(m) => Some(g.read(m, at)?),
-                            None => None,
-                        };
-                        let (x, bad) = g.load_checked(ptr, off, en, d, other)?;
-                        report = g.b.build_or(report, bad, "").map_err(|x| g.llvm(x))?;
+                        let x = g.load_element(ptr, offsets, mask, at, d, other, &mut report)?;
                         loaded.push((at, x));
                     }
                     g.report_if(report, ptr)?;

@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 
 use super::{Gen, R};
-use hlac_runtime::kir::{BinOp, Block, Const, DType, Op, ParamKind, Program, Value};
+use hlac_runtime::kir::{BinOp, Block, Const, DType, Op, Program, Value};
 use inkwell::values::{BasicValueEnum, IntValue};
 use inkwell::{AddressSpace, IntPredicate};
 
@@ -199,8 +199,8 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         if std::env::var("HLAC_NVPTX_VECTOR").is_ok_and(|v| v == "off") {
             return 1;
         }
-        let Some(ParamKind::Ptr { dtype, .. }) = self.p.params.get(ptr as usize).map(|q| &q.kind) else { return 1 };
-        let w = 16 / dtype.bytes();
+        let Ok(stored) = self.stored_type(ptr) else { return 1 };
+        let w = 16 / stored.bytes();
         let last = self.p.ty(out).shape.last().copied().unwrap_or(1);
         if w < 2 || !last.is_multiple_of(w) {
             return 1;
@@ -214,18 +214,55 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         }
     }
 
+    /// What every group of a vector access through `ptr` is checked against, computed once:
+    /// whether the buffer holds at least `wide` elements, and the last offset a group of `wide`
+    /// may start at (then `off ≤ len − wide`, unsigned, puts the whole group in bounds).
+    fn group_bounds(&mut self, ptr: u32, wide: IntValue<'ctx>) -> R<(IntValue<'ctx>, IntValue<'ctx>)> {
+        let e = |x| self.llvm(x);
+        let g = *self.globals.get(&ptr).ok_or_else(|| self.llvm("access through a non-pointer parameter"))?;
+        let fits = self.b.build_int_compare(IntPredicate::UGE, g.len, wide, "").map_err(e)?;
+        let last_start = self.b.build_int_sub(g.len, wide, "").map_err(e)?;
+        Ok((fits, last_start))
+    }
+
+    /// The address of the group of a vector access starting at element `e0` of its tiles, and
+    /// whether it may move as one vector: the (group-uniform) mask on, the address 16-byte
+    /// aligned, the group in bounds (`bounds` from [`Gen::group_bounds`]).
+    fn vector_group(
+        &mut self,
+        ptr: u32,
+        offsets: Value,
+        mask: Option<Value>,
+        e0: IntValue<'ctx>,
+        (fits, last_start): (IntValue<'ctx>, IntValue<'ctx>),
+    ) -> R<(IntValue<'ctx>, IntValue<'ctx>)> {
+        let g = *self.globals.get(&ptr).ok_or_else(|| self.llvm("access through a non-pointer parameter"))?;
+        let stored = self.stored_type(ptr)?;
+        let off = self.read(offsets, e0)?.into_int_value();
+        let on = match mask {
+            Some(m) => self.read(m, e0)?.into_int_value(),
+            None => self.ctx.bool_type().const_int(1, false),
+        };
+        let e = |x| self.llvm(x);
+        let byte = self.b.build_int_mul(off, self.i64c(i64::from(stored.bytes())), "").map_err(e)?;
+        let addr = self.b.build_int_add(g.addr, byte, "").map_err(e)?;
+        let low = self.b.build_and(addr, self.i64c(15), "").map_err(e)?;
+        let aligned = self.b.build_int_compare(IntPredicate::EQ, low, self.i64c(0), "").map_err(e)?;
+        let inside = self.b.build_int_compare(IntPredicate::ULE, off, last_start, "").map_err(e)?;
+        let ok = self.b.build_and(on, aligned, "").map_err(e)?;
+        let ok = self.b.build_and(ok, inside, "").map_err(e)?;
+        let ok = self.b.build_and(ok, fits, "").map_err(e)?;
+        Ok((addr, ok))
+    }
+
     /// `out = load ptr[offsets] mask … else other` in groups of `w` elements, each read as one
     /// aligned vector when its pointer is 16-byte aligned and the group is in bounds (and the mask,
     /// uniform across a group by [`Gen::vector_width`], is on); any other group goes element by
     /// element, bounds-checked as every load is. Each thread issues up to 16 elements' loads
     /// before it writes any of them.
     pub(super) fn load_vectors(&mut self, out: Value, ptr: u32, offsets: Value, mask: Option<Value>, other: f64, w: u32) -> R<()> {
-        let e = |x| self.llvm(x);
         let d = self.p.ty(out).dtype;
-        let g = *self.globals.get(&ptr).ok_or_else(|| self.llvm("access through a non-pointer parameter"))?;
-        let Some(ParamKind::Ptr { dtype: stored, .. }) = self.p.params.get(ptr as usize).map(|q| q.kind.clone()) else {
-            return Err(self.llvm("access through a non-pointer parameter"));
-        };
+        let stored = self.stored_type(ptr)?;
         let groups = self.p.ty(out).numel() / u64::from(w);
         let threads = u64::from(self.threads);
         // At most 16 elements in flight per thread (two bf16 vectors, four of f32): more made
@@ -233,19 +270,12 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         let unroll = [4u64, 2].into_iter().find(|u| u * u64::from(w) <= 16 && groups.is_multiple_of(threads * u)).unwrap_or(1);
         let (tid, end, step) = (self.tid, self.i64c(groups as i64), self.i64c((threads * unroll) as i64));
         let wide = self.i64c(i64::from(w));
-        // len ≥ w, once: then `off ≤ len − w` (unsigned) puts the whole group in bounds.
-        let fits = self.b.build_int_compare(IntPredicate::UGE, g.len, wide, "").map_err(e)?;
-        let last_start = self.b.build_int_sub(g.len, wide, "").map_err(e)?;
-        let elem_ty: inkwell::types::BasicTypeEnum = match stored {
-            DType::Bf16 => self.ctx.bf16_type().into(),
-            DType::F16 => self.ctx.f16_type().into(),
-            DType::F32 => self.ctx.f32_type().into(),
-            _ => self.ctx.i64_type().into(),
-        };
-        let vec_ty = match elem_ty {
-            inkwell::types::BasicTypeEnum::FloatType(t) => t.vec_type(w),
-            inkwell::types::BasicTypeEnum::IntType(t) => t.vec_type(w),
-            _ => return Err(self.llvm("vector of an unexpected element type")),
+        let bounds = self.group_bounds(ptr, wide)?;
+        let vec_ty = match stored {
+            DType::Bf16 => self.ctx.bf16_type().vec_type(w),
+            DType::F16 => self.ctx.f16_type().vec_type(w),
+            DType::F32 => self.ctx.f32_type().vec_type(w),
+            _ => self.ctx.i64_type().vec_type(w),
         };
         let reg = self.reg_type(d)?;
         self.counted(tid, end, step, &mut |g2, i| {
@@ -253,19 +283,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             for u in 0..unroll {
                 let gi = g2.b.build_int_add(i, g2.i64c((u * threads) as i64), "").map_err(|x| g2.llvm(x))?;
                 let e0 = g2.b.build_int_mul(gi, wide, "").map_err(|x| g2.llvm(x))?;
-                let off = g2.read(offsets, e0)?.into_int_value();
-                let on = match mask {
-                    Some(m) => g2.read(m, e0)?.into_int_value(),
-                    None => g2.ctx.bool_type().const_int(1, false),
-                };
-                let byte = g2.b.build_int_mul(off, g2.i64c(i64::from(stored.bytes())), "").map_err(|x| g2.llvm(x))?;
-                let addr = g2.b.build_int_add(g.addr, byte, "").map_err(|x| g2.llvm(x))?;
-                let low = g2.b.build_and(addr, g2.i64c(15), "").map_err(|x| g2.llvm(x))?;
-                let aligned = g2.b.build_int_compare(IntPredicate::EQ, low, g2.i64c(0), "").map_err(|x| g2.llvm(x))?;
-                let inside = g2.b.build_int_compare(IntPredicate::ULE, off, last_start, "").map_err(|x| g2.llvm(x))?;
-                let ok = g2.b.build_and(on, aligned, "").map_err(|x| g2.llvm(x))?;
-                let ok = g2.b.build_and(ok, inside, "").map_err(|x| g2.llvm(x))?;
-                let ok = g2.b.build_and(ok, fits, "").map_err(|x| g2.llvm(x))?;
+                let (addr, ok) = g2.vector_group(ptr, offsets, mask, e0, bounds)?;
                 let vec_bb = g2.ctx.append_basic_block(g2.func, "vector");
                 let one_bb = g2.ctx.append_basic_block(g2.func, "elements");
                 let join = g2.ctx.append_basic_block(g2.func, "loaded");
@@ -293,14 +311,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                 let mut report = g2.ctx.bool_type().const_zero();
                 for k in 0..w {
                     let at = g2.b.build_int_add(e0, g2.i64c(i64::from(k)), "").map_err(|x| g2.llvm(x))?;
-                    let off = g2.read(offsets, at)?.into_int_value();
-                    let en = match mask {
-                        Some(m) => Some(g2.read(m, at)?),
-                        None => None,
-                    };
-                    let (x, bad) = g2.load_checked(ptr, off, en, d, other)?;
-                    report = g2.b.build_or(report, bad, "").map_err(|x| g2.llvm(x))?;
-                    slow.push(x);
+                    slow.push(g2.load_element(ptr, offsets, mask, at, d, other, &mut report)?);
                 }
                 g2.report_if(report, ptr)?;
                 let one_end = g2.b.get_insert_block().ok_or_else(|| g2.llvm("no insertion block"))?;
@@ -331,18 +342,13 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
     /// when its pointer is 16-byte aligned, the group in bounds and the mask on; any other group
     /// element by element, bounds-checked. No barrier: the caller's.
     pub(super) fn store_vectors(&mut self, ptr: u32, offsets: Value, value: Value, mask: Option<Value>, w: u32) -> R<()> {
-        let e = |x| self.llvm(x);
         let d = self.p.ty(value).dtype;
-        let g = *self.globals.get(&ptr).ok_or_else(|| self.llvm("access through a non-pointer parameter"))?;
-        let Some(ParamKind::Ptr { dtype: stored, .. }) = self.p.params.get(ptr as usize).map(|q| q.kind.clone()) else {
-            return Err(self.llvm("access through a non-pointer parameter"));
-        };
+        let stored = self.stored_type(ptr)?;
         let groups = self.p.ty(value).numel() / u64::from(w);
         let threads = u64::from(self.threads);
         let (tid, end, step) = (self.tid, self.i64c(groups as i64), self.i64c(threads as i64));
         let wide = self.i64c(i64::from(w));
-        let fits = self.b.build_int_compare(IntPredicate::UGE, g.len, wide, "").map_err(e)?;
-        let last_start = self.b.build_int_sub(g.len, wide, "").map_err(e)?;
+        let bounds = self.group_bounds(ptr, wide)?;
         let narrow = match stored {
             DType::Bf16 => Some(self.ctx.bf16_type()),
             DType::F16 => Some(self.ctx.f16_type()),
@@ -350,19 +356,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         };
         self.counted(tid, end, step, &mut |g2, gi| {
             let e0 = g2.b.build_int_mul(gi, wide, "").map_err(|x| g2.llvm(x))?;
-            let off = g2.read(offsets, e0)?.into_int_value();
-            let on = match mask {
-                Some(m) => g2.read(m, e0)?.into_int_value(),
-                None => g2.ctx.bool_type().const_int(1, false),
-            };
-            let byte = g2.b.build_int_mul(off, g2.i64c(i64::from(stored.bytes())), "").map_err(|x| g2.llvm(x))?;
-            let addr = g2.b.build_int_add(g.addr, byte, "").map_err(|x| g2.llvm(x))?;
-            let low = g2.b.build_and(addr, g2.i64c(15), "").map_err(|x| g2.llvm(x))?;
-            let aligned = g2.b.build_int_compare(IntPredicate::EQ, low, g2.i64c(0), "").map_err(|x| g2.llvm(x))?;
-            let inside = g2.b.build_int_compare(IntPredicate::ULE, off, last_start, "").map_err(|x| g2.llvm(x))?;
-            let ok = g2.b.build_and(on, aligned, "").map_err(|x| g2.llvm(x))?;
-            let ok = g2.b.build_and(ok, inside, "").map_err(|x| g2.llvm(x))?;
-            let ok = g2.b.build_and(ok, fits, "").map_err(|x| g2.llvm(x))?;
+            let (addr, ok) = g2.vector_group(ptr, offsets, mask, e0, bounds)?;
             let vec_bb = g2.ctx.append_basic_block(g2.func, "vector_store");
             let one_bb = g2.ctx.append_basic_block(g2.func, "element_stores");
             let join = g2.ctx.append_basic_block(g2.func, "stored");
@@ -373,36 +367,14 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                 let at = g2.b.build_int_add(e0, g2.i64c(i64::from(k)), "").map_err(|x| g2.llvm(x))?;
                 xs.push(g2.read(value, at)?);
             }
-            let vec = match (narrow, d) {
-                (Some(nt), _) => {
-                    let v = g2.ctx.f32_type().vec_type(w).get_undef();
-                    let mut v = v;
-                    for (k, x) in xs.iter().enumerate() {
-                        v =
-                            g2.b.build_insert_element(v, x.into_float_value(), g2.ctx.i32_type().const_int(k as u64, false), "")
-                                .map_err(|x| g2.llvm(x))?;
-                    }
-                    g2.b.build_float_trunc(v, nt.vec_type(w), "").map_err(|x| g2.llvm(x))?
-                }
-                (None, DType::F32) => {
-                    let mut v = g2.ctx.f32_type().vec_type(w).get_undef();
-                    for (k, x) in xs.iter().enumerate() {
-                        v =
-                            g2.b.build_insert_element(v, x.into_float_value(), g2.ctx.i32_type().const_int(k as u64, false), "")
-                                .map_err(|x| g2.llvm(x))?;
-                    }
-                    v
-                }
-                _ => {
-                    let mut v = g2.ctx.i64_type().vec_type(w).get_undef();
-                    for (k, x) in xs.iter().enumerate() {
-                        v =
-                            g2.b.build_insert_element(v, x.into_int_value(), g2.ctx.i32_type().const_int(k as u64, false), "")
-                                .map_err(|x| g2.llvm(x))?;
-                    }
-                    v
-                }
-            };
+            // The group as one vector: of f32 (rounded to the narrow type after) or of i64.
+            let mut vec = if d == DType::F32 { g2.ctx.f32_type().vec_type(w) } else { g2.ctx.i64_type().vec_type(w) }.get_undef();
+            for (k, x) in xs.iter().enumerate() {
+                vec = g2.b.build_insert_element(vec, *x, g2.ctx.i32_type().const_int(k as u64, false), "").map_err(|x| g2.llvm(x))?;
+            }
+            if let Some(nt) = narrow {
+                vec = g2.b.build_float_trunc(vec, nt.vec_type(w), "").map_err(|x| g2.llvm(x))?;
+            }
             let p = g2.b.build_int_to_ptr(addr, g2.ctx.ptr_type(AddressSpace::from(1)), "").map_err(|x| g2.llvm(x))?;
             let st = g2.b.build_store(p, vec).map_err(|x| g2.llvm(x))?;
             st.set_alignment(16).map_err(|x| g2.llvm(x))?;
