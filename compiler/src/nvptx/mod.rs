@@ -6,19 +6,21 @@
 //! tile lives in a per-instance workspace at the offsets `kir::layout` plans for both back ends —
 //! in the block's dynamic shared memory when the whole of it fits and the kernel asks for it
 //! (zeroed at entry; the manifest records `shared_bytes`), else in global memory
-//! (`scratch_bytes`; see [`Workspace`]). Every tile operation is a loop over its elements strided
-//! across the block's threads, followed by a block barrier, as is every read of a tile into a
+//! (`scratch_bytes`; see [`Workspace`]; packed largest tile first when only that makes it fit).
+//! Every tile operation is a loop over its elements strided across the block's threads (up to
+//! four per thread and iteration, all computed before any is stored), followed by a block barrier, as is every read of a tile into a
 //! scalar, since the workspace layout reuses a dead tile's storage for the next one; elementwise
 //! chains are fused into the operations that read them (computed per element, not stored), and a
 //! chain that touches each byte from one thread only pays one barrier at its end; a transpose of a
 //! stored tile is read through at the transposed index. In kernels with tensor-core products,
 //! shared-memory tiles are stored swizzled against bank conflicts (`swizzle_of`). Scalars are
 //! computed by every thread alike. `dot` runs on the tensor cores (`mma.sync`) where its shape
-//! tiles, else as FMA loops (each output's sum split across lanes when outputs are fewer than
+//! tiles (starting from the other addend when its one use is an add), else as FMA loops (each output's sum split across lanes when outputs are fewer than
 //! threads); row reductions take a warp per row; scans give each thread whole lines; `tri_inv`
 //! solves a column per thread. Every global access is bounds-checked against the length passed
 //! with its pointer, and an out-of-bounds access is recorded in the `error` word, exactly as on
-//! the CPU; an element of a bf16 or f16 pointer is widened to f32 as it is loaded and rounded to
+//! the CPU; loads and stores whose offsets are provably contiguous in aligned 16-byte groups move
+//! each group as one vector when it is aligned and in bounds at run time (`codegen/contig.rs`); an element of a bf16 or f16 pointer is widened to f32 as it is loaded and rounded to
 //! nearest even as it is stored (the kernel IR's storage types), so every workspace tile stays
 //! f32. Transcendentals use the approximate PTX instructions with range reduction (exp via
 //! ex2.approx, log via lg2.approx, sin/cos reduced to [−π, π]). Still to come: tiles held in
