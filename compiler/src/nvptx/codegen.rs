@@ -7,6 +7,7 @@ use std::collections::HashMap;
 mod contig;
 mod fuse;
 mod mma;
+mod profile;
 mod warp;
 use mma::DotMode;
 
@@ -362,6 +363,8 @@ struct Gen<'a, 'ctx> {
     accum: HashMap<Value, (Value, Value)>,
     /// Those adds' results (already computed by their products: their instructions emit nothing).
     accumulated: std::collections::HashSet<Value>,
+    /// The profile build's counters ([`profile`]; `None` in the default build).
+    profile: Option<profile::Profile<'ctx>>,
 }
 
 type R<T> = Result<T, NvptxError>;
@@ -449,6 +452,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             contig: contig::Contig::new(p),
             accumulated: accum.values().map(|(r, _)| *r).collect(),
             accum,
+            profile: None,
         };
         g.tid = g.sreg("llvm.nvvm.read.ptx.sreg.tid.x")?;
         Ok(g)
@@ -785,8 +789,12 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                 Ok(())
             })?;
         }
+        if profile::enabled() {
+            self.profile_start()?;
+        }
         let body = self.p.body.clone();
         self.block(&body)?;
+        self.profile_finish()?;
         self.b.build_return(None).map_err(e)?;
         size_global.set_initializer(&self.ctx.i64_type().const_int(self.layout.bytes.max(64), false));
         Ok(())
@@ -801,12 +809,22 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             // Only elementwise operations may run on without a barrier after the one before.
             let elementwise = matches!(inst.op, Op::Unary(..) | Op::Binary(..) | Op::Cmp(..) | Op::Select { .. } | Op::Cast(..));
             if !elementwise {
-                self.sync()?;
+                self.sync_charged()?;
             }
             self.inst(inst)?;
+            self.profile_after(inst)?;
         }
         // A barrier owed inside a block is paid inside it (before a loop's back edge, say).
-        self.sync()
+        self.sync_charged()
+    }
+
+    /// [`Gen::sync`], charging the wait to the instruction that owed it in a profile build.
+    fn sync_charged(&mut self) -> R<()> {
+        if self.unsynced.is_empty() {
+            return Ok(());
+        }
+        self.sync()?;
+        self.profile_barrier()
     }
 
     /// Pays the barrier owed by the elementwise operations emitted since the last one.

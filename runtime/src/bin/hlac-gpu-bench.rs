@@ -25,6 +25,9 @@
 //! Exits 0 when every kernel ran, 1 when one failed (its row says why), 2 on bad usage or an
 //! unreadable artifact; with no CUDA driver it prints "no CUDA driver found: skipping" and exits 0.
 //! `--plan-only` sizes every kernel and prints shapes, grids and bytes without a GPU (no timing).
+//! An artifact built with `HLAC_NVPTX_PROFILE=1` has per-instruction cycle counters in its
+//! kernels; then each kernel's table follows: the instructions that took the most of its blocks'
+//! time, with their share and their cycles per block and launch.
 
 mod common;
 
@@ -34,7 +37,7 @@ use std::time::Instant;
 
 use common::{fnv, gpu_args, make_host, probe, Batch, Dev, Host, Plan, ProbeError, Sizer};
 use hlac_runtime::cpu::CpuModule;
-use hlac_runtime::gpu::{self, GpuError, GpuKernelId, GpuModule};
+use hlac_runtime::gpu::{self, GpuError, GpuKernelId, GpuModule, KernelProfile};
 use hlac_runtime::kir::{ParamKind, Program};
 use hlac_runtime::{Artifact, KernelInfo};
 
@@ -221,6 +224,7 @@ fn main() -> ExitCode {
     );
 
     let mut rows = Vec::new();
+    let mut profiles = Vec::new();
     for &i in &selected {
         let info = &m.kernels[i];
         let program = &artifact.programs[i];
@@ -249,7 +253,12 @@ fn main() -> ExitCode {
                 row.scratch_bytes = sized.grid.iter().product::<u64>().saturating_mul(per_instance);
                 if let Some((module, ids)) = &gpu_module {
                     match time_kernel(module, ids[i], &sized, &opts) {
-                        Ok(t) => row.times = t,
+                        Ok((t, profile)) => {
+                            row.times = t;
+                            if let Some(p) = profile {
+                                profiles.push((info.name.clone(), p, sized.grid.iter().product::<u64>()));
+                            }
+                        }
                         Err(e) => row.error = Some(e.to_string()),
                     }
                 }
@@ -259,6 +268,9 @@ fn main() -> ExitCode {
     }
 
     print_table(&rows, opts.plan_only);
+    for (kernel, p, blocks) in &profiles {
+        print_profile(kernel, p, opts.warmup + opts.repeats, *blocks);
+    }
     println!();
     println!("cold start: {cold_ms:.1} ms (process start → artifact opened in {opened_ms:.1} ms → every kernel module loaded)");
     println!("(not counted: compiling the kernels for the CPU to probe buffer widths, {cpu_ms:.1} ms)");
@@ -395,8 +407,9 @@ fn size_kernel(
 
 /// Uploads a kernel's arguments, runs the warm-up and the timed launches, and returns each timed
 /// launch's device time in ms.
-fn time_kernel(module: &GpuModule, id: GpuKernelId, sized: &Sized, opts: &Options) -> Result<Vec<f64>, GpuError> {
+fn time_kernel(module: &GpuModule, id: GpuKernelId, sized: &Sized, opts: &Options) -> Result<(Vec<f64>, Option<KernelProfile>), GpuError> {
     let program = module.program(id);
+    module.clear_profile(id)?;
     let mut dev = Vec::with_capacity(sized.host.len());
     for h in &sized.host {
         dev.push(Dev::upload(module, h)?);
@@ -416,7 +429,29 @@ fn time_kernel(module: &GpuModule, id: GpuKernelId, sized: &Sized, opts: &Option
         module.record(&pair[1])?;
     }
     module.check_workspace(&mut workspace)?;
-    events.chunks_exact(2).map(|pair| pair[0].elapsed_ms(&pair[1]).map(f64::from)).collect()
+    let times = events.chunks_exact(2).map(|pair| pair[0].elapsed_ms(&pair[1]).map(f64::from)).collect::<Result<_, _>>()?;
+    Ok((times, module.profile(id)?))
+}
+
+/// The instructions that took the most of a profiled kernel's time (all that took 1 % or more).
+fn print_profile(kernel: &str, p: &KernelProfile, launches: usize, blocks: u64) {
+    let total: u64 = p.cycles.iter().sum();
+    let per = |c: u64| c as f64 / (launches as f64 * blocks.max(1) as f64);
+    println!();
+    println!(
+        "profile of {kernel}: {:.0} cycles per block and launch ({:.0} of them charged to instructions), {blocks} blocks",
+        per(p.block_cycles),
+        per(total)
+    );
+    let mut order: Vec<usize> = (0..p.cycles.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(p.cycles[i]));
+    for i in order {
+        let share = p.cycles[i] as f64 / p.block_cycles.max(1) as f64;
+        if share < 0.01 {
+            break;
+        }
+        println!("  {:>5.1} % {:>10.0}  {}", 100.0 * share, per(p.cycles[i]), p.ops[i]);
+    }
 }
 
 fn fmt_opt(x: Option<f64>, f: impl Fn(f64) -> String) -> String {

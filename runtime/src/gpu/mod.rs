@@ -264,11 +264,25 @@ pub struct GpuKernelId(usize);
 
 struct Kernel {
     program: Program,
+    /// The module the function is in (kept for its globals: a profile build's counters).
+    module: Arc<cudarc::driver::CudaModule>,
     func: CudaFunction,
     threads: u32,
     scratch_bytes: u64,
     /// Dynamic shared memory per block.
     shared_bytes: u32,
+}
+
+/// Where a profile build's blocks spent their cycles, summed over every block of every launch
+/// since the counters were cleared (thread 0's clock: the block's critical path).
+#[derive(Debug, Clone)]
+pub struct KernelProfile {
+    /// Each counter's instruction, in the kernel IR's text form.
+    pub ops: Vec<String>,
+    /// Cycles charged to each (the time since the previous counted instruction ended).
+    pub cycles: Vec<u64>,
+    /// The blocks' whole time, start to end.
+    pub block_cycles: u64,
 }
 
 /// The kernels of an artifact loaded on device 0, with the stream they run on.
@@ -344,7 +358,14 @@ impl GpuModule {
                 func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_bytes as i32)
                     .map_err(|cause| GpuError::ModuleLoad { kernel: info.name.clone(), ptx: path.clone(), cause })?;
             }
-            kernels.push(Kernel { program: program.clone(), func, threads, scratch_bytes: info.scratch_bytes.unwrap_or(0), shared_bytes });
+            kernels.push(Kernel {
+                program: program.clone(),
+                module,
+                func,
+                threads,
+                scratch_bytes: info.scratch_bytes.unwrap_or(0),
+                shared_bytes,
+            });
         }
         let ids = (0..kernels.len()).map(GpuKernelId).collect();
         Ok((GpuModule { ctx, stream, device, kernels }, ids))
@@ -529,6 +550,43 @@ impl GpuModule {
         let k = self.kernels.get(workspace.kernel.0).ok_or_else(|| no_kernel(workspace.kernel))?;
         self.finish(k, &workspace.error)?;
         self.stream.memset_zeros(&mut workspace.error).map_err(|cause| memory("resetting the error word".into(), cause))
+    }
+
+    /// What a profile build of a kernel (`HLAC_NVPTX_PROFILE=1` at `hlac build`) counted since
+    /// the last [`GpuModule::clear_profile`], after waiting for the stream; `None` for a kernel
+    /// built without the counters.
+    pub fn profile(&self, id: GpuKernelId) -> Result<Option<KernelProfile>, GpuError> {
+        let k = self.kernels.get(id.0).ok_or_else(|| no_kernel(id))?;
+        let (Ok(counts), Ok(names)) =
+            (k.module.get_global("hlac_profile", &self.stream), k.module.get_global("hlac_profile_ops", &self.stream))
+        else {
+            return Ok(None);
+        };
+        let fail = |cause| memory(format!("reading kernel `{}`'s profile", k.program.name), cause);
+        let counts = self.stream.clone_dtoh(&counts).map_err(fail)?;
+        let names = self.stream.clone_dtoh(&names).map_err(fail)?;
+        self.synchronize()?;
+        let mut cycles: Vec<u64> = counts.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default())).collect();
+        let block_cycles = cycles.pop().unwrap_or(0);
+        let ops: Vec<String> = String::from_utf8_lossy(&names).split('\n').map(str::to_string).collect();
+        if ops.len() != cycles.len() {
+            return Err(GpuError::Ptx {
+                kernel: k.program.name.clone(),
+                reason: format!("its profile names {} counters but has {}", ops.len(), cycles.len()),
+            });
+        }
+        Ok(Some(KernelProfile { ops, cycles, block_cycles }))
+    }
+
+    /// Zeroes a profile build's counters (nothing for a kernel without them).
+    pub fn clear_profile(&self, id: GpuKernelId) -> Result<(), GpuError> {
+        let k = self.kernels.get(id.0).ok_or_else(|| no_kernel(id))?;
+        if let Ok(mut counts) = k.module.get_global("hlac_profile", &self.stream) {
+            self.stream
+                .memset_zeros(&mut counts)
+                .map_err(|cause| memory(format!("zeroing kernel `{}`'s profile", k.program.name), cause))?;
+        }
+        Ok(())
     }
 
     /// Waits for everything queued on the module's stream.

@@ -43,6 +43,7 @@ mod print;
 pub mod verify;
 
 pub use build::Builder;
+pub use print::inst_text;
 pub use verify::verify;
 
 use serde::{Deserialize, Serialize};
