@@ -8,6 +8,7 @@ mod contig;
 mod fuse;
 mod mma;
 mod profile;
+mod tri;
 mod warp;
 use mma::DotMode;
 
@@ -1583,6 +1584,9 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                 let (a, axis, reverse, decay) = (*value, *axis, *reverse, *decay);
                 let (outer, extent, inner) = kir::split(&self.p.ty(a).shape, axis);
                 self.alloc(out);
+                if decay.is_none() && self.scan_sum_warp(out, a, (outer, extent, inner), reverse)? {
+                    return Ok(());
+                }
                 let t: BasicTypeEnum = self.ctx.f32_type().into();
                 let acc = self.stack_slot(t)?;
                 self.par(outer * inner, &mut |g, o_n| {
@@ -1669,6 +1673,9 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                 let n = self.p.ty(a).shape[0];
                 let nn = i64::from(n);
                 self.alloc(out);
+                if tri::blocked(n) {
+                    return self.tri_inv_blocked(a, out, n);
+                }
                 let t: BasicTypeEnum = self.ctx.f32_type().into();
                 let acc = self.stack_slot(t)?;
                 let fma = self.intrinsic("llvm.fma", &[t])?;
