@@ -878,7 +878,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         let u = self.b.build_float_add(one, xf, "").map_err(e)?;
         let lu = self.log(u.into())?.into_float_value();
         let um1 = self.b.build_float_sub(u, one, "").map_err(e)?;
-        let ratio = self.b.build_float_div(xf, um1, "").map_err(e)?;
+        let ratio = self.quotient(xf.into(), um1.into())?.into_float_value();
         let r = self.b.build_float_mul(lu, ratio, "").map_err(e)?;
         let exact = self.b.build_float_compare(FloatPredicate::OEQ, u, one, "").map_err(e)?;
         self.b.build_select(exact, xf, r, "").map_err(e)
@@ -1623,35 +1623,55 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                         let t3 = g.b.build_int_mul(t2, g.i64c(inner as i64), "").map_err(|x| g.llvm(x))?;
                         g.b.build_int_add(t3, n, "").map_err(|x| g.llvm(x))
                     };
-                    g.seq(extent, &mut |g, e| {
+                    // Steps go in groups of `unroll`: a group's loads first, all in flight
+                    // together, then its chain of adds and its stores (one step at a time, each
+                    // step waited out its own load's latency).
+                    let most = if unroll_limit() == 1 { 1 } else { 8 };
+                    let unroll = [8u64, 4, 2].into_iter().find(|u| *u <= most && extent.is_multiple_of(*u)).unwrap_or(1);
+                    g.seq(extent / unroll, &mut |g, group| {
                         let last = g.i64c(extent as i64 - 1);
-                        let k = if reverse { g.b.build_int_sub(last, e, "").map_err(|x| g.llvm(x))? } else { e };
-                        let idx = at(g, k)?;
-                        let x = g.read(a, idx)?.into_float_value();
-                        let cur = g.b.build_load(t, acc, "").map_err(|x| g.llvm(x))?.into_float_value();
-                        let nv = match decay {
+                        let mut steps = Vec::with_capacity(unroll as usize);
+                        for u in 0..unroll {
+                            let e = g.b.build_int_mul(group, g.i64c(unroll as i64), "").map_err(|x| g.llvm(x))?;
+                            let e = g.b.build_int_add(e, g.i64c(u as i64), "").map_err(|x| g.llvm(x))?;
+                            let k = if reverse { g.b.build_int_sub(last, e, "").map_err(|x| g.llvm(x))? } else { e };
+                            let idx = at(g, k)?;
+                            let x = g.read(a, idx)?.into_float_value();
                             // As on the CPU: d at k (forward) or k + 1 (reverse, clamped on the
-                            // first step, whose product is discarded); LLVM may contract the
-                            // multiply and add into one FMA (within the f32 tolerance).
-                            Some(d) => {
-                                let km = if reverse {
-                                    let next = g.b.build_int_add(k, g.i64c(1), "").map_err(|x| g.llvm(x))?;
-                                    let over = g.b.build_int_compare(IntPredicate::SGT, next, last, "").map_err(|x| g.llvm(x))?;
-                                    g.b.build_select(over, last, next, "").map_err(|x| g.llvm(x))?.into_int_value()
-                                } else {
-                                    k
-                                };
-                                let im = at(g, km)?;
-                                let m = g.read(d, im)?.into_float_value();
-                                let p = g.b.build_float_mul(m, cur, "").map_err(|x| g.llvm(x))?;
-                                let s = g.b.build_float_add(p, x, "").map_err(|x| g.llvm(x))?;
-                                let first = g.b.build_int_compare(IntPredicate::EQ, e, g.i64c(0), "").map_err(|x| g.llvm(x))?;
-                                g.b.build_select(first, x, s, "").map_err(|x| g.llvm(x))?.into_float_value()
-                            }
-                            None => g.b.build_float_add(cur, x, "").map_err(|x| g.llvm(x))?,
-                        };
-                        g.b.build_store(acc, nv).map_err(|x| g.llvm(x))?;
-                        g.write(out, idx, nv.into())
+                            // first step, whose product is discarded).
+                            let m = match decay {
+                                Some(d) => {
+                                    let km = if reverse {
+                                        let next = g.b.build_int_add(k, g.i64c(1), "").map_err(|x| g.llvm(x))?;
+                                        let over = g.b.build_int_compare(IntPredicate::SGT, next, last, "").map_err(|x| g.llvm(x))?;
+                                        g.b.build_select(over, last, next, "").map_err(|x| g.llvm(x))?.into_int_value()
+                                    } else {
+                                        k
+                                    };
+                                    let im = at(g, km)?;
+                                    Some(g.read(d, im)?.into_float_value())
+                                }
+                                None => None,
+                            };
+                            steps.push((e, idx, x, m));
+                        }
+                        for (e, idx, x, m) in steps {
+                            let cur = g.b.build_load(t, acc, "").map_err(|x| g.llvm(x))?.into_float_value();
+                            let nv = match m {
+                                // LLVM may contract the multiply and add into one FMA (within the
+                                // f32 tolerance).
+                                Some(m) => {
+                                    let p = g.b.build_float_mul(m, cur, "").map_err(|x| g.llvm(x))?;
+                                    let s = g.b.build_float_add(p, x, "").map_err(|x| g.llvm(x))?;
+                                    let first = g.b.build_int_compare(IntPredicate::EQ, e, g.i64c(0), "").map_err(|x| g.llvm(x))?;
+                                    g.b.build_select(first, x, s, "").map_err(|x| g.llvm(x))?.into_float_value()
+                                }
+                                None => g.b.build_float_add(cur, x, "").map_err(|x| g.llvm(x))?,
+                            };
+                            g.b.build_store(acc, nv).map_err(|x| g.llvm(x))?;
+                            g.write(out, idx, nv.into())?;
+                        }
+                        Ok(())
                     })
                 })?;
             }

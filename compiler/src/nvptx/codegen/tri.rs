@@ -10,10 +10,11 @@
 //!    16-row solve unrolled in registers (each step reads one element of L that the block's 16
 //!    threads share: a broadcast), while the blocks above the diagonal are cleared;
 //! 2. block row by block row, I = 1 … n/16 − 1: X_IJ = −X_II · Σ_{J ≤ K < I} L_IK X_KJ for every
-//!    J < I at once, one thread per column (J, c): the sum over m = 16K + k runs over all
-//!    m < 16I, since X is zero above its diagonal, so every thread of a row step runs the same
-//!    loop and reads the same elements of L (broadcasts); the column of the sum stays in
-//!    registers for the triangular product that follows. One barrier per block row.
+//!    J < I at once: the sum over m = 16K + k runs over all m < 16I, since X is zero above its
+//!    diagonal, so every thread of a row step runs the same loop and reads the same elements of L
+//!    (broadcasts); four threads per column (J, c) share its 16 rows, leaving the sums in the
+//!    rows of X they will become, then one thread per column applies the triangular X_II. Two
+//!    barriers per block row.
 //!
 //! Sums run in a different order than the CPU back end's column solve (same terms, rounded
 //! differently): within the f32 kernels' tolerance, as the GPU checks confirm.
@@ -83,22 +84,35 @@ impl<'ctx> Gen<'_, 'ctx> {
             }
             Ok(())
         })?;
-        // 2. Block rows below the diagonal, top to bottom.
+        // 2. Block rows below the diagonal, top to bottom, each in two passes. (a) Thread
+        // (col, q) sums t[r] = Σ_{m < top} L[top + r][m] · X[m][col] for its quarter of the rows
+        // r, into X's own (not yet computed) rows top + r at col: nothing else reads them in this
+        // step. (b) Thread col reads its t back and writes X[top + r][col] = −Σ_{s ≤ r} X_II[r][s]
+        // · t[s] over it. Consecutive threads take consecutive columns (conflict-free reads of
+        // X) and share q (broadcast reads of L).
+        let parts: u32 = 4;
+        let rows = B / parts;
         for bi in 1..blocks {
             let top = i64::from(bi) * b;
-            let slots = (0..B).map(|_| self.stack_slot(f32t.into())).collect::<R<Vec<_>>>()?;
-            self.par(u64::from(bi * B), &mut |g, col| {
+            let cols = i64::from(bi * B);
+            let slots = (0..rows).map(|_| self.stack_slot(f32t.into())).collect::<R<Vec<_>>>()?;
+            self.par(u64::from(bi * B * parts), &mut |g, job| {
+                let col = g.b.build_int_signed_rem(job, g.i64c(cols), "").map_err(e)?;
+                let q = g.b.build_int_signed_div(job, g.i64c(cols), "").map_err(e)?;
+                let first = g.b.build_int_mul(q, g.i64c(i64::from(rows)), "").map_err(e)?;
+                let first = g.b.build_int_add(first, g.i64c(top), "").map_err(e)?;
                 for s in &slots {
                     g.b.build_store(*s, g.f32c(0.0)).map_err(e)?;
                 }
-                // t[r] = Σ_{m < top} L[top + r][m] · X[m][col]
                 let (zero, end, one) = (g.i64c(0), g.i64c(top), g.i64c(1));
                 g.counted(zero, end, one, &mut |g, m| {
                     let mc = g.b.build_int_mul(m, g.i64c(nn), "").map_err(e)?;
                     let mc = g.b.build_int_add(mc, col, "").map_err(e)?;
                     let xm = g.read(out, mc)?.into_float_value();
                     for (r, s) in slots.iter().enumerate() {
-                        let rm = g.b.build_int_add(g.i64c((top + r as i64) * nn), m, "").map_err(e)?;
+                        let row = g.b.build_int_add(first, g.i64c(r as i64), "").map_err(e)?;
+                        let rm = g.b.build_int_mul(row, g.i64c(nn), "").map_err(e)?;
+                        let rm = g.b.build_int_add(rm, m, "").map_err(e)?;
                         let l = g.read(a, rm)?.into_float_value();
                         let cur = g.b.build_load(f32t, *s, "").map_err(e)?;
                         let nv = g.call(fma, &[l.into(), xm.into(), cur])?;
@@ -106,12 +120,21 @@ impl<'ctx> Gen<'_, 'ctx> {
                     }
                     Ok(())
                 })?;
-                let t: Vec<_> = slots
-                    .iter()
-                    .map(|s| g.b.build_load(f32t, *s, "").map(|v| v.into_float_value()))
-                    .collect::<Result<_, _>>()
-                    .map_err(e)?;
-                // X[top + r][col] = −Σ_{s ≤ r} X_II[r][s] · t[s]
+                for (r, s) in slots.iter().enumerate() {
+                    let v = g.b.build_load(f32t, *s, "").map_err(e)?;
+                    let row = g.b.build_int_add(first, g.i64c(r as i64), "").map_err(e)?;
+                    let here = g.b.build_int_mul(row, g.i64c(nn), "").map_err(e)?;
+                    let here = g.b.build_int_add(here, col, "").map_err(e)?;
+                    g.write(out, here, v)?;
+                }
+                Ok(())
+            })?;
+            self.par(u64::from(bi * B), &mut |g, col| {
+                let mut t = Vec::with_capacity(B as usize);
+                for s in 0..B as i64 {
+                    let at = g.b.build_int_add(g.i64c((top + s) * nn), col, "").map_err(e)?;
+                    t.push(g.read(out, at)?.into_float_value());
+                }
                 for r in 0..B as i64 {
                     let row = (top + r) * nn;
                     let mut acc = g.f32c(0.0).into_float_value();
