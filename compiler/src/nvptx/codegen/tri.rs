@@ -14,7 +14,8 @@
 //!    diagonal, so every thread of a row step runs the same loop and reads the same elements of L
 //!    (broadcasts); four threads per column (J, c) share its 16 rows, leaving the sums in the
 //!    rows of X they will become, then one thread per column applies the triangular X_II. Two
-//!    barriers per block row.
+//!    barriers per block row. (`HLAC_NVPTX_TRIINV_PARTS=1`: one thread per column, its sums in
+//!    registers, one barrier per block row — measured faster; see [`parts`].)
 //!
 //! Sums run in a different order than the CPU back end's column solve (same terms, rounded
 //! differently): within the f32 kernels' tolerance, as the GPU checks confirm.
@@ -32,6 +33,16 @@ const B: u32 = 16;
 /// Whether `tri_inv` of an n × n tile goes by blocks.
 pub(super) fn blocked(n: u32) -> bool {
     n % B == 0 && std::env::var("HLAC_NVPTX_TRIINV").map_or(true, |v| v != "columns")
+}
+
+/// Threads per column in step 2: 4, or `HLAC_NVPTX_TRIINV_PARTS=1|2|4`. The profile build
+/// measured the four-way split slower than one thread per column (1.81 M against 1.32 M cycles per
+/// 64 chunks of Gated DeltaNet's forward, H200, 2026-12-02: the split multiplies the loads of X
+/// and the loop overhead, which dominate, to divide the FMAs, which do not); one pass per column
+/// was checked on the GPU in an earlier call, but not with this session's other changes, so it
+/// is not the default until a call checks and times it.
+fn parts() -> u32 {
+    std::env::var("HLAC_NVPTX_TRIINV_PARTS").ok().and_then(|v| v.parse().ok()).filter(|p| [1, 2, 4].contains(p)).unwrap_or(4)
 }
 
 impl<'ctx> Gen<'_, 'ctx> {
@@ -90,7 +101,10 @@ impl<'ctx> Gen<'_, 'ctx> {
         // step. (b) Thread col reads its t back and writes X[top + r][col] = −Σ_{s ≤ r} X_II[r][s]
         // · t[s] over it. Consecutive threads take consecutive columns (conflict-free reads of
         // X) and share q (broadcast reads of L).
-        let parts: u32 = 4;
+        let parts = parts();
+        if parts == 1 {
+            return self.block_rows_one_pass(a, out, n);
+        }
         let rows = B / parts;
         for bi in 1..blocks {
             let top = i64::from(bi) * b;
@@ -136,6 +150,59 @@ impl<'ctx> Gen<'_, 'ctx> {
                     t.push(g.read(out, at)?.into_float_value());
                 }
                 for r in 0..B as i64 {
+                    let row = (top + r) * nn;
+                    let mut acc = g.f32c(0.0).into_float_value();
+                    for (s, ts) in t.iter().enumerate().take(r as usize + 1) {
+                        let xrs = g.read(out, g.i64c(row + top + s as i64))?.into_float_value();
+                        acc = g.call(fma, &[xrs.into(), (*ts).into(), acc.into()])?.into_float_value();
+                    }
+                    let v = g.b.build_float_neg(acc, "").map_err(e)?;
+                    let here: IntValue = g.b.build_int_add(g.i64c(row), col, "").map_err(e)?;
+                    g.write(out, here, v.into())?;
+                }
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Step 2 with one thread per column (J, c), one pass and one barrier per block row: the
+    /// column's 16 sums stay in registers for the triangular product.
+    fn block_rows_one_pass(&mut self, a: Value, out: Value, n: u32) -> R<()> {
+        let e = |x| NvptxError::Llvm { kernel: String::new(), message: format!("{x}") };
+        let nn = i64::from(n);
+        let b = i64::from(B);
+        let f32t = self.ctx.f32_type();
+        let fma = self.intrinsic("llvm.fma", &[f32t.into()])?;
+        for bi in 1..n / B {
+            let top = i64::from(bi) * b;
+            let slots = (0..B).map(|_| self.stack_slot(f32t.into())).collect::<R<Vec<_>>>()?;
+            self.par(u64::from(bi * B), &mut |g, col| {
+                for s in &slots {
+                    g.b.build_store(*s, g.f32c(0.0)).map_err(e)?;
+                }
+                // t[r] = Σ_{m < top} L[top + r][m] · X[m][col]
+                let (zero, end, one) = (g.i64c(0), g.i64c(top), g.i64c(1));
+                g.counted(zero, end, one, &mut |g, m| {
+                    let mc = g.b.build_int_mul(m, g.i64c(nn), "").map_err(e)?;
+                    let mc = g.b.build_int_add(mc, col, "").map_err(e)?;
+                    let xm = g.read(out, mc)?.into_float_value();
+                    for (r, s) in slots.iter().enumerate() {
+                        let rm = g.b.build_int_add(g.i64c((top + r as i64) * nn), m, "").map_err(e)?;
+                        let l = g.read(a, rm)?.into_float_value();
+                        let cur = g.b.build_load(f32t, *s, "").map_err(e)?;
+                        let nv = g.call(fma, &[l.into(), xm.into(), cur])?;
+                        g.b.build_store(*s, nv).map_err(e)?;
+                    }
+                    Ok(())
+                })?;
+                let t: Vec<_> = slots
+                    .iter()
+                    .map(|s| g.b.build_load(f32t, *s, "").map(|v| v.into_float_value()))
+                    .collect::<Result<_, _>>()
+                    .map_err(e)?;
+                // X[top + r][col] = −Σ_{s ≤ r} X_II[r][s] · t[s]
+                for r in 0..b {
                     let row = (top + r) * nn;
                     let mut acc = g.f32c(0.0).into_float_value();
                     for (s, ts) in t.iter().enumerate().take(r as usize + 1) {
