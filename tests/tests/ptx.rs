@@ -154,3 +154,61 @@ fn bf16_and_f16_storage_compile_and_assemble_for_sm80_and_sm90() {
         }
     }
 }
+
+/// The profile build (`Options::profile`): every kernel of GDN's spec (the chunked forward with
+/// its loop, the backward, decode, attention, the pieces) carries one counter per tile
+/// instruction plus the blocks' total in the global `hlac_profile`, names exactly that many
+/// instructions in `hlac_profile_ops` (each a line of the kernel IR's text form, one of them its
+/// first tile instruction), and assembles with ptxas; the default build has neither global.
+#[test]
+fn profile_build_counts_every_tile_instruction() {
+    let ptxas = ptxas();
+    let dir = tempfile::tempdir().expect("tempdir");
+    for k in kernels(&spec("GDN", "num_heads = 2\n    head_dim = 16")) {
+        let program = &k.kernel.program;
+        let plain = hlac::nvptx::compile(program, "sm_90", k.gpu_options()).expect("compiles");
+        assert!(!plain.ptx.contains("hlac_profile"), "{}: counters in the default build", k.name);
+        let options = hlac::nvptx::Options { profile: true, ..k.gpu_options() };
+        let compiled = hlac::nvptx::compile(program, "sm_90", options).unwrap_or_else(|e| panic!("{}: {e}", k.name));
+        let ptx = &compiled.ptx;
+        let counters = ptx
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(".visible .global .align 8 .b8 hlac_profile["))
+            .and_then(|rest| rest.split(']').next())
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or_else(|| panic!("{}: no hlac_profile counters", k.name))
+            / 8;
+        let bytes: Vec<u8> = ptx
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(".visible .global .align 1 .b8 hlac_profile_ops["))
+            .and_then(|rest| rest.split_once('{'))
+            .map(|(_, list)| list.trim_end_matches("};").split(',').map(|b| b.trim().parse::<u8>().expect("a byte")).collect())
+            .unwrap_or_else(|| panic!("{}: no hlac_profile_ops", k.name));
+        let names = String::from_utf8(bytes).expect("UTF-8");
+        let names: Vec<&str> = names.split('\n').collect();
+        assert_eq!(names.len() + 1, counters, "{}: {} names for {} counters", k.name, names.len(), counters);
+        // Each name is one of the program's instructions, each instruction named once at most
+        // (fused tiles and products computed into their adds emit nothing, so get no counter).
+        fn texts(p: &hlac_runtime::kir::Program, b: &hlac_runtime::kir::Block, out: &mut Vec<String>) {
+            for i in &b.insts {
+                out.push(hlac_runtime::kir::inst_text(p, i));
+                if let hlac_runtime::kir::Op::For { body, .. } = &i.op {
+                    texts(p, body, out);
+                }
+            }
+        }
+        let mut all = Vec::new();
+        texts(program, &program.body, &mut all);
+        assert!(!names.is_empty(), "{}: no counters", k.name);
+        for n in &names {
+            assert!(all.iter().any(|t| t == n), "{}: counter `{n}` names no instruction", k.name);
+        }
+        let distinct: std::collections::BTreeSet<_> = names.iter().collect();
+        assert_eq!(distinct.len(), names.len(), "{}: an instruction counted twice", k.name);
+        let Some(ptxas) = &ptxas else { continue };
+        let file = dir.path().join(format!("{}_profile.ptx", compiled.entry));
+        std::fs::write(&file, ptx).expect("write");
+        let out = Command::new(ptxas).args(["-arch=sm_90", "-o", "/dev/null"]).arg(&file).output().expect("ptxas runs");
+        assert!(out.status.success(), "ptxas rejected {}'s profile build:\n{}", k.name, String::from_utf8_lossy(&out.stderr));
+    }
+}

@@ -350,7 +350,7 @@ impl ModelKernel {
             _ => THREADS,
         };
         let split_k = self.role != "decode";
-        Options { workspace, max_threads, split_k }
+        Options { workspace, max_threads, split_k, profile: crate::nvptx::profile_requested() }
     }
 }
 

@@ -174,12 +174,20 @@ pub struct Options {
     /// Whether a `dot` with fewer outputs than threads splits each output's sum across lanes
     /// (`codegen/warp.rs`); otherwise one thread computes each output.
     pub split_k: bool,
+    /// Whether the kernel carries the profile build's cycle counters ([`profile`]; the lowering
+    /// sets it from `HLAC_NVPTX_PROFILE=1`).
+    pub profile: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { workspace: Workspace::SharedWhenFits, max_threads: THREADS, split_k: true }
+        Options { workspace: Workspace::SharedWhenFits, max_threads: THREADS, split_k: true, profile: false }
     }
+}
+
+/// Whether `HLAC_NVPTX_PROFILE=1` asks for the profile build.
+pub fn profile_requested() -> bool {
+    std::env::var("HLAC_NVPTX_PROFILE").is_ok_and(|v| v == "1")
 }
 
 /// Compiles one verified program to PTX for `device`.
@@ -376,6 +384,8 @@ struct Gen<'a, 'ctx> {
     accumulated: std::collections::HashSet<Value>,
     /// The profile build's counters ([`profile`]; `None` in the default build).
     profile: Option<profile::Profile<'ctx>>,
+    /// Whether this is a profile build ([`Options::profile`]).
+    profiled: bool,
 }
 
 type R<T> = Result<T, NvptxError>;
@@ -452,6 +462,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             tid: i64t.const_zero(),
             threads,
             split_k: options.split_k,
+            profiled: options.profile,
             slots: HashMap::new(),
             unsynced: Vec::new(),
             scalars: HashMap::new(),
@@ -800,7 +811,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                 Ok(())
             })?;
         }
-        if profile::enabled() {
+        if self.profiled {
             self.profile_start()?;
         }
         let body = self.p.body.clone();

@@ -16,14 +16,16 @@
 //! shared-memory tiles are stored swizzled against bank conflicts (`swizzle_of`). Scalars are
 //! computed by every thread alike. `dot` runs on the tensor cores (`mma.sync`) where its shape
 //! tiles (starting from the other addend when its one use is an add), else as FMA loops (each output's sum split across lanes when outputs are fewer than
-//! threads); row reductions take a warp per row; scans give each thread whole lines; `tri_inv`
-//! solves a column per thread. Every global access is bounds-checked against the length passed
+//! threads); row reductions take a warp per row, several rows at once; sum scans of few lines
+//! take a warp per line, other scans a thread per line; `tri_inv` goes by 16 × 16 blocks. Every global access is bounds-checked against the length passed
 //! with its pointer, and an out-of-bounds access is recorded in the `error` word, exactly as on
 //! the CPU; loads and stores whose offsets are provably contiguous in aligned 16-byte groups move
 //! each group as one vector when it is aligned and in bounds at run time (`codegen/contig.rs`); an element of a bf16 or f16 pointer is widened to f32 as it is loaded and rounded to
 //! nearest even as it is stored (the kernel IR's storage types), so every workspace tile stays
 //! f32. Transcendentals use the approximate PTX instructions with range reduction (exp via
-//! ex2.approx, log via lg2.approx, sin/cos reduced to [−π, π]). Still to come: tiles held in
+//! ex2.approx, log via lg2.approx, sin/cos reduced to [−π, π]; sqrt, rsqrt and the divisions
+//! inside sigmoid, tanh and log1p approximate too). A profile build ([`Options::profile`])
+//! counts each tile instruction's cycles. Still to come: tiles held in
 //! registers across operations, wgmma on sm_90a (BENCHMARKS.md says why it matters).
 //!
 //! Kernel ABI (what the runtime launches): for each kernel-IR parameter in order, a pointer is two
@@ -34,5 +36,6 @@
 mod codegen;
 
 pub use codegen::{
-    assemble, compile, find_ptxas, shared_limit, threads_for, workspace_fits_shared, Compiled, NvptxError, Options, Workspace, THREADS,
+    assemble, compile, find_ptxas, profile_requested, shared_limit, threads_for, workspace_fits_shared, Compiled, NvptxError, Options,
+    Workspace, THREADS,
 };

@@ -30,11 +30,6 @@ pub(super) struct Profile<'ctx> {
     last: Option<u32>,
 }
 
-/// Whether this build profiles.
-pub(super) fn enabled() -> bool {
-    std::env::var("HLAC_NVPTX_PROFILE").is_ok_and(|v| v == "1")
-}
-
 /// Counters a program can need: one per instruction (nested ones included).
 fn instructions(b: &Block) -> u32 {
     b.insts
