@@ -32,7 +32,7 @@ const B: u32 = 16;
 
 /// Whether `tri_inv` of an n × n tile goes by blocks.
 pub(super) fn blocked(n: u32) -> bool {
-    n % B == 0 && std::env::var("HLAC_NVPTX_TRIINV").map_or(true, |v| v != "columns")
+    n.is_multiple_of(B) && std::env::var("HLAC_NVPTX_TRIINV").map_or(true, |v| v != "columns")
 }
 
 /// Threads per column in step 2: 4, or `HLAC_NVPTX_TRIINV_PARTS=1|2|4`. The profile build

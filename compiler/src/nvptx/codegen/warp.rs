@@ -33,7 +33,8 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         // Rows per warp at once: a divisor of each warp's share, so no row is out of range.
         let share = outer.div_ceil(warps);
         let limit = std::env::var("HLAC_NVPTX_REDUCE_ROWS").ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or(ROWS_AT_ONCE).max(1);
-        let group = if outer % warps == 0 { (1..=limit.min(share)).rev().find(|g| share % g == 0).unwrap_or(1) } else { 1 };
+        let group =
+            if outer.is_multiple_of(warps) { (1..=limit.min(share)).rev().find(|g| share.is_multiple_of(*g)).unwrap_or(1) } else { 1 };
         let accs = (0..group).map(|_| self.stack_slot(t)).collect::<R<Vec<_>>>()?;
         let e = |x| self.llvm(x);
         let lane = self.b.build_and(self.tid, self.i64c(31), "").map_err(e)?;
