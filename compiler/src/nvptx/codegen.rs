@@ -45,7 +45,7 @@ fn unroll_limit() -> u64 {
     std::env::var("HLAC_NVPTX_UNROLL").ok().and_then(|v| v.parse().ok()).filter(|u| [1, 2, 4].contains(u)).unwrap_or(4)
 }
 
-/// Whether square roots, reciprocal square roots and the divisions inside sigmoid and tanh run on
+/// Whether square roots, reciprocal square roots and the divisions inside sigmoid, tanh and log1p run on
 /// the approximate unit (`sqrt.approx`, `rsqrt.approx`, `div.approx`: ≤ 2⁻²² relative error, as
 /// Triton's `tl.sqrt`/`tl.rsqrt` and fla's kernels use) rather than as IEEE-rounded sequences.
 /// The profile build found GDN's l2norm spending 6.7 k cycles per 64 × 128 pass on a
@@ -923,8 +923,9 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         self.quotient(one.into(), d.into())
     }
 
-    /// `a / d` for a divisor d ≥ 1 (or +∞, giving 0) inside the elementary functions: on the
-    /// approximate unit (`div.approx.f32`, 2 ulp, a reciprocal and a multiply) instead of the
+    /// `a / d` inside the elementary functions, whose divisors lie in [2⁻²⁴, 2¹²⁶] (or are +∞,
+    /// giving 0, or give a quotient the caller discards): on the approximate unit
+    /// (`div.approx.f32`, 2 ulp there, a reciprocal and a multiply) instead of the
     /// IEEE division's dozen-instruction sequence with its slow path. With [`approx`]'s
     /// `HLAC_NVPTX_IEEE=1`, IEEE division.
     fn quotient(&self, a: BasicValueEnum<'ctx>, d: BasicValueEnum<'ctx>) -> R<BasicValueEnum<'ctx>> {

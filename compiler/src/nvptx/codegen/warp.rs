@@ -1,4 +1,5 @@
-//! Warp-cooperative forms of tile operations whose per-thread form serialises:
+//! Warp-cooperative forms of tile operations whose per-thread form serialises (the first and
+//! last also take several rows or steps at once):
 //! - a reduction along a tile's last axis gives each output row to one warp (lanes stride along
 //!   the row, then combine by butterfly shuffles) instead of to one thread reading the row alone —
 //!   a thread per row reads a column of the workspace, every lane of a warp in the same
@@ -9,11 +10,11 @@
 
 use super::{Gen, NvptxError, R};
 use hlac_runtime::kir::{BinOp, DType, ReduceOp, Value};
+use inkwell::types::BasicTypeEnum;
+use inkwell::values::{BasicValueEnum, IntValue};
 
 /// Rows a warp reduces together ([`Gen::reduce_rows_warp`]).
 const ROWS_AT_ONCE: u64 = 8;
-use inkwell::types::BasicTypeEnum;
-use inkwell::values::{BasicValueEnum, IntValue};
 
 impl<'a, 'ctx> Gen<'a, 'ctx> {
     /// `out[o] = reduce(a[o, 0..extent])` for an f32 tile `a` of `outer` rows, one warp per row.
