@@ -1,14 +1,16 @@
-//! The profile build (`HLAC_NVPTX_PROFILE=1` when the artifact is built): every thread reads
+//! The profile build ([`super::Options::profile`], which the lowering sets from
+//! `HLAC_NVPTX_PROFILE=1` when the artifact is built): every thread reads
 //! `%clock64` after each tile instruction and adds the cycles since its previous reading to that
 //! instruction's counter, so a barrier's wait is charged to the operation it ends. At the end
 //! thread 0 of each block adds its counters to the module's global `hlac_profile` (one `u64` per
 //! counter, then the block's whole time), and `hlac_profile_ops` names the counters, one line
-//! each in the kernel IR's text form: `hlac-gpu-bench --profile` prints where each kernel's time
+//! each in the kernel IR's text form: `hlac-gpu-bench` finds them and prints where each kernel's time
 //! goes, instruction by instruction — what a PTX-level profiler cannot say about a kernel whose
 //! source is tile IR. Thread 0's view is the block's critical path (it waits at every barrier), so
 //! the shares add up to the block's time. A measuring build only: the counters live in local
 //! memory and the clock reads order the code around them, so its timings run a little slower
-//! than the default's.
+//! than the default's (GDN's forward 4.04 ms against 3.16, attention's 14.3 against 10.5 on an
+//! H200: read shares, not absolute times).
 
 use inkwell::values::{BasicValue, IntValue, PointerValue};
 use inkwell::AddressSpace;
