@@ -26,7 +26,12 @@
 //! - with `HLAC_NVPTX_FUSE=no-amplify` (an experiment, not yet measured on a GPU), nor a value
 //!   whose computation holds a transcendental function and that a broadcast expands: HGRN-2's
 //!   key 1 − α, say, read through a `[64, 1, K] → [64, 64, K]` broadcast, is otherwise recomputed
-//!   (a sigmoid each time) for every one of the 64 rows of the pairwise product.
+//!   (a sigmoid each time) for every one of the 64 rows of the pairwise product;
+//! - with `HLAC_NVPTX_FUSE=no-transpose` (an experiment for the next device call), nor a value
+//!   with a transcendental function that a transpose reads: stored in one pass in its own order,
+//!   it is then read through by the transpose's user, where fused the transpose is a pass that
+//!   recomputes it while gathering its leaves down their columns (GLA's four gate-scaled key
+//!   transposes: 7 % of its forward each in the profile build).
 
 use std::collections::{HashMap, HashSet};
 
@@ -53,6 +58,8 @@ struct Info {
     expanded: bool,
     /// Read by a `dot` that runs as a per-thread loop (not on the tensor cores).
     simt_dot: bool,
+    /// Read by a transpose.
+    transposed: bool,
 }
 
 struct Walk<'m> {
@@ -88,6 +95,9 @@ impl Walk<'_> {
                     if matches!(inst.op, Op::Broadcast(_)) && inst.results.first().is_some_and(|r| p.ty(*r).numel() > p.ty(*v).numel()) {
                         i.expanded = true;
                     }
+                    if matches!(inst.op, Op::Transpose(_)) {
+                        i.transposed = true;
+                    }
                 }
             }
             if let Op::For { body, .. } = &inst.op {
@@ -104,6 +114,7 @@ impl Walk<'_> {
                         reread: false,
                         expanded: false,
                         simt_dot: false,
+                        transposed: false,
                     };
                     self.info.insert(r, info);
                 }
@@ -147,6 +158,7 @@ pub(super) fn analyse(p: &Program, mma: &dyn Fn(Value, Value) -> bool) -> Fusion
     let mut order: Vec<Value> = w.info.keys().copied().collect();
     order.sort();
     let no_amplify = std::env::var("HLAC_NVPTX_FUSE").is_ok_and(|v| v == "no-amplify");
+    let no_transpose = std::env::var("HLAC_NVPTX_FUSE").is_ok_and(|v| v == "no-transpose");
     if no_amplify {
         // A reshape that is expanded expands its operand too: users before operands.
         for v in order.iter().rev() {
@@ -183,6 +195,9 @@ pub(super) fn analyse(p: &Program, mma: &dyn Fn(Value, Value) -> bool) -> Fusion
         }
         let is_costly = !cheap(&i.op) || tiles.iter().any(|o| costly.contains(o));
         if no_amplify && i.expanded && is_costly {
+            continue;
+        }
+        if no_transpose && i.transposed && is_costly {
             continue;
         }
         let is_index = cheap(&i.op) && tiles.iter().all(|o| index_like.contains(o));
