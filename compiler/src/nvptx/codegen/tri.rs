@@ -21,7 +21,7 @@
 //! differently): within the f32 kernels' tolerance, as the GPU checks confirm.
 //! `HLAC_NVPTX_TRIINV=columns` keeps the column solve, for A/B measurements.
 
-use inkwell::values::{BasicValueEnum, IntValue};
+use inkwell::values::{BasicValueEnum, FloatValue, FunctionValue, IntValue};
 use inkwell::IntPredicate;
 
 use super::{Gen, NvptxError, R};
@@ -149,18 +149,7 @@ impl<'ctx> Gen<'_, 'ctx> {
                     let at = g.b.build_int_add(g.i64c((top + s) * nn), col, "").map_err(e)?;
                     t.push(g.read(out, at)?.into_float_value());
                 }
-                for r in 0..B as i64 {
-                    let row = (top + r) * nn;
-                    let mut acc = g.f32c(0.0).into_float_value();
-                    for (s, ts) in t.iter().enumerate().take(r as usize + 1) {
-                        let xrs = g.read(out, g.i64c(row + top + s as i64))?.into_float_value();
-                        acc = g.call(fma, &[xrs.into(), (*ts).into(), acc.into()])?.into_float_value();
-                    }
-                    let v = g.b.build_float_neg(acc, "").map_err(e)?;
-                    let here: IntValue = g.b.build_int_add(g.i64c(row), col, "").map_err(e)?;
-                    g.write(out, here, v.into())?;
-                }
-                Ok(())
+                g.apply_diagonal(out, (top, nn, col), &t, fma)
             })?;
         }
         Ok(())
@@ -201,20 +190,32 @@ impl<'ctx> Gen<'_, 'ctx> {
                     .map(|s| g.b.build_load(f32t, *s, "").map(|v| v.into_float_value()))
                     .collect::<Result<_, _>>()
                     .map_err(e)?;
-                // X[top + r][col] = −Σ_{s ≤ r} X_II[r][s] · t[s]
-                for r in 0..b {
-                    let row = (top + r) * nn;
-                    let mut acc = g.f32c(0.0).into_float_value();
-                    for (s, ts) in t.iter().enumerate().take(r as usize + 1) {
-                        let xrs = g.read(out, g.i64c(row + top + s as i64))?.into_float_value();
-                        acc = g.call(fma, &[xrs.into(), (*ts).into(), acc.into()])?.into_float_value();
-                    }
-                    let v = g.b.build_float_neg(acc, "").map_err(e)?;
-                    let here: IntValue = g.b.build_int_add(g.i64c(row), col, "").map_err(e)?;
-                    g.write(out, here, v.into())?;
-                }
-                Ok(())
+                g.apply_diagonal(out, (top, nn, col), &t, fma)
             })?;
+        }
+        Ok(())
+    }
+
+    /// `X[top + r][col] = −Σ_{s ≤ r} X_II[r][s] · t[s]` for the 16 rows r of block row `top`
+    /// (X = `out`, row length `nn`): the triangular diagonal block applied to one column's sums.
+    fn apply_diagonal(
+        &mut self,
+        out: Value,
+        (top, nn, col): (i64, i64, IntValue<'ctx>),
+        t: &[FloatValue<'ctx>],
+        fma: FunctionValue<'ctx>,
+    ) -> R<()> {
+        let e = |x| NvptxError::Llvm { kernel: String::new(), message: format!("{x}") };
+        for r in 0..i64::from(B) {
+            let row = (top + r) * nn;
+            let mut acc = self.f32c(0.0).into_float_value();
+            for (s, ts) in t.iter().enumerate().take(r as usize + 1) {
+                let xrs = self.read(out, self.i64c(row + top + s as i64))?.into_float_value();
+                acc = self.call(fma, &[xrs.into(), (*ts).into(), acc.into()])?.into_float_value();
+            }
+            let v = self.b.build_float_neg(acc, "").map_err(e)?;
+            let here = self.b.build_int_add(self.i64c(row), col, "").map_err(e)?;
+            self.write(out, here, v.into())?;
         }
         Ok(())
     }
