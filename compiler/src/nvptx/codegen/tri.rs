@@ -21,7 +21,7 @@
 //! differently): within the f32 kernels' tolerance, as the GPU checks confirm.
 //! `HLAC_NVPTX_TRIINV=columns` keeps the column solve, for A/B measurements.
 
-use inkwell::values::{BasicValueEnum, FloatValue, FunctionValue, IntValue};
+use inkwell::values::{BasicValueEnum, FloatValue, FunctionValue, IntValue, PointerValue};
 use inkwell::IntPredicate;
 
 use super::{Gen, NvptxError, R};
@@ -115,25 +115,7 @@ impl<'ctx> Gen<'_, 'ctx> {
                 let q = g.b.build_int_signed_div(job, g.i64c(cols), "").map_err(e)?;
                 let first = g.b.build_int_mul(q, g.i64c(i64::from(rows)), "").map_err(e)?;
                 let first = g.b.build_int_add(first, g.i64c(top), "").map_err(e)?;
-                for s in &slots {
-                    g.b.build_store(*s, g.f32c(0.0)).map_err(e)?;
-                }
-                let (zero, end, one) = (g.i64c(0), g.i64c(top), g.i64c(1));
-                g.counted(zero, end, one, &mut |g, m| {
-                    let mc = g.b.build_int_mul(m, g.i64c(nn), "").map_err(e)?;
-                    let mc = g.b.build_int_add(mc, col, "").map_err(e)?;
-                    let xm = g.read(out, mc)?.into_float_value();
-                    for (r, s) in slots.iter().enumerate() {
-                        let row = g.b.build_int_add(first, g.i64c(r as i64), "").map_err(e)?;
-                        let rm = g.b.build_int_mul(row, g.i64c(nn), "").map_err(e)?;
-                        let rm = g.b.build_int_add(rm, m, "").map_err(e)?;
-                        let l = g.read(a, rm)?.into_float_value();
-                        let cur = g.b.build_load(f32t, *s, "").map_err(e)?;
-                        let nv = g.call(fma, &[l.into(), xm.into(), cur])?;
-                        g.b.build_store(*s, nv).map_err(e)?;
-                    }
-                    Ok(())
-                })?;
+                g.column_sums((a, out), &slots, first, (top, nn, col), fma)?;
                 for (r, s) in slots.iter().enumerate() {
                     let v = g.b.build_load(f32t, *s, "").map_err(e)?;
                     let row = g.b.build_int_add(first, g.i64c(r as i64), "").map_err(e)?;
@@ -167,24 +149,7 @@ impl<'ctx> Gen<'_, 'ctx> {
             let top = i64::from(bi) * b;
             let slots = (0..B).map(|_| self.stack_slot(f32t.into())).collect::<R<Vec<_>>>()?;
             self.par(u64::from(bi * B), &mut |g, col| {
-                for s in &slots {
-                    g.b.build_store(*s, g.f32c(0.0)).map_err(e)?;
-                }
-                // t[r] = Σ_{m < top} L[top + r][m] · X[m][col]
-                let (zero, end, one) = (g.i64c(0), g.i64c(top), g.i64c(1));
-                g.counted(zero, end, one, &mut |g, m| {
-                    let mc = g.b.build_int_mul(m, g.i64c(nn), "").map_err(e)?;
-                    let mc = g.b.build_int_add(mc, col, "").map_err(e)?;
-                    let xm = g.read(out, mc)?.into_float_value();
-                    for (r, s) in slots.iter().enumerate() {
-                        let rm = g.b.build_int_add(g.i64c((top + r as i64) * nn), m, "").map_err(e)?;
-                        let l = g.read(a, rm)?.into_float_value();
-                        let cur = g.b.build_load(f32t, *s, "").map_err(e)?;
-                        let nv = g.call(fma, &[l.into(), xm.into(), cur])?;
-                        g.b.build_store(*s, nv).map_err(e)?;
-                    }
-                    Ok(())
-                })?;
+                g.column_sums((a, out), &slots, g.i64c(top), (top, nn, col), fma)?;
                 let t: Vec<_> = slots
                     .iter()
                     .map(|s| g.b.build_load(f32t, *s, "").map(|v| v.into_float_value()))
@@ -218,5 +183,38 @@ impl<'ctx> Gen<'_, 'ctx> {
             self.write(out, here, v.into())?;
         }
         Ok(())
+    }
+
+    /// `slot[r] = Σ_{m < top} L[first + r][m] · X[m][col]` for each of `slots` (L = `a`, X = `out`,
+    /// row length `nn`): the sums of step 2, over every m below the block row.
+    fn column_sums(
+        &mut self,
+        (a, out): (Value, Value),
+        slots: &[PointerValue<'ctx>],
+        first: IntValue<'ctx>,
+        (top, nn, col): (i64, i64, IntValue<'ctx>),
+        fma: FunctionValue<'ctx>,
+    ) -> R<()> {
+        let e = |x| NvptxError::Llvm { kernel: String::new(), message: format!("{x}") };
+        let f32t = self.ctx.f32_type();
+        for s in slots {
+            self.b.build_store(*s, self.f32c(0.0)).map_err(e)?;
+        }
+        let (zero, end, one) = (self.i64c(0), self.i64c(top), self.i64c(1));
+        self.counted(zero, end, one, &mut |g, m| {
+            let mc = g.b.build_int_mul(m, g.i64c(nn), "").map_err(e)?;
+            let mc = g.b.build_int_add(mc, col, "").map_err(e)?;
+            let xm = g.read(out, mc)?.into_float_value();
+            for (r, s) in slots.iter().enumerate() {
+                let row = g.b.build_int_add(first, g.i64c(r as i64), "").map_err(e)?;
+                let rm = g.b.build_int_mul(row, g.i64c(nn), "").map_err(e)?;
+                let rm = g.b.build_int_add(rm, m, "").map_err(e)?;
+                let l = g.read(a, rm)?.into_float_value();
+                let cur = g.b.build_load(f32t, *s, "").map_err(e)?;
+                let nv = g.call(fma, &[l.into(), xm.into(), cur])?;
+                g.b.build_store(*s, nv).map_err(e)?;
+            }
+            Ok(())
+        })
     }
 }

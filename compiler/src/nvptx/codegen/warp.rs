@@ -239,20 +239,11 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
     /// group's `combine` of all its values. Every lane of the warp must execute it.
     fn butterfly(
         &mut self,
-        mut v: BasicValueEnum<'ctx>,
+        v: BasicValueEnum<'ctx>,
         width: u64,
         combine: &mut dyn FnMut(&mut Self, BasicValueEnum<'ctx>, BasicValueEnum<'ctx>) -> R<BasicValueEnum<'ctx>>,
     ) -> R<BasicValueEnum<'ctx>> {
-        let shfl = self.intrinsic("llvm.nvvm.shfl.sync.bfly.f32", &[])?;
-        let full: BasicValueEnum = self.ctx.i32_type().const_all_ones().into();
-        let clamp: BasicValueEnum = self.ctx.i32_type().const_int(31, false).into();
-        let mut mask = width / 2;
-        while mask >= 1 {
-            let lane_mask: BasicValueEnum = self.ctx.i32_type().const_int(mask, false).into();
-            let other = self.call(shfl, &[full, v, lane_mask, clamp])?;
-            v = combine(self, v, other)?;
-            mask /= 2;
-        }
-        Ok(v)
+        let vs = self.butterflies(vec![v], width, combine)?;
+        vs.into_iter().next().ok_or_else(|| self.llvm("a butterfly without its value"))
     }
 }
