@@ -1366,6 +1366,19 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         Ok(x)
     }
 
+    /// Element `at` of a `store` (its offset, value and mask read from their tiles), bounds-checked:
+    /// the scalar store's body and the vector store's fallback for a group it cannot move whole.
+    fn store_element(&mut self, ptr: u32, offsets: Value, value: Value, mask: Option<Value>, at: IntValue<'ctx>, d: DType) -> R<()> {
+        let off = self.read(offsets, at)?.into_int_value();
+        let x = self.read(value, at)?;
+        let en = match mask {
+            Some(m) => Some(self.read(m, at)?),
+            None => None,
+        };
+        self.guarded(ptr, off, en, d, Some(x), 0.0)?;
+        Ok(())
+    }
+
     /// Records an out-of-bounds access through pointer `ptr` in the error word when `bad` holds.
     fn report_if(&mut self, bad: IntValue<'ctx>, ptr: u32) -> R<()> {
         let e = |x| self.llvm(x);
@@ -1550,16 +1563,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                     self.store_vectors(ptr, offsets, value, mask, w)?;
                     return self.barrier();
                 }
-                self.par(self.p.ty(value).numel(), &mut |g, i| {
-                    let off = g.read(offsets, i)?.into_int_value();
-                    let x = g.read(value, i)?;
-                    let en = match mask {
-                        Some(m) => Some(g.read(m, i)?),
-                        None => None,
-                    };
-                    g.guarded(ptr, off, en, d, Some(x), 0.0)?;
-                    Ok(())
-                })?;
+                self.par(self.p.ty(value).numel(), &mut |g, i| g.store_element(ptr, offsets, value, mask, i, d))?;
             }
             Op::Reduce(op, a, axis) => {
                 let out = res()?;

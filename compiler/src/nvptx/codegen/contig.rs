@@ -382,13 +382,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             g2.b.position_at_end(one_bb);
             for k in 0..w {
                 let at = g2.b.build_int_add(e0, g2.i64c(i64::from(k)), "").map_err(|x| g2.llvm(x))?;
-                let off = g2.read(offsets, at)?.into_int_value();
-                let x = g2.read(value, at)?;
-                let en = match mask {
-                    Some(m) => Some(g2.read(m, at)?),
-                    None => None,
-                };
-                g2.guarded(ptr, off, en, d, Some(x), 0.0)?;
+                g2.store_element(ptr, offsets, value, mask, at, d)?;
             }
             g2.b.build_unconditional_branch(join).map_err(|x| g2.llvm(x))?;
             g2.b.position_at_end(join);

@@ -32,13 +32,17 @@ pub(super) struct Profile<'ctx> {
     last: Option<u32>,
 }
 
-/// Counters a program can need: one per instruction (nested ones included).
-fn instructions(b: &Block) -> u32 {
+/// Counters a program can need: one per [`counted`] instruction (nested ones included; fused
+/// ones turn out to need none).
+fn instructions(p: &kir::Program, b: &Block) -> u32 {
     b.insts
         .iter()
-        .map(|i| match &i.op {
-            Op::For { body, .. } => 1 + instructions(body),
-            _ => 1,
+        .map(|i| {
+            let nested = match &i.op {
+                Op::For { body, .. } => instructions(p, body),
+                _ => 0,
+            };
+            nested + u32::from(counted(p, i))
         })
         .sum()
 }
@@ -57,7 +61,7 @@ impl<'ctx> Gen<'_, 'ctx> {
 
     /// Sets up the counters (zero) and the first clock reading, at the kernel's start.
     pub(super) fn profile_start(&mut self) -> R<()> {
-        let n = instructions(&self.p.body);
+        let n = instructions(self.p, &self.p.body);
         let i64t = self.ctx.i64_type();
         let mut counts = Vec::new();
         for _ in 0..n {
