@@ -12,10 +12,11 @@
 //! 2. block row by block row, I = 1 … n/16 − 1: X_IJ = −X_II · Σ_{J ≤ K < I} L_IK X_KJ for every
 //!    J < I at once: the sum over m = 16K + k runs over all m < 16I, since X is zero above its
 //!    diagonal, so every thread of a row step runs the same loop and reads the same elements of L
-//!    (broadcasts); four threads per column (J, c) share its 16 rows, leaving the sums in the
-//!    rows of X they will become, then one thread per column applies the triangular X_II. Two
-//!    barriers per block row. (`HLAC_NVPTX_TRIINV_PARTS=1`: one thread per column, its sums in
-//!    registers, one barrier per block row — measured faster; see [`parts`].)
+//!    (broadcasts); one thread per column (J, c) keeps its sums in registers and applies the
+//!    triangular X_II, one barrier per block row. (`HLAC_NVPTX_TRIINV_PARTS=2|4`: that many
+//!    threads per column share its 16 rows, leaving the sums in the rows of X they will become,
+//!    then one thread per column applies X_II, two barriers per block row — measured slower; see
+//!    [`parts`].)
 //!
 //! Sums run in a different order than the CPU back end's column solve (same terms, rounded
 //! differently): within the f32 kernels' tolerance, as the GPU checks confirm.
@@ -35,14 +36,12 @@ pub(super) fn blocked(n: u32) -> bool {
     n.is_multiple_of(B) && std::env::var("HLAC_NVPTX_TRIINV").map_or(true, |v| v != "columns")
 }
 
-/// Threads per column in step 2: 4, or `HLAC_NVPTX_TRIINV_PARTS=1|2|4`. The profile build
+/// Threads per column in step 2: 1, or `HLAC_NVPTX_TRIINV_PARTS=1|2|4`. The profile build
 /// measured the four-way split slower than one thread per column (1.81 M against 1.32 M cycles per
 /// 64 chunks of Gated DeltaNet's forward, H200, 2026-12-02: the split multiplies the loads of X
-/// and the loop overhead, which dominate, to divide the FMAs, which do not); one pass per column
-/// was checked on the GPU in an earlier call, but not with this session's other changes, so it
-/// is not the default until a call checks and times it.
+/// and the loop overhead, which dominate, to divide the FMAs, which do not).
 fn parts() -> u32 {
-    std::env::var("HLAC_NVPTX_TRIINV_PARTS").ok().and_then(|v| v.parse().ok()).filter(|p| [1, 2, 4].contains(p)).unwrap_or(4)
+    std::env::var("HLAC_NVPTX_TRIINV_PARTS").ok().and_then(|v| v.parse().ok()).filter(|p| [1, 2, 4].contains(p)).unwrap_or(1)
 }
 
 impl<'ctx> Gen<'_, 'ctx> {
