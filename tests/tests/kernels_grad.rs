@@ -303,6 +303,78 @@ fn hgrn_scan_backward_matches_central_differences() {
     check_scan_backward(DType::F32, 51, &[1, 6, 13]);
 }
 
+/// The GPU's three-pass scan forward (summaries per chunk, the carry over them, the outputs per
+/// chunk), run on the CPU back end, against the sequential f64 recurrence: packed sequences that
+/// end inside a chunk, fill one, span several or are empty, channel blocks that do not divide the
+/// width, an initial state in, the final one out.
+#[test]
+fn hgrn_three_pass_scan_forward_matches_the_sequential_recurrence() {
+    let m = mixer("model m {\n  hidden_size = 8\n  pattern = HGRN\n}\n");
+    let math = m.instance.math.as_ref().expect("math");
+    let class = m.class.as_ref().expect("class");
+    let r = Recurrence { name: &m.name, class, math, heads: m.instance.heads, storage: DType::F32 };
+    let (d, block, rows) = (8usize, 3u32, 5usize);
+    let lengths = [1usize, 6, 13, 0, 5, 11];
+    let mut cu = vec![0usize];
+    let mut chunk_offsets = vec![0i64];
+    for l in lengths {
+        cu.push(cu.last().copied().unwrap_or(0) + l);
+        chunk_offsets.push(chunk_offsets.last().copied().unwrap_or(0) + l.div_ceil(rows) as i64);
+    }
+    let cu64: Vec<i64> = cu.iter().map(|&x| x as i64).collect();
+    let (total, seqs, chunks) = (cu[lengths.len()], lengths.len(), chunk_offsets[lengths.len()] as usize);
+    let max_len = lengths.iter().copied().max().unwrap_or(0);
+    let mut rng = Rng::new(77);
+    let i = rng.normals(total * d);
+    let f: Vec<f64> = rng.normals(total * d).iter().map(|x| x * 2.0).collect();
+    let lb = rng.vec(d, 0.05, 0.8);
+    let h0 = rng.normals(seqs * d);
+    let passes = |name: &str| match name {
+        "chunks" => hlac::lower::scan::forward_chunks(&r, block, rows as u32).expect("lowers"),
+        "carry" => hlac::lower::scan::forward_carry(&r, block, rows as u32).expect("lowers"),
+        _ => hlac::lower::scan::forward_out(&r, block, rows as u32).expect("lowers"),
+    };
+    let blocks = (d as u64).div_ceil(u64::from(block));
+    let per_chunk = [seqs as u64, blocks, max_len.div_ceil(rows) as u64];
+    let tokens = |bufs: &mut HashMap<String, Buf>| {
+        bufs.insert("i".into(), Buf::In(f32s(&i)));
+        bufs.insert("f".into(), Buf::In(f32s(&f)));
+        bufs.insert("lower_bound".into(), Buf::In(f32s(&lb)));
+        bufs.insert("cu_seqlens".into(), Buf::I64(cu64.clone()));
+        bufs.insert("chunk_offsets".into(), Buf::I64(chunk_offsets.clone()));
+    };
+    let mut bufs = HashMap::new();
+    tokens(&mut bufs);
+    bufs.insert("chunk_gates".into(), Buf::Out(vec![f32::NAN; chunks * d]));
+    bufs.insert("chunk_ends".into(), Buf::Out(vec![f32::NAN; chunks * d]));
+    let summaries = launch(&passes("chunks").program, bufs, &per_chunk);
+    let mut bufs = HashMap::new();
+    bufs.insert("chunk_gates".into(), Buf::In(summaries["chunk_gates"].clone()));
+    bufs.insert("chunk_ends".into(), Buf::In(summaries["chunk_ends"].clone()));
+    bufs.insert("chunk_starts".into(), Buf::Out(vec![f32::NAN; chunks * d]));
+    bufs.insert("h0".into(), Buf::In(f32s(&h0)));
+    bufs.insert("ht".into(), Buf::Out(vec![f32::NAN; seqs * d]));
+    bufs.insert("cu_seqlens".into(), Buf::I64(cu64.clone()));
+    bufs.insert("chunk_offsets".into(), Buf::I64(chunk_offsets.clone()));
+    bufs.insert("use_h0".into(), Buf::Int(1));
+    bufs.insert("use_ht".into(), Buf::Int(1));
+    let carried = launch(&passes("carry").program, bufs, &[seqs as u64, blocks]);
+    let mut bufs = HashMap::new();
+    tokens(&mut bufs);
+    bufs.insert("chunk_starts".into(), Buf::In(carried["chunk_starts"].clone()));
+    bufs.insert("o".into(), Buf::Out(vec![f32::NAN; total * d]));
+    let out = launch(&passes("out").program, bufs, &per_chunk);
+
+    let h0s: Vec<Vec<f64>> = h0.chunks(d).map(<[f64]>::to_vec).collect();
+    let (o, ht) = mixers::hgrn(&T3::new(total, d, 1, i.clone()), &T3::new(total, d, 1, f.clone()), Some(&lb), Some(&h0s), &cu);
+    let want_ht: Vec<f64> = ht.into_iter().flatten().collect();
+    for (name, got, want) in [("o", &out["o"], &o.data), ("ht", &carried["ht"], &want_ht)] {
+        assert!(got.iter().all(|x| x.is_finite()), "{name}: an element is not written");
+        let err = rel_l2(got, want);
+        assert!(err <= 1e-5, "{name} of the three-pass scan: relative error {err:.2e}");
+    }
+}
+
 /// The elementwise scan's forward then backward against central differences of the reference; the
 /// token tensors (i, f, o, do, di, df) stored as `storage`, with i, f and do rounded to it first
 /// (the `o` the backward reads is the forward's, rounded on its store as in training). Returns the

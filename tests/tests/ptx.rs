@@ -125,24 +125,20 @@ fn bf16_and_f16_storage_compile_and_assemble_for_sm80_and_sm90() {
                         hlac::nvptx::compile(&k.kernel.program, device, k.gpu_options()).unwrap_or_else(|e| panic!("{}: {e}", k.name));
                     let ptx = &compiled.ptx;
                     let what = format!("{} ({dtype}, {device})", k.name);
-                    // Every kernel but the weight gradients' reduction (f32 partial sums only)
-                    // reads and writes token tensors, and only those are narrow.
-                    let narrow_params = k
-                        .kernel
-                        .program
-                        .params
-                        .iter()
-                        .filter(|p| matches!(p.kind, ParamKind::Ptr { dtype: DType::Bf16 | DType::F16, .. }))
-                        .count();
-                    let storage = dtype != "f32" && k.role != "reduce_partials";
-                    assert_eq!(narrow_params > 0, storage, "{what}: {narrow_params} bf16/f16 parameters");
+                    // Token tensors are the narrow ones: a kernel loads 16-bit values exactly when it
+                    // reads one, and rounds to 16 bits exactly when it writes one. Every kernel of
+                    // a narrow target but those on f32 partial sums or summaries alone (the weight
+                    // gradients' reduction, the scan's carry over chunk summaries) has some.
+                    let narrow = |writable: bool| {
+                        k.kernel.program.params.iter().any(|p| matches!(p.kind, ParamKind::Ptr { dtype: DType::Bf16 | DType::F16, writable: w } if w == writable))
+                    };
+                    let (reads, writes) = (narrow(false), narrow(true));
+                    let f32_only = ["reduce_partials", "scan_fwd_carry"].contains(&k.role);
+                    assert_eq!(reads || writes, dtype != "f32" && !f32_only, "{what}: bf16/f16 parameters");
                     let narrow_store = ptx.contains(&format!("cvt.rn.{dtype}.f32"));
                     let narrow_load = ptx.contains("ld.global.b16") || ptx.contains("ld.global.u16");
-                    if storage {
-                        assert!(narrow_store && narrow_load, "{what}: no 16-bit loads or rounding stores");
-                    } else {
-                        assert!(!narrow_store && !narrow_load, "{what}: 16-bit accesses in an f32 kernel");
-                    }
+                    assert_eq!(narrow_load, reads, "{what}: 16-bit loads iff it reads a 16-bit tensor");
+                    assert_eq!(narrow_store, writes, "{what}: rounding stores iff it writes a 16-bit tensor");
                     let Some(ptxas) = &ptxas else { continue };
                     let file = dir.path().join(format!("{}_{dtype}_{device}.ptx", compiled.entry));
                     std::fs::write(&file, ptx).expect("write");

@@ -226,7 +226,13 @@ pub fn model_kernels(model: &crate::ir::Model) -> Result<Vec<ModelKernel>, Lower
         // On the CPU one instance per head computes every value column (the intra-chunk matrix is
         // then built once per chunk); GPUs split V across blocks for parallelism.
         // HLAC_GPU_BLOCK_V=n caps the GPU's value block at n instead (for A/B measurements).
-        let gpu_cap = knob("HLAC_GPU_BLOCK_V").filter(|v| *v > 0).unwrap_or(64);
+        // Without a vector gate the decay class's chunk is light enough that 32 columns (twice
+        // the blocks) pay: RetNet's forward 5.20 -> 4.01 ms, its state-keeping forward 5.68 ->
+        // 4.80 (H200, 2026-12-02), where GLA's and HGRN-2's (vector gates: the intra-chunk work
+        // is repeated per block) and GDN's (tri_inv repeated) got 1.8-2.6x slower.
+        let light = class.family == crate::classify::Family::Decay
+            && !matches!(class.decay, crate::classify::Decay::DataVector(_) | crate::classify::Decay::FixedVector(_));
+        let gpu_cap = knob("HLAC_GPU_BLOCK_V").filter(|v| *v > 0).unwrap_or(if light { 32 } else { 64 });
         let block_v = if model.target.device == crate::ir::Device::Cpu { r.v() } else { block_of(r.v(), gpu_cap) };
         // Vector gates' sub-blocks of 16 rows on every target, measured faster than the pairwise
         // form on both (BENCHMARKS.md; on an H200, GLA fwd 14.7 -> 11.2 ms, bwd 114 -> 51 ms;
@@ -242,13 +248,29 @@ pub fn model_kernels(model: &crate::ir::Model) -> Result<Vec<ModelKernel>, Lower
             // Tokens per block of the scan: the chunk size (HLAC_SCAN_ROWS=n overrides it, for
             // A/B measurements).
             let rows = knob("HLAC_SCAN_ROWS").filter(|r| *r > 0).unwrap_or(tiling.chunk);
-            out.push(ModelKernel {
-                name: format!("{}_scan_fwd", m.name),
-                mixer: Some(h.index()),
-                piece: None,
-                role: "scan_fwd",
-                kernel: scan::forward(&r, scan_block, rows)?,
-            });
+            // A GPU runs the forward in three passes with a program per chunk (`scan::forward_chunks`
+            // says why; HLAC_SCAN_SERIAL=1 keeps the serial pass, for A/B measurements). Their
+            // chunks are the target's, as `chunk_offsets` counts them.
+            let gpu = model.target.device != crate::ir::Device::Cpu;
+            if gpu && knob("HLAC_SCAN_SERIAL") != Some(1) {
+                let c = tiling.chunk;
+                let passes = [
+                    ("scan_fwd_chunks", scan::forward_chunks(&r, scan_block, c)?),
+                    ("scan_fwd_carry", scan::forward_carry(&r, scan_block, c)?),
+                    ("scan_fwd_out", scan::forward_out(&r, scan_block, c)?),
+                ];
+                for (role, kernel) in passes {
+                    out.push(ModelKernel { name: format!("{}_{role}", m.name), mixer: Some(h.index()), piece: None, role, kernel });
+                }
+            } else {
+                out.push(ModelKernel {
+                    name: format!("{}_scan_fwd", m.name),
+                    mixer: Some(h.index()),
+                    piece: None,
+                    role: "scan_fwd",
+                    kernel: scan::forward(&r, scan_block, rows)?,
+                });
+            }
             if model.target.mode == crate::ir::Mode::Training {
                 out.push(ModelKernel {
                     name: format!("{}_scan_bwd", m.name),

@@ -93,6 +93,195 @@ pub fn forward(r: &Recurrence<'_>, block: u32, rows: u32) -> Result<Kernel, Lowe
     Ok(Kernel { program: b.finish(), grid: vec!["sequences".into(), format!("ceil(heads / {block})")] })
 }
 
+/// The first of the GPU's three forward passes, parallel over chunks of `rows` tokens: each
+/// program runs the recurrence over its chunk from a zero state and stores the chunk's summary —
+/// `chunk_gates` = Π α over the chunk and `chunk_ends` = the state it leaves from zero — so that
+/// the state leaving it from any entering state h is `chunk_gates · h + chunk_ends`.
+///
+/// The serial [`forward`] runs ⌈len / rows⌉ dependent steps per program with only
+/// sequences × ⌈heads / block⌉ programs (256 at B = 4, d = 2048): too few loads in flight to
+/// approach the memory's bandwidth. Split in three — summaries (here), [`forward_carry`] over the
+/// summaries alone, [`forward_out`] — the token passes have a program per chunk.
+///
+/// Parameters: the token inputs and per-head parameters as in [`forward`], `chunk_gates` and
+/// `chunk_ends` (`[chunks, heads]`, written; chunk `chunk_offsets[s] + j` is chunk j of sequence
+/// s), `cu_seqlens`, `chunk_offsets`. Grid: sequences, ⌈heads / block⌉, ⌈max_len / rows⌉.
+pub fn forward_chunks(r: &Recurrence<'_>, block: u32, rows: u32) -> Result<Kernel, LowerError> {
+    let (key, value, decay) = scan_exprs(r)?;
+    let used = used_names(r);
+    let mut b = Builder::new(&format!("{}_scan_fwd_chunks", r.name), &["sequences", "channel blocks", "chunks"]);
+    let (tokens, per_head) = declare_inputs(&mut b, r, &used);
+    let gates = b.ptr("chunk_gates", DType::F32, true);
+    let ends = b.ptr("chunk_ends", DType::F32, true);
+    let cu = b.ptr("cu_seqlens", DType::I64, false);
+    let offsets = b.ptr("chunk_offsets", DType::I64, false);
+    let lanes = lanes(&mut b, r.heads as i64, block, cu);
+    let env = head_env(&mut b, r, &per_head, lanes.channels, lanes.inside);
+    let at = ChunkOf::new(&mut b, &lanes, offsets, rows);
+    let tile = Rows::new(&mut b, &lanes, at.c0, rows);
+    let env = tile.load_tokens(&mut b, &tokens, env);
+    let zero = b.f32(0.0);
+    let (x, a) = tile.inputs(&mut b, (key, value, decay), &env, [rows, block]).map_err(|e| r.error(e))?;
+    let h = b.linear_scan(x, a, 0, false);
+    let end = tile.pick(&mut b, h, tile.last);
+    // Π α: the same recurrence with α₀ entering at the first row and nothing after it.
+    let first = b.select(tile.first, a, zero);
+    let prod = b.linear_scan(first, a, 0, false);
+    let prod = tile.pick(&mut b, prod, tile.last);
+    b.store(gates, at.summary, prod, Some(at.mask));
+    b.store(ends, at.summary, end, Some(at.mask));
+    Ok(Kernel { program: b.finish(), grid: vec!["sequences".into(), format!("ceil(heads / {block})"), format!("ceil(max_len / {rows})")] })
+}
+
+/// The second pass: per (sequence, block of channels), the recurrence over the chunk summaries of
+/// [`forward_chunks`], `rows` chunks per step — h ← chunk_gates · h + chunk_ends from h0 — storing
+/// the state entering every chunk in `chunk_starts` and the last in `ht`.
+///
+/// Parameters: `chunk_gates`, `chunk_ends`, `chunk_starts` (`[chunks, heads]`), `h0`, `ht`
+/// (`[sequences, heads]`), `cu_seqlens`, `chunk_offsets`, then `use_h0`, `use_ht`.
+/// Grid: sequences, ⌈heads / block⌉.
+pub fn forward_carry(r: &Recurrence<'_>, block: u32, rows: u32) -> Result<Kernel, LowerError> {
+    scan_exprs(r)?;
+    let mut b = Builder::new(&format!("{}_scan_fwd_carry", r.name), &["sequences", "channel blocks"]);
+    let gates = b.ptr("chunk_gates", DType::F32, false);
+    let ends = b.ptr("chunk_ends", DType::F32, false);
+    let starts = b.ptr("chunk_starts", DType::F32, true);
+    let h0 = b.ptr("h0", DType::F32, false);
+    let ht = b.ptr("ht", DType::F32, true);
+    let cu = b.ptr("cu_seqlens", DType::I64, false);
+    let offsets = b.ptr("chunk_offsets", DType::I64, false);
+    let use_h0 = b.int_param("use_h0");
+    let use_ht = b.int_param("use_ht");
+    let lanes = lanes(&mut b, r.heads as i64, block, cu);
+    let Lanes { seq, channels, h_count, inside, one, bos, eos } = lanes;
+    let zero_i = b.i64(0);
+    let state_base = b.mul(seq, h_count);
+    let state_off = b.add(channels, state_base);
+    let has_h0 = b.cmp(CmpOp::Ne, use_h0, zero_i);
+    let m = b.binary(BinOp::And, inside, has_h0);
+    let h_init = b.load(h0, state_off, Some(m), 0.0);
+    // This sequence's chunks: n = ⌈len / rows⌉ of them from chunk_offsets[seq].
+    let len = b.sub(eos, bos);
+    let rows_i = b.i64(i64::from(rows));
+    let less = b.i64(i64::from(rows) - 1);
+    let padded = b.add(len, less);
+    let n = b.div(padded, rows_i);
+    let first_chunk = load_scalar(&mut b, offsets, seq);
+    let out = b.for_loop(zero_i, n, rows_i, &[h_init], |b, i0, carried| {
+        let iota = b.iota(rows);
+        let i = b.add(iota, i0);
+        let i = b.col(i);
+        let valid = b.cmp(CmpOp::Lt, i, n);
+        let mask = b.binary(BinOp::And, valid, inside);
+        let chunk = b.add(i, first_chunk);
+        let row = b.mul(chunk, h_count);
+        let off = b.add(row, channels);
+        let one_f = b.f32(1.0);
+        let zero = b.f32(0.0);
+        // Past the last chunk: gate 1, end 0, so the last row carries the final state.
+        let a = b.load(gates, off, Some(mask), 0.0);
+        let a = b.select(mask, a, one_f);
+        let e = b.load(ends, off, Some(mask), 0.0);
+        let r0 = b.iota(rows);
+        let r0 = b.col(r0);
+        let is_first = b.cmp(CmpOp::Eq, r0, zero_i);
+        let entering = b.mul(a, carried[0]);
+        let entering = b.select(is_first, entering, zero);
+        let x = b.add(e, entering);
+        let h = b.linear_scan(x, a, 0, false);
+        // The state leaving chunk i enters chunk i + 1 (slot i + 1, when there is one); the first
+        // row's slot gets the carried state.
+        let next = b.add(i, one);
+        let has_next = b.cmp(CmpOp::Lt, next, n);
+        let m_next = b.binary(BinOp::And, has_next, inside);
+        let next_off = b.add(off, h_count);
+        b.store(starts, next_off, h, Some(m_next));
+        let m_first = b.binary(BinOp::And, is_first, mask);
+        let carried_tile = b.broadcast(carried[0], &[rows, block]);
+        b.store(starts, off, carried_tile, Some(m_first));
+        let last = b.i64(i64::from(rows) - 1);
+        let is_last = b.cmp(CmpOp::Eq, r0, last);
+        let only = b.select(is_last, h, zero);
+        vec![b.sum(only, 0)]
+    });
+    let has_ht = b.cmp(CmpOp::Ne, use_ht, zero_i);
+    let ht_mask = b.binary(BinOp::And, inside, has_ht);
+    b.store(ht, state_off, out[0], Some(ht_mask));
+    Ok(Kernel { program: b.finish(), grid: vec!["sequences".into(), format!("ceil(heads / {block})")] })
+}
+
+/// The third pass, parallel over chunks like [`forward_chunks`]: each program runs the recurrence
+/// over its chunk from the state [`forward_carry`] stored for it and stores the outputs.
+///
+/// Parameters: the token inputs and per-head parameters as in [`forward`], `o`, `chunk_starts`
+/// (`[chunks, heads]`), `cu_seqlens`, `chunk_offsets`. Grid: sequences, ⌈heads / block⌉,
+/// ⌈max_len / rows⌉.
+pub fn forward_out(r: &Recurrence<'_>, block: u32, rows: u32) -> Result<Kernel, LowerError> {
+    let (key, value, decay) = scan_exprs(r)?;
+    let used = used_names(r);
+    let mut b = Builder::new(&format!("{}_scan_fwd_out", r.name), &["sequences", "channel blocks", "chunks"]);
+    let (tokens, per_head) = declare_inputs(&mut b, r, &used);
+    let o = b.ptr("o", r.storage, true);
+    let starts = b.ptr("chunk_starts", DType::F32, false);
+    let cu = b.ptr("cu_seqlens", DType::I64, false);
+    let offsets = b.ptr("chunk_offsets", DType::I64, false);
+    let lanes = lanes(&mut b, r.heads as i64, block, cu);
+    let env = head_env(&mut b, r, &per_head, lanes.channels, lanes.inside);
+    let at = ChunkOf::new(&mut b, &lanes, offsets, rows);
+    let h_in = b.load(starts, at.summary, Some(at.mask), 0.0);
+    let tile = Rows::new(&mut b, &lanes, at.c0, rows);
+    let env = tile.load_tokens(&mut b, &tokens, env);
+    let zero = b.f32(0.0);
+    let (x, a) = tile.inputs(&mut b, (key, value, decay), &env, [rows, block]).map_err(|e| r.error(e))?;
+    let entering = b.mul(a, h_in);
+    let entering = b.select(tile.first, entering, zero);
+    let x = b.add(x, entering);
+    let h = b.linear_scan(x, a, 0, false);
+    b.store(o, tile.off, h, Some(tile.mask));
+    Ok(Kernel { program: b.finish(), grid: vec!["sequences".into(), format!("ceil(heads / {block})"), format!("ceil(max_len / {rows})")] })
+}
+
+/// The key, value and (when the class decays) decay expressions of an elementwise recurrence.
+type ScanExprs<'e> = (&'e hlac_grammar::ast::Expr, &'e hlac_grammar::ast::Expr, Option<&'e hlac_grammar::ast::Expr>);
+
+fn scan_exprs<'e>(r: &Recurrence<'e>) -> Result<ScanExprs<'e>, LowerError> {
+    if r.class.family != Family::Scan {
+        return Err(r.error(format!("the elementwise scan does not apply to the {:?} family", r.class.family)));
+    }
+    r.check_storage()?;
+    let ex = &r.class.exprs;
+    match (&ex.key, &ex.value) {
+        (Some(k), Some(v)) => Ok((k, v, ex.decay.as_ref().filter(|_| !matches!(r.class.decay, Decay::None)))),
+        _ => Err(r.error("the class has no key or value expression")),
+    }
+}
+
+/// Which chunk of its sequence a program of the chunk-parallel passes covers (grid axis 2).
+struct ChunkOf {
+    /// The chunk's first token.
+    c0: Value,
+    /// `[channels]` offsets of its summaries in the `[chunks, heads]` buffers.
+    summary: Value,
+    /// `[channels]`: the chunk lies inside the sequence and the channel inside the heads.
+    mask: Value,
+}
+
+impl ChunkOf {
+    fn new(b: &mut Builder, lanes: &Lanes, offsets: Ptr, rows: u32) -> ChunkOf {
+        let j = b.program_id(2);
+        let rows_i = b.i64(i64::from(rows));
+        let start = b.mul(j, rows_i);
+        let c0 = b.add(lanes.bos, start);
+        let inside_seq = b.cmp(CmpOp::Lt, c0, lanes.eos);
+        let mask = b.binary(BinOp::And, lanes.inside, inside_seq);
+        let first = load_scalar(b, offsets, lanes.seq);
+        let chunk = b.add(first, j);
+        let row = b.mul(chunk, lanes.h_count);
+        let summary = b.add(row, lanes.channels);
+        ChunkOf { c0, summary, mask }
+    }
+}
+
 /// The scan's backward (algorithms.md §3), per (sequence, block of channels), walking the blocks
 /// of `rows` tokens from the last: H_t = dO_t + α_{t+1} H_{t+1} (H past the end is dh_T) — the
 /// reverse linear scan with the forward's gates — then dx_t = H_t and ∂ℓ/∂α_t = H_t h_{t−1}, read
@@ -295,6 +484,27 @@ impl Rows {
             }
             None => b.broadcast(one, &shape),
         })
+    }
+
+    /// `env` with every token input's `[rows, channels]` tile loaded (zero outside).
+    fn load_tokens(&self, b: &mut Builder, tokens: &Named, mut env: Env) -> Env {
+        for (name, p) in tokens {
+            let x = b.load(*p, self.off, Some(self.mask), 0.0);
+            env.insert(name.clone(), x);
+        }
+        env
+    }
+
+    /// The tile's recurrence inputs: x = k·v (zero outside) and the gates α ([`Rows::gates`]).
+    fn inputs(&self, b: &mut Builder, exprs: ScanExprs<'_>, env: &Env, shape: [u32; 2]) -> Result<(Value, Value), String> {
+        let (key, value, decay) = exprs;
+        let k = expr::lower(b, key, env)?;
+        let v = expr::lower(b, value, env)?;
+        let zero = b.f32(0.0);
+        let kv = b.mul(k, v);
+        let kv = b.broadcast(kv, &shape);
+        let x = b.select(self.mask, kv, zero);
+        Ok((x, self.gates(b, decay, env)?))
     }
 
     /// The row of a `[rows, channels]` tile that `which` (`first` or `last`) selects, as

@@ -291,6 +291,8 @@ impl Sizer<'_> {
                 (ParamKind::Ptr { dtype: DType::F32, .. }, "h0" | "ht" | "dht" | "dh0") => f32_buf(b.seqs * h * k * v),
                 (ParamKind::Ptr { dtype: DType::F32, .. }, "state") => inout(b.seqs * h * k * v),
                 (ParamKind::Ptr { dtype: DType::F32, .. }, "states") => f32_buf(b.chunks * h * k * v),
+                // The scan's chunk summaries and entering states (one per chunk and channel).
+                (ParamKind::Ptr { dtype: DType::F32, .. }, "chunk_gates" | "chunk_ends" | "chunk_starts") => f32_buf(b.chunks * h),
                 (ParamKind::Ptr { dtype: DType::F32, .. }, _) if writable => {
                     // The gradient `d<input>` of an input of the same kernel.
                     let input = name.strip_prefix('d').filter(|n| p.param_index(n).is_some()).ok_or_else(|| name.to_string())?;
