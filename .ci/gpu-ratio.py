@@ -31,8 +31,6 @@ if not fla and os.path.exists(os.path.join(d, "fla.log")):
 B, T, H, D, C = 4, 4096, 16, 128, 64
 chunk_flops = B * T * H * (4 * C * D + 4 * D * D)
 attn_flops = B * T * H * 2 * T * D
-# The scan's forward: its three GPU passes (or the serial one, HLAC_SCAN_SERIAL=1).
-SCAN_FWD = ["scan_fwd_chunks", "scan_fwd_carry", "scan_fwd_out"]
 # (label, hlac artifact, fwd roles, fwd+bwd roles, peer op, flops fwd)
 OPS = [
     ("causal attention, no RoPE (fla: SDPA)", "attn", ["attn_fwd"], ["attn_fwd", "attn_bwd_dq", "attn_bwd_dkv"], "sdpa", attn_flops),
@@ -42,7 +40,7 @@ OPS = [
     ("RetNet", "retnet", ["chunk_fwd"], ["chunk_fwd_states", "chunk_bwd"], "retnet", chunk_flops),
     ("DeltaNet", "deltanet", ["chunk_fwd"], ["chunk_fwd_states", "chunk_bwd"], "delta", chunk_flops),
     ("Gated DeltaNet", "gdn", ["chunk_fwd"], ["chunk_fwd_states", "chunk_bwd"], "gdn", chunk_flops),
-    ("HGRN (d = 2048)", "hgrn", SCAN_FWD, SCAN_FWD + ["scan_bwd"], "hgrn", 0),
+    ("HGRN (d = 2048)", "hgrn", ["scan_fwd"], ["scan_fwd", "scan_bwd"], "hgrn", 0),
 ]
 
 def times(doc, roles):

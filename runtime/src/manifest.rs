@@ -102,7 +102,8 @@ pub struct KernelInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mixer: Option<usize>,
     /// What it computes: a recurrence's `chunk_fwd`, `chunk_fwd_states`, `chunk_bwd`, `scan_fwd`
-    /// (on a GPU the three passes `scan_fwd_chunks`, `scan_fwd_carry`, `scan_fwd_out` instead),
+    /// (or, built with `HLAC_SCAN_PASSES=3` for a GPU, the three passes `scan_fwd_chunks`,
+    /// `scan_fwd_carry`, `scan_fwd_out`),
     /// `scan_bwd` or `decode`; attention's `attn_fwd`, `attn_decode`, `attn_bwd_dq`, `attn_bwd_dkv`;
     /// the pieces' `conv_fwd`, `conv_decode`, `conv_bwd`, `norm_fwd`, `norm_bwd`; and
     /// `reduce_partials`, which sums the partial weight gradients of `conv_bwd` and `norm_bwd`.

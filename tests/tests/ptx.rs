@@ -54,6 +54,7 @@ fn every_kernel_assembles_for_sm80_and_sm90() {
             }
         }
     }
+    all.extend(three_pass_scan());
     let ptxas = ptxas();
     if ptxas.is_none() {
         println!("ptxas not found (set HLAC_PTXAS): checking PTX generation only");
@@ -78,6 +79,23 @@ fn every_kernel_assembles_for_sm80_and_sm90() {
     for line in report {
         println!("{line}");
     }
+}
+
+/// The scan's three-pass GPU forward (built only with `HLAC_SCAN_PASSES=3`, an environment
+/// setting this test cannot set without racing the others), lowered directly for HGRN in bf16.
+fn three_pass_scan() -> Vec<ModelKernel> {
+    let m = hlac_tests::kernels::mixer("model m {\n  hidden_size = 64\n  pattern = HGRN\n}\n");
+    let (math, class) = (m.instance.math.as_ref().expect("math"), m.class.as_ref().expect("class"));
+    let r = hlac::lower::Recurrence { name: &m.name, class, math, heads: m.instance.heads, storage: DType::Bf16 };
+    use hlac::lower::scan;
+    [
+        ("scan_fwd_chunks", scan::forward_chunks(&r, 32, 64)),
+        ("scan_fwd_carry", scan::forward_carry(&r, 32, 64)),
+        ("scan_fwd_out", scan::forward_out(&r, 32, 64)),
+    ]
+    .into_iter()
+    .map(|(role, k)| ModelKernel { name: format!("HGRN_{role}"), mixer: Some(0), role, kernel: k.expect("lowers"), piece: None })
+    .collect()
 }
 
 /// LLVM's banner names its version; everything after it is what hlac chose to emit.

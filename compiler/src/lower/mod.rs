@@ -248,11 +248,13 @@ pub fn model_kernels(model: &crate::ir::Model) -> Result<Vec<ModelKernel>, Lower
             // Tokens per block of the scan: the chunk size (HLAC_SCAN_ROWS=n overrides it, for
             // A/B measurements).
             let rows = knob("HLAC_SCAN_ROWS").filter(|r| *r > 0).unwrap_or(tiling.chunk);
-            // A GPU runs the forward in three passes with a program per chunk (`scan::forward_chunks`
-            // says why; HLAC_SCAN_SERIAL=1 keeps the serial pass, for A/B measurements). Their
-            // chunks are the target's, as `chunk_offsets` counts them.
+            // HLAC_SCAN_PASSES=3 runs a GPU's forward in three passes with a program per chunk
+            // (`scan::forward_chunks`), whose chunks are the target's, as `chunk_offsets` counts
+            // them. Not the default: measured slower (H200, 2026-12-02: 0.338 + 0.010 + 0.377 ms
+            // against the serial 0.393) — each token pass alone takes as long as the serial
+            // kernel, so that is bound by the elementwise work per tile, not by its parallelism.
             let gpu = model.target.device != crate::ir::Device::Cpu;
-            if gpu && knob("HLAC_SCAN_SERIAL") != Some(1) {
+            if gpu && knob("HLAC_SCAN_PASSES") == Some(3) {
                 let c = tiling.chunk;
                 let passes = [
                     ("scan_fwd_chunks", scan::forward_chunks(&r, scan_block, c)?),

@@ -99,9 +99,11 @@ pub fn forward(r: &Recurrence<'_>, block: u32, rows: u32) -> Result<Kernel, Lowe
 /// the state leaving it from any entering state h is `chunk_gates · h + chunk_ends`.
 ///
 /// The serial [`forward`] runs ⌈len / rows⌉ dependent steps per program with only
-/// sequences × ⌈heads / block⌉ programs (256 at B = 4, d = 2048): too few loads in flight to
-/// approach the memory's bandwidth. Split in three — summaries (here), [`forward_carry`] over the
-/// summaries alone, [`forward_out`] — the token passes have a program per chunk.
+/// sequences × ⌈heads / block⌉ programs (256 at B = 4, d = 2048). Split in three — summaries
+/// (here), [`forward_carry`] over the summaries alone, [`forward_out`] — the token passes have a
+/// program per chunk. On a GPU (`HLAC_SCAN_PASSES=3`) each token pass measured as slow as the
+/// whole serial kernel (H200: 0.34 and 0.38 ms against 0.39), so the serial kernel is bound by
+/// the work per tile, not by too few programs, and stays the default until that work is cheaper.
 ///
 /// Parameters: the token inputs and per-head parameters as in [`forward`], `chunk_gates` and
 /// `chunk_ends` (`[chunks, heads]`, written; chunk `chunk_offsets[s] + j` is chunk j of sequence
