@@ -148,7 +148,11 @@ fn bf16_and_f16_storage_compile_and_assemble_for_sm80_and_sm90() {
                     // a narrow target but those on f32 partial sums or summaries alone (the weight
                     // gradients' reduction, the scan's carry over chunk summaries) has some.
                     let narrow = |writable: bool| {
-                        k.kernel.program.params.iter().any(|p| matches!(p.kind, ParamKind::Ptr { dtype: DType::Bf16 | DType::F16, writable: w } if w == writable))
+                        k.kernel
+                            .program
+                            .params
+                            .iter()
+                            .any(|p| matches!(p.kind, ParamKind::Ptr { dtype: DType::Bf16 | DType::F16, writable: w } if w == writable))
                     };
                     let (reads, writes) = (narrow(false), narrow(true));
                     let f32_only = ["reduce_partials", "scan_fwd_carry"].contains(&k.role);

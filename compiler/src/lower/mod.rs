@@ -234,6 +234,10 @@ pub fn model_kernels(model: &crate::ir::Model) -> Result<Vec<ModelKernel>, Lower
             && !matches!(class.decay, crate::classify::Decay::DataVector(_) | crate::classify::Decay::FixedVector(_));
         let gpu_cap = knob("HLAC_GPU_BLOCK_V").filter(|v| *v > 0).unwrap_or(if light { 32 } else { 64 });
         let block_v = if model.target.device == crate::ir::Device::Cpu { r.v() } else { block_of(r.v(), gpu_cap) };
+        // The decode step streams the state: 32 value columns per block (half the shared memory,
+        // twice the blocks in flight) took GDN's at B = 64 from 0.0834 to 0.066 ms (H200,
+        // 2026-12-02). HLAC_GPU_BLOCK_V caps it too.
+        let decode_block = if model.target.device == crate::ir::Device::Cpu { block_v } else { block_of(r.v(), gpu_cap.min(32)) };
         // Vector gates' sub-blocks of 16 rows on every target, measured faster than the pairwise
         // form on both (BENCHMARKS.md; on an H200, GLA fwd 14.7 -> 11.2 ms, bwd 114 -> 51 ms;
         // HGRN-2 fwd 35.1 -> 11.6 ms, bwd 225 -> 58 ms). HLAC_SUB_BLOCK=n selects n rows (0: the
@@ -295,7 +299,7 @@ pub fn model_kernels(model: &crate::ir::Model) -> Result<Vec<ModelKernel>, Lower
                 mixer: Some(h.index()),
                 piece: None,
                 role: "decode",
-                kernel: decode::decode(&r, block_v)?,
+                kernel: decode::decode(&r, decode_block)?,
             });
             // Training adds the forward that keeps chunk states and the backward that reads them.
             // The state-keeping forward splits V as the inference forward does (each block stores
@@ -372,8 +376,12 @@ impl ModelKernel {
             "attn_bwd_dq" | "attn_bwd_dkv" => Workspace::Global,
             _ => Workspace::SharedWhenFits,
         };
+        // The chunked backward at 512 threads (its one block per (sequence, head) has most of an
+        // SM to itself): GLA's 33.06 -> 27.12 ms, GDN's 24.04 -> 20.43, RetNet's 14.42 -> 14.91
+        // (H200, 2026-12-02; the forwards got slower at 512: GDN's 2.96 -> 4.08).
         let max_threads = match self.role {
             "attn_bwd_dq" | "attn_bwd_dkv" | "scan_bwd" => 128,
+            "chunk_bwd" => 2 * THREADS,
             _ => THREADS,
         };
         let split_k = self.role != "decode";

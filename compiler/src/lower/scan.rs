@@ -5,6 +5,8 @@
 //! whole block are in flight together instead of one token's at a time), evaluates the gate, key
 //! and value on the whole tile, and runs the recurrence along the tile's rows with a linear
 //! `scan` — the only sequential part, over data already in the workspace. No matrix products.
+//! [`forward_chunks`], [`forward_carry`] and [`forward_out`] are the same forward in three passes
+//! with a program per chunk (a GPU option, `HLAC_SCAN_PASSES=3`; measured slower, see there).
 
 use hlac_runtime::kir::build::Ptr;
 use hlac_runtime::kir::{BinOp, Builder, CmpOp, DType, UnOp, Value};
@@ -19,16 +21,7 @@ use crate::classify::{Decay, Family};
 /// (`[sequences, heads]`), `cu_seqlens`, and the integers `use_h0`, `use_ht`.
 /// Grid: sequences, ⌈heads / block⌉. Each loop step covers `rows` tokens.
 pub fn forward(r: &Recurrence<'_>, block: u32, rows: u32) -> Result<Kernel, LowerError> {
-    if r.class.family != Family::Scan {
-        return Err(r.error(format!("the elementwise scan does not apply to the {:?} family", r.class.family)));
-    }
-    let ex = &r.class.exprs;
-    let (key, value) = match (&ex.key, &ex.value) {
-        (Some(k), Some(v)) => (k, v),
-        _ => return Err(r.error("the class has no key or value expression")),
-    };
-    let decay = ex.decay.as_ref().filter(|_| !matches!(r.class.decay, Decay::None));
-    r.check_storage()?;
+    let (key, value, decay) = scan_exprs(r)?;
     let used = used_names(r);
     let heads = r.heads as i64;
     let mut b = Builder::new(&format!("{}_scan_fwd", r.name), &["sequences", "channel blocks"]);
@@ -54,21 +47,12 @@ pub fn forward(r: &Recurrence<'_>, block: u32, rows: u32) -> Result<Kernel, Lowe
     let mut failure = None;
     let out = b.for_loop(bos, eos, step, &[h_init], |b, c0, carried| {
         let tile = Rows::new(b, &lanes, c0, rows);
-        let mut env = env.clone();
-        for (name, p) in &tokens {
-            let x = b.load(*p, tile.off, Some(tile.mask), 0.0);
-            env.insert(name.clone(), x);
-        }
+        let env = tile.load_tokens(b, &tokens, env.clone());
         let body = (|| -> Result<_, String> {
-            let k = expr::lower(b, key, &env)?;
-            let v = expr::lower(b, value, &env)?;
             // Rows past the sequence's end hold the state (multiplier 1, input 0), so the last
             // row carries it to the next block; the carried state enters through the first row.
+            let (kv, a) = tile.inputs(b, (key, value, decay), &env, shape)?;
             let zero = b.f32(0.0);
-            let kv = b.mul(k, v);
-            let kv = b.broadcast(kv, &shape);
-            let kv = b.select(tile.mask, kv, zero);
-            let a = tile.gates(b, decay, &env)?;
             let entering = b.mul(a, carried[0]);
             let entering = b.select(tile.first, entering, zero);
             let x = b.add(kv, entering);
@@ -296,16 +280,7 @@ impl ChunkOf {
 /// sequence) and `dh0`, then the integers `use_h0`, `use_dht`. Grid: sequences, ⌈heads / block⌉.
 pub fn backward(r: &Recurrence<'_>, block: u32, rows: u32) -> Result<Kernel, LowerError> {
     use super::grad::{backprop, reduce_to, Grads};
-    if r.class.family != Family::Scan {
-        return Err(r.error(format!("the elementwise scan does not apply to the {:?} family", r.class.family)));
-    }
-    let ex = &r.class.exprs;
-    let (key, value) = match (&ex.key, &ex.value) {
-        (Some(k), Some(v)) => (k, v),
-        _ => return Err(r.error("the class has no key or value expression")),
-    };
-    let decay = ex.decay.as_ref().filter(|_| !matches!(r.class.decay, Decay::None));
-    r.check_storage()?;
+    let (key, value, decay) = scan_exprs(r)?;
     let used = used_names(r);
     let heads = r.heads as i64;
     let mut b = Builder::new(&format!("{}_scan_bwd", r.name), &["sequences", "channel blocks"]);
