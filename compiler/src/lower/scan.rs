@@ -52,11 +52,7 @@ pub fn forward(r: &Recurrence<'_>, block: u32, rows: u32) -> Result<Kernel, Lowe
             // Rows past the sequence's end hold the state (multiplier 1, input 0), so the last
             // row carries it to the next block; the carried state enters through the first row.
             let (kv, a) = tile.inputs(b, (key, value, decay), &env, shape)?;
-            let zero = b.f32(0.0);
-            let entering = b.mul(a, carried[0]);
-            let entering = b.select(tile.first, entering, zero);
-            let x = b.add(kv, entering);
-            let h = b.linear_scan(x, a, 0, false);
+            let h = tile.recur(b, kv, a, carried[0]);
             b.store(o, tile.off, h, Some(tile.mask));
             Ok(tile.pick(b, h, tile.last))
         })();
@@ -217,12 +213,8 @@ pub fn forward_out(r: &Recurrence<'_>, block: u32, rows: u32) -> Result<Kernel, 
     let h_in = b.load(starts, at.summary, Some(at.mask), 0.0);
     let tile = Rows::new(&mut b, &lanes, at.c0, rows);
     let env = tile.load_tokens(&mut b, &tokens, env);
-    let zero = b.f32(0.0);
     let (x, a) = tile.inputs(&mut b, (key, value, decay), &env, [rows, block]).map_err(|e| r.error(e))?;
-    let entering = b.mul(a, h_in);
-    let entering = b.select(tile.first, entering, zero);
-    let x = b.add(x, entering);
-    let h = b.linear_scan(x, a, 0, false);
+    let h = tile.recur(&mut b, x, a, h_in);
     b.store(o, tile.off, h, Some(tile.mask));
     Ok(Kernel { program: b.finish(), grid: vec!["sequences".into(), format!("ceil(heads / {block})"), format!("ceil(max_len / {rows})")] })
 }
@@ -327,11 +319,7 @@ pub fn backward(r: &Recurrence<'_>, block: u32, rows: u32) -> Result<Kernel, Low
         let start = b.mul(back, rows_i);
         let c0 = b.add(bos, start);
         let tile = Rows::new(b, &lanes, c0, rows);
-        let mut env = env.clone();
-        for (name, p) in &tokens {
-            let x = b.load(*p, tile.off, Some(tile.mask), 0.0);
-            env.insert(name.clone(), x);
-        }
+        let env = tile.load_tokens(b, &tokens, env.clone());
         let body = (|| -> Result<Vec<Value>, String> {
             // The gates of this block (1 past the end, so the carried H passes through).
             let a = tile.gates(b, decay, &env)?;
@@ -482,6 +470,16 @@ impl Rows {
         let kv = b.broadcast(kv, &shape);
         let x = b.select(self.mask, kv, zero);
         Ok((x, self.gates(b, decay, env)?))
+    }
+
+    /// The recurrence along the tile's rows from the state `h` (`[channels]`) entering its first
+    /// row: h_t = α_t h_{t−1} + x_t.
+    fn recur(&self, b: &mut Builder, x: Value, a: Value, h: Value) -> Value {
+        let zero = b.f32(0.0);
+        let entering = b.mul(a, h);
+        let entering = b.select(self.first, entering, zero);
+        let x = b.add(x, entering);
+        b.linear_scan(x, a, 0, false)
     }
 
     /// The row of a `[rows, channels]` tile that `which` (`first` or `last`) selects, as
