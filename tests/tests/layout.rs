@@ -23,8 +23,8 @@ fn every_packing_keeps_live_tiles_apart() {
         for k in kernels(spec) {
             let p = &k.kernel.program;
             for packing in [Packing::Definition, Packing::LargestFirst] {
-                let l = layout::plan_packed(p, &HashSet::new(), packing);
-                if let Err(e) = layout::check(p, &HashSet::new(), &l) {
+                let l = layout::plan_packed(p, &layout::Storage::default(), packing);
+                if let Err(e) = layout::check(p, &layout::Storage::default(), &l) {
                     panic!("{spec}: kernel {} packed {packing:?}: {e}", p.name);
                 }
                 checked += 1;
@@ -39,8 +39,8 @@ fn largest_first_packs_gdn_forward_into_shared_memory() {
     let ks = kernels("examples/bench/gdn.hla");
     let Some(fwd) = ks.iter().find(|k| k.role == "chunk_fwd") else { panic!("no chunk_fwd kernel") };
     let p = &fwd.kernel.program;
-    let by_definition = layout::plan_packed(p, &HashSet::new(), Packing::Definition).bytes;
-    let largest_first = layout::plan_packed(p, &HashSet::new(), Packing::LargestFirst).bytes;
+    let by_definition = layout::plan_packed(p, &layout::Storage::default(), Packing::Definition).bytes;
+    let largest_first = layout::plan_packed(p, &layout::Storage::default(), Packing::LargestFirst).bytes;
     assert!(largest_first < by_definition, "largest first {largest_first} bytes, by definition {by_definition}");
 }
 
@@ -139,8 +139,8 @@ fn yields_in_place_only_over_dead_carried_tiles() {
             }
         }
         for (fused, expect) in [(HashSet::new(), stored), (fusable, fused_too)] {
-            let l = layout::plan_fused(&p, &fused);
-            layout::check(&p, &fused, &l).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let l = layout::plan_fused(&p, &layout::Storage::fused(fused.clone()));
+            layout::check(&p, &layout::Storage::fused(fused.clone()), &l).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert_eq!(l.offset(y) == l.offset(arg), expect, "{name} (fused: {})", !fused.is_empty());
         }
     }

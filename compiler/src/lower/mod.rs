@@ -353,10 +353,12 @@ fn unique_names(kernels: &mut [ModelKernel]) {
 impl ModelKernel {
     /// How the GPU back end launches this kernel, from measurements on an H200 (BENCHMARKS.md):
     ///
-    /// - Workspace: in shared memory where it fits, except for attention's backward kernels. They
-    ///   run one instance per 64 query (or key) rows — thousands per launch — and a shared
-    ///   workspace of 105–227 KB would leave one block per SM: at D = 64 `bwd_dq` took 100 ms with
-    ///   it against 83 in global memory. (At D = 128 their workspaces do not fit anyway.) The
+    /// - Workspace: in shared memory where it fits, except for attention's `bwd_dkv`. The
+    ///   backward kernels run one instance per 64 query (or key) rows — thousands per launch — so
+    ///   a shared workspace can leave one block per SM: at D = 64 `bwd_dq` took 100 ms with it
+    ///   against 83 in global memory (f32 tiles, 2026-11). With its operand tiles in bf16
+    ///   (`nvptx` codegen's `narrow`) `bwd_dq` fits at D = 128 and gained: 21.5 → 15.0 ms (H200,
+    ///   2026-12-03); `bwd_dkv` does not fit at D = 128 (295 KB). The
     ///   forward's registers already hold it to one block per SM, so its 198 KB at D = 128 gain
     ///   from shared memory: 45.6 → 37.5 ms. Kernels with one instance per (sequence, head, value
     ///   block) gain too (GDN decode 0.048 → 0.035 ms), and so do the conv and norm pieces, whose
@@ -373,7 +375,7 @@ impl ModelKernel {
     pub fn gpu_options(&self) -> crate::nvptx::Options {
         use crate::nvptx::{Options, Workspace, THREADS};
         let workspace = match self.role {
-            "attn_bwd_dq" | "attn_bwd_dkv" => Workspace::Global,
+            "attn_bwd_dkv" => Workspace::Global,
             _ => Workspace::SharedWhenFits,
         };
         // The chunked backward at 512 threads (its one block per (sequence, head) has most of an

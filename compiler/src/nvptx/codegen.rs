@@ -7,6 +7,7 @@ use std::collections::HashMap;
 mod contig;
 mod fuse;
 mod mma;
+mod narrow;
 mod profile;
 mod tri;
 mod warp;
@@ -111,7 +112,10 @@ fn shared_size(layout: &kir::layout::Layout) -> u64 {
 /// Whether `program`'s whole workspace fits in one block's shared memory on `device` (the test
 /// [`compile`] applies for [`Workspace::SharedWhenFits`]).
 pub fn workspace_fits_shared(program: &Program, device: &str) -> bool {
-    shared_size(&layout_of(program, &fusion_of(program).fused, shared_limit(device))) <= shared_limit(device)
+    let fused = fusion_of(program).fused;
+    let narrow = narrow::analyse(program, &fused, DotMode::for_program(program));
+    let storage = kir::layout::Storage { fused, narrow };
+    shared_size(&layout_of(program, &storage, shared_limit(device))) <= shared_limit(device)
 }
 
 /// The workspace layout of a program for a shared-memory budget of `limit` bytes (0: the
@@ -121,12 +125,12 @@ pub fn workspace_fits_shared(program: &Program, device: &str) -> bool {
 /// kernels that fit either way were no faster packed largest first (GLA's forward 11.24 → 11.78,
 /// HGRN-2's backward 53.2 → 54.5, others within 3 %), so they keep the default. `HLAC_PACK`
 /// overrides the choice for both back ends (`kir::layout::plan_fused`).
-fn layout_of(p: &Program, fused: &std::collections::HashSet<Value>, limit: u64) -> kir::layout::Layout {
-    let default = kir::layout::plan_fused(p, fused);
+fn layout_of(p: &Program, storage: &kir::layout::Storage, limit: u64) -> kir::layout::Layout {
+    let default = kir::layout::plan_fused(p, storage);
     if limit == 0 || shared_size(&default) <= limit || std::env::var("HLAC_PACK").is_ok() {
         return default;
     }
-    let packed = kir::layout::plan_packed(p, fused, kir::layout::Packing::LargestFirst);
+    let packed = kir::layout::plan_packed(p, storage, kir::layout::Packing::LargestFirst);
     if shared_size(&packed) <= limit {
         packed
     } else {
@@ -225,7 +229,8 @@ pub fn compile(program: &Program, device: &str, options: Options) -> Result<Comp
         if std::env::var("HLAC_NVPTX_LAYOUT").is_ok_and(|k| k == program.name) {
             for (v, at) in g.layout.tiles() {
                 let t = program.ty(v);
-                eprintln!("{at:>8} {v}: {}{:?} ({} bytes)", t.dtype.name(), t.shape, t.numel() * Gen::elem_bytes(t.dtype) as u64);
+                let narrow = if g.storage.narrow.contains(&v) { " as bf16" } else { "" };
+                eprintln!("{at:>8} {v}: {}{:?}{narrow} ({} bytes)", t.dtype.name(), t.shape, t.numel() * g.storage.elem_bytes(program, v));
             }
             eprintln!("{} bytes", g.layout.bytes);
         }
@@ -264,7 +269,7 @@ pub fn compile(program: &Program, device: &str, options: Options) -> Result<Comp
 
 /// The shared-memory tiles to store swizzled, with their row length: in a kernel with a `dot` on
 /// the tensor cores, every f32 tile of two or more axes whose last axis is a multiple of 32
-/// elements, the same for every tile of the storage group. Row r's 16-byte groups are stored
+/// elements (64 for a tile stored as bf16), the same for every tile of the storage group. Row r's 16-byte groups are stored
 /// XORed with r mod 8, so the fragments' reads and writes down a column (eight rows at one column:
 /// one bank, eight-way conflicts on a plain row-major tile whose rows are a multiple of 128
 /// bytes) and transposes spread over the banks, while a warp reading 32 consecutive elements of a
@@ -274,7 +279,7 @@ pub fn compile(program: &Program, device: &str, options: Options) -> Result<Comp
 /// index arithmetic on every access made them slower (RMSNorm 0.112 → 0.133 ms, attention decode
 /// 1.09 → 1.36, the HGRN scan 0.97 → 1.15). `HLAC_NVPTX_SWIZZLE=off` stores every tile plainly,
 /// for A/B measurements.
-fn swizzle_of(p: &Program, layout: &kir::layout::Layout) -> HashMap<Value, u32> {
+fn swizzle_of(p: &Program, layout: &kir::layout::Layout, storage: &kir::layout::Storage) -> HashMap<Value, u32> {
     if std::env::var("HLAC_NVPTX_SWIZZLE").is_ok_and(|v| v == "off") {
         return HashMap::new();
     }
@@ -289,10 +294,13 @@ fn swizzle_of(p: &Program, layout: &kir::layout::Layout) -> HashMap<Value, u32> 
     if !any_mma(p, &p.body, mode) {
         return HashMap::new();
     }
+    // Rows of whole 128-byte lines: 32 f32 elements; a bf16 tile's ([`narrow`]) rows may also be
+    // 64 or 32 bytes (16 or 32 elements: `swizzle_key`).
     let row = |v: Value| {
         let t = p.ty(v);
         let c = t.shape.last().copied().unwrap_or(0);
-        (t.dtype == DType::F32 && t.shape.len() >= 2 && c > 0 && c.is_multiple_of(32)).then_some(c)
+        let fits = if storage.narrow.contains(&v) { c.is_multiple_of(64) || c == 16 || c == 32 } else { c.is_multiple_of(32) };
+        (t.dtype == DType::F32 && t.shape.len() >= 2 && c > 0 && fits).then_some(c)
     };
     // Per storage group: the common row length, or None when any member does not qualify.
     let mut groups: HashMap<Value, Option<u32>> = HashMap::new();
@@ -304,6 +312,20 @@ fn swizzle_of(p: &Program, layout: &kir::layout::Layout) -> HashMap<Value, u32> 
         }
     }
     layout.tiles().into_iter().filter_map(|(v, _)| groups.get(&layout.group(v)).copied().flatten().map(|c| (v, c))).collect()
+}
+
+/// The swizzle key of row r for rows of `groups` 16-byte groups, as (shift, mask): the key is
+/// (r >> shift) & mask. Rows of whole 128-byte lines XOR with r mod 8. Shorter rows (a bf16
+/// tile's 64- or 32-byte rows, several to a line) XOR with the line's index among the lines of 8
+/// rows, so that the rows 2t a B fragment reads (and the rows g an A fragment reads) fall in
+/// distinct banks: 64-byte rows put rows 0, 2, 4, 6 at the same banks unswizzled (four-way
+/// conflicts on every fragment load).
+fn swizzle_key(groups: u64) -> (i64, i64) {
+    match groups {
+        2 => (2, 1),
+        4 => (1, 3),
+        _ => (0, 7),
+    }
 }
 
 /// A PTX-safe identifier.
@@ -363,6 +385,9 @@ struct Gen<'a, 'ctx> {
     unsynced: Vec<Region>,
     scalars: HashMap<Value, Scalar<'ctx>>,
     layout: kir::layout::Layout,
+    /// What the layout was planned with: the tiles not stored, and those stored as bf16
+    /// ([`narrow`]).
+    storage: kir::layout::Storage,
     /// How `dot` multiplies ([`mma`]).
     dot_mode: DotMode,
     /// Whether small-output `dot`s split their sums across lanes ([`Options::split_k`]).
@@ -434,10 +459,13 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         let fusion = fusion_of(p);
         let threads = threads_for(p, options.max_threads);
         let accum = mma::accumulations(p, &fusion.fused, DotMode::for_program(p), threads / 32);
-        // Neither fused tiles nor the products computed into their adds are stored.
+        // Neither fused tiles nor the products computed into their adds are stored; tensor-core
+        // operands are stored as bf16 ([`narrow`]).
         let mut unstored = fusion.fused.clone();
         unstored.extend(accum.keys().copied());
-        let layout = layout_of(p, &unstored, shared_limit);
+        let narrow = narrow::analyse(p, &unstored, DotMode::for_program(p));
+        let storage = kir::layout::Storage { fused: unstored, narrow };
+        let layout = layout_of(p, &storage, shared_limit);
         let smem = (shared_size(&layout) <= shared_limit).then(|| {
             // `extern __shared__`: a zero-length array in the shared address space whose size is
             // the launch's dynamic shared memory.
@@ -446,7 +474,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             g.set_alignment(16);
             g.as_pointer_value()
         });
-        let swizzle = if smem.is_some() { swizzle_of(p, &layout) } else { HashMap::new() };
+        let swizzle = if smem.is_some() { swizzle_of(p, &layout, &storage) } else { HashMap::new() };
         let mut g = Gen {
             ctx,
             module,
@@ -467,6 +495,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             unsynced: Vec::new(),
             scalars: HashMap::new(),
             layout,
+            storage,
             dot_mode: DotMode::for_program(p),
             fusion,
             swizzle,
@@ -529,12 +558,9 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         })
     }
 
-    fn elem_bytes(d: DType) -> i64 {
-        match d {
-            DType::Bool => 1,
-            DType::I64 => 8,
-            _ => 4,
-        }
+    /// Bytes per element of tile `v` in the workspace (2 for a [`narrow`] tile).
+    fn tile_elem_bytes(&self, v: Value) -> i64 {
+        self.storage.elem_bytes(self.p, v) as i64
     }
 
     /// Places a tile at its planned offset ([`kir::layout`] reuses a dead tile's storage).
@@ -547,14 +573,17 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
     /// Pointer to element `i` of tile `v` in the workspace.
     fn tile_ptr(&self, v: Value, i: IntValue<'ctx>) -> R<PointerValue<'ctx>> {
         let base = self.slots.get(&v).copied().unwrap_or(0) as i64;
-        let size = Self::elem_bytes(self.p.ty(v).dtype);
+        let size = self.tile_elem_bytes(v);
         let e = |x| self.llvm(x);
-        // A swizzled tile keeps row r's 16-byte groups XORed with r mod 8 (see `swizzle_of`).
+        // A swizzled tile keeps row r's 16-byte groups XORed with a key of r (see `swizzle_of`):
+        // groups of four f32 elements, or of eight bf16 ones.
         let i = match self.swizzle.get(&v) {
             Some(&c) => {
                 let row = self.b.build_int_unsigned_div(i, self.i64c(i64::from(c)), "").map_err(e)?;
-                let key = self.b.build_and(row, self.i64c(7), "").map_err(e)?;
-                let key = self.b.build_left_shift(key, self.i64c(2), "").map_err(e)?;
+                let (shift, mask) = swizzle_key(u64::from(c) * size as u64 / 16);
+                let row = self.b.build_right_shift(row, self.i64c(shift), false, "").map_err(e)?;
+                let key = self.b.build_and(row, self.i64c(mask), "").map_err(e)?;
+                let key = self.b.build_left_shift(key, self.i64c(if size == 2 { 3 } else { 2 }), "").map_err(e)?;
                 self.b.build_xor(i, key, "").map_err(e)?
             }
             None => i,
@@ -589,6 +618,10 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         let d = self.p.ty(v).dtype;
         let ptr = self.tile_ptr(v, i)?;
         let e = |x| self.llvm(x);
+        if self.storage.narrow.contains(&v) {
+            let x = self.b.build_load(self.ctx.bf16_type(), ptr, "").map_err(e)?.into_float_value();
+            return Ok(self.b.build_float_ext(x, self.ctx.f32_type(), "").map_err(e)?.into());
+        }
         if d == DType::Bool {
             let x = self.b.build_load(self.ctx.i8_type(), ptr, "").map_err(e)?.into_int_value();
             let z = self.ctx.i8_type().const_zero();
@@ -672,6 +705,9 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         let e = |x| self.llvm(x);
         let x = if self.p.ty(v).dtype == DType::Bool {
             self.b.build_int_z_extend(x.into_int_value(), self.ctx.i8_type(), "").map_err(e)?.into()
+        } else if self.storage.narrow.contains(&v) {
+            // Rounded to nearest even, as the tensor cores' operand conversion rounds.
+            self.b.build_float_trunc(x.into_float_value(), self.ctx.bf16_type(), "").map_err(e)?.into()
         } else {
             x
         };
@@ -1124,7 +1160,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         let regions: Vec<Region> = touched
             .iter()
             .map(|(v, own)| {
-                let size = Self::elem_bytes(self.p.ty(*v).dtype);
+                let size = self.tile_elem_bytes(*v);
                 Region {
                     at: self.slots.get(v).copied().unwrap_or(0),
                     elem: size,

@@ -51,14 +51,40 @@ impl Layout {
     }
 }
 
-/// Bytes a tile of `numel` elements of `dtype` takes, rounded up to 64.
-fn bytes_of(numel: u64, dtype: DType) -> u64 {
-    let e = match dtype {
-        DType::Bool => 1,
-        DType::I64 => 8,
-        DType::Bf16 | DType::F16 | DType::F32 => 4,
-    };
-    (numel * e).div_ceil(64) * 64
+/// How a back end stores a program's tiles, where that differs from their types: tiles it
+/// recomputes wherever they are read instead of storing them (`fused`: no storage), and f32 tiles
+/// it keeps as 2-byte floats (`narrow`: the NVPTX back end's tensor-core operands, which the
+/// products round to bf16 anyway).
+#[derive(Debug, Clone, Default)]
+pub struct Storage {
+    /// Tiles with no storage.
+    pub fused: HashSet<Value>,
+    /// Tiles stored at 2 bytes per element.
+    pub narrow: HashSet<Value>,
+}
+
+impl Storage {
+    /// Only `fused` tiles differ from their types.
+    pub fn fused(fused: HashSet<Value>) -> Storage {
+        Storage { fused, narrow: HashSet::new() }
+    }
+
+    /// Bytes per element of tile `v` in storage.
+    pub fn elem_bytes(&self, p: &Program, v: Value) -> u64 {
+        if self.narrow.contains(&v) {
+            return 2;
+        }
+        match p.ty(v).dtype {
+            DType::Bool => 1,
+            DType::I64 => 8,
+            DType::Bf16 | DType::F16 | DType::F32 => 4,
+        }
+    }
+
+    /// Bytes tile `v` takes, rounded up to 64.
+    fn bytes_of(&self, p: &Program, v: Value) -> u64 {
+        (p.ty(v).numel() * self.elem_bytes(p, v)).div_ceil(64) * 64
+    }
 }
 
 #[derive(Default)]
@@ -264,30 +290,31 @@ fn count(b: &Block) -> u64 {
 
 /// Plans the workspace of a verified program.
 pub fn plan(p: &Program) -> Layout {
-    plan_fused(p, &HashSet::new())
+    plan_fused(p, &Storage::default())
 }
 
-/// Plans the workspace of a verified program whose back end does not store the tiles in `fused`
-/// (elementwise values it recomputes, element by element, wherever they are read): they get no
-/// storage, and the stored values their computation reads (their leaves) stay live until the
-/// fused tile's last use. A fused tile must not be a loop's carried value or a reshape of a stored
-/// tile.
+/// Plans the workspace of a verified program whose back end does not store the tiles in
+/// `storage.fused` (elementwise values it recomputes, element by element, wherever they are read):
+/// they get no storage, and the stored values their computation reads (their leaves) stay live
+/// until the fused tile's last use. A fused tile must not be a loop's carried value or a reshape of
+/// a stored tile. Tiles in `storage.narrow` take 2 bytes per element; such a tile must be alone in
+/// its storage group (no reshape of it, not carried by a loop).
 ///
 /// `HLAC_PACK=largest` selects [`Packing::LargestFirst`] for both back ends, `HLAC_PACK=best`
 /// whichever of the two packings is smaller, kernel by kernel (for A/B measurements; not yet
 /// measured on a GPU).
-pub fn plan_fused(p: &Program, fused: &HashSet<Value>) -> Layout {
+pub fn plan_fused(p: &Program, storage: &Storage) -> Layout {
     match std::env::var("HLAC_PACK").as_deref() {
-        Ok("largest") => plan_packed(p, fused, Packing::LargestFirst),
+        Ok("largest") => plan_packed(p, storage, Packing::LargestFirst),
         Ok("best") => {
-            let (a, b) = (plan_packed(p, fused, Packing::Definition), plan_packed(p, fused, Packing::LargestFirst));
+            let (a, b) = (plan_packed(p, storage, Packing::Definition), plan_packed(p, storage, Packing::LargestFirst));
             if b.bytes < a.bytes {
                 b
             } else {
                 a
             }
         }
-        _ => plan_packed(p, fused, Packing::Definition),
+        _ => plan_packed(p, storage, Packing::Definition),
     }
 }
 
@@ -307,7 +334,8 @@ pub enum Packing {
 /// bytes).
 type Groups = (Vec<(Value, Value)>, HashMap<Value, (u64, u64, u64)>);
 
-fn groups_of(p: &Program, fused: &HashSet<Value>) -> Groups {
+fn groups_of(p: &Program, storage: &Storage) -> Groups {
+    let fused = &storage.fused;
     let mut w = Walk { fused: fused.clone(), ..Walk::default() };
     w.block(p, &p.body, &mut Vec::new());
     let mut groups: HashMap<Value, (u64, u64, u64)> = HashMap::new();
@@ -317,7 +345,7 @@ fn groups_of(p: &Program, fused: &HashSet<Value>) -> Groups {
         let root = w.find(v);
         let d = w.def.get(&v).copied().unwrap_or(0);
         let l = w.last.get(&v).copied().unwrap_or(d);
-        let size = bytes_of(p.ty(v).numel(), p.ty(v).dtype);
+        let size = storage.bytes_of(p, v);
         let e = groups.entry(root).or_insert((d, l, size));
         e.0 = e.0.min(d);
         e.1 = e.1.max(l);
@@ -327,11 +355,11 @@ fn groups_of(p: &Program, fused: &HashSet<Value>) -> Groups {
     (tiles, groups)
 }
 
-/// Checks a layout of `p` (planned with `fused` not stored): every stored tile has the offset of
-/// its storage group, and no two groups live at the same time share a byte. For tests of the
+/// Checks a layout of `p` (planned with `storage`): every stored tile has the offset of its
+/// storage group, and no two groups live at the same time share a byte. For tests of the
 /// packings; the liveness is the planner's own.
-pub fn check(p: &Program, fused: &HashSet<Value>, layout: &Layout) -> Result<(), String> {
-    let (tiles, groups) = groups_of(p, fused);
+pub fn check(p: &Program, storage: &Storage, layout: &Layout) -> Result<(), String> {
+    let (tiles, groups) = groups_of(p, storage);
     let mut at: HashMap<Value, u64> = HashMap::new();
     for (v, root) in &tiles {
         let o = layout.offset(*v);
@@ -356,8 +384,8 @@ pub fn check(p: &Program, fused: &HashSet<Value>, layout: &Layout) -> Result<(),
 }
 
 /// [`plan_fused`] with a choice of [`Packing`].
-pub fn plan_packed(p: &Program, fused: &HashSet<Value>, packing: Packing) -> Layout {
-    let (tiles, groups) = groups_of(p, fused);
+pub fn plan_packed(p: &Program, storage: &Storage, packing: Packing) -> Layout {
+    let (tiles, groups) = groups_of(p, storage);
     let mut order: Vec<(Value, (u64, u64, u64))> = groups.into_iter().collect();
     match packing {
         Packing::Definition => order.sort_by_key(|(v, (d, _, _))| (*d, v.0)),

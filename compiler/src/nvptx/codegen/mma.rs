@@ -311,8 +311,8 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         self.b.build_int_mul(x, self.i64c(c), "").map_err(|e| self.llvm(e))
     }
 
-    /// Two adjacent f32 elements of tile `v` from element `at` (even, so 8-byte aligned: tiles
-    /// start on 64-byte boundaries).
+    /// Two adjacent f32 elements of tile `v` from element `at` (even, so 8-byte aligned — 4-byte
+    /// for a bf16 tile: tiles start on 64-byte boundaries).
     fn load_pair(&mut self, v: Value, at: IntValue<'ctx>) -> R<(FloatValue<'ctx>, FloatValue<'ctx>)> {
         if self.fusion.fused.contains(&v) {
             let next = self.add(at, self.i64c(1))?;
@@ -320,12 +320,16 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         }
         let e = |x| self.llvm(x);
         let ptr = self.tile_ptr(v, at)?;
-        let vt = self.ctx.f32_type().vec_type(2);
+        let narrow = self.storage.narrow.contains(&v);
+        let (vt, align) = if narrow { (self.ctx.bf16_type().vec_type(2), 4) } else { (self.ctx.f32_type().vec_type(2), 8) };
         let x = self.b.build_load(vt, ptr, "").map_err(e)?;
         if let Some(inst) = x.into_vector_value().as_instruction() {
-            inst.set_alignment(8).map_err(|x| self.llvm(x))?;
+            inst.set_alignment(align).map_err(|x| self.llvm(x))?;
         }
-        let x = x.into_vector_value();
+        let mut x = x.into_vector_value();
+        if narrow {
+            x = self.b.build_float_ext(x, self.ctx.f32_type().vec_type(2), "").map_err(e)?;
+        }
         let lo = self.b.build_extract_element(x, self.ctx.i32_type().const_zero(), "").map_err(e)?;
         let hi = self.b.build_extract_element(x, self.ctx.i32_type().const_int(1, false), "").map_err(e)?;
         Ok((lo.into_float_value(), hi.into_float_value()))
@@ -339,9 +343,44 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         let vec = vt.get_undef();
         let vec = self.b.build_insert_element(vec, x, self.ctx.i32_type().const_zero(), "").map_err(e)?;
         let vec = self.b.build_insert_element(vec, y, self.ctx.i32_type().const_int(1, false), "").map_err(e)?;
+        let (vec, align) = if self.storage.narrow.contains(&v) {
+            (self.b.build_float_trunc(vec, self.ctx.bf16_type().vec_type(2), "").map_err(e)?, 4)
+        } else {
+            (vec, 8)
+        };
         let st = self.b.build_store(ptr, vec).map_err(e)?;
-        st.set_alignment(8).map_err(|x| self.llvm(x))?;
+        st.set_alignment(align).map_err(|x| self.llvm(x))?;
         Ok(())
+    }
+
+    /// Whether fragments of tile `v` load with `ldmatrix`: a bf16 tile ([`super::narrow`]) in the
+    /// shared-memory workspace, whose rows of 8 elements are 16-byte aligned (tiles start on 64-byte
+    /// boundaries, rows are whole multiples of 8 elements for any product that tiles, and the
+    /// swizzle moves whole 16-byte groups). One `ldmatrix` replaces the four loads (A) or four
+    /// loads and two packs (B) of a fragment. `HLAC_NVPTX_LDMATRIX=off` keeps the loads, for A/B
+    /// measurements.
+    fn ldmatrix(&self, v: Value) -> bool {
+        self.smem.is_some()
+            && self.storage.narrow.contains(&v)
+            && !self.fusion.fused.contains(&v)
+            && !std::env::var("HLAC_NVPTX_LDMATRIX").is_ok_and(|x| x == "off")
+    }
+
+    /// `ldmatrix.sync.aligned.m8n8.x{count}[.trans].b16` from this lane's row at element `at` of
+    /// tile `v`: the fragment's `count` registers.
+    fn ldmatrix_regs(&mut self, v: Value, at: IntValue<'ctx>, count: u32, trans: bool) -> R<Frag<'ctx>> {
+        let name = format!("llvm.nvvm.ldmatrix.sync.aligned.m8n8.x{count}{}.b16", if trans { ".trans" } else { "" });
+        let ptr = self.tile_ptr(v, at)?;
+        // Overloaded on the pointer's address space (shared here).
+        let f = self.intrinsic(&name, &[ptr.get_type().into()])?;
+        let r = self.call(f, &[ptr.into()])?;
+        let regs = if count == 1 {
+            vec![r]
+        } else {
+            let st = r.into_struct_value();
+            (0..count).map(|q| self.b.build_extract_value(st, q, "").map_err(|x| self.llvm(x))).collect::<R<_>>()?
+        };
+        Ok(Frag { hi: regs, lo: Vec::new() })
     }
 
     /// One element of tile `v` at flat index `at` as f32.
@@ -402,13 +441,42 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         match mode {
             DotMode::Bf16 => {
                 // Registers: (g, 2t..2t+1), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..).
+                if self.ldmatrix(a) {
+                    // Lane l names row l mod 16, column 8·(l / 16) of the strip: the four 8×8
+                    // matrices (rows 0-7 and 8-15, then the same at columns 8-15) are A's four
+                    // registers in order.
+                    let e = |x| self.llvm(x);
+                    let lane = self.b.build_and(self.tid, self.i64c(31), "").map_err(e)?;
+                    let lr = self.b.build_and(lane, self.i64c(15), "").map_err(e)?;
+                    let lc = self.b.build_right_shift(lane, self.i64c(4), false, "").map_err(e)?;
+                    let g = self.b.build_right_shift(lane, self.i64c(2), false, "").map_err(e)?;
+                    let top = self.b.build_int_sub(row, g, "").map_err(e)?;
+                    let r = self.add(top, lr)?;
+                    let at = self.add(self.add(self.mul(r, k)?, kk)?, self.mul(lc, 8)?)?;
+                    return self.ldmatrix_regs(a, at, 4, false);
+                }
                 let t2 = self.mul(t, 2)?;
+                let direct = self.storage.narrow.contains(&a);
                 let mut xs = Vec::new();
+                let mut regs = Vec::new();
                 for (r, c) in [(r0, 0), (r8, 0), (r0, 8), (r8, 8)] {
                     let at = self.add(self.add(r, kk)?, self.add(t2, self.i64c(c))?)?;
+                    if direct {
+                        // A bf16 tile's adjacent pair is the register itself.
+                        let ptr = self.tile_ptr(a, at)?;
+                        let x = self.b.build_load(self.ctx.i32_type(), ptr, "").map_err(|x| self.llvm(x))?;
+                        if let Some(inst) = x.into_int_value().as_instruction() {
+                            inst.set_alignment(4).map_err(|x| self.llvm(x))?;
+                        }
+                        regs.push(x);
+                        continue;
+                    }
                     let (x, y) = self.load_pair(a, at)?;
                     xs.push(x);
                     xs.push(y);
+                }
+                if direct {
+                    return Ok(Frag { hi: regs, lo: Vec::new() });
                 }
                 self.operands(&xs, mode)
             }
@@ -433,6 +501,34 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         };
         let per_t = if mode == DotMode::Bf16 { 2 } else { 1 };
         let tk = self.add(kk, self.mul(t, per_t)?)?;
+        if mode == DotMode::Bf16 && self.ldmatrix(b) {
+            // Lane l names row kk + (l mod 16) of the strip's first column; transposed, the two
+            // 8×8 matrices are B's two registers.
+            let e = |x| self.llvm(x);
+            let lane = self.b.build_and(self.tid, self.i64c(31), "").map_err(e)?;
+            let lr = self.b.build_and(lane, self.i64c(15), "").map_err(e)?;
+            let g = self.b.build_right_shift(lane, self.i64c(2), false, "").map_err(e)?;
+            let left = self.b.build_int_sub(col, g, "").map_err(e)?;
+            let at = self.add(self.mul(self.add(kk, lr)?, n)?, left)?;
+            return self.ldmatrix_regs(b, at, 2, true);
+        }
+        if mode == DotMode::Bf16 && self.storage.narrow.contains(&b) {
+            // A bf16 tile's elements go into the registers as they are.
+            let e = |x| self.llvm(x);
+            let mut regs = Vec::new();
+            for pair in rows.chunks(2) {
+                let mut vec = self.ctx.bf16_type().vec_type(2).get_undef();
+                for (q, r) in pair.iter().enumerate() {
+                    let row = self.add(tk, self.i64c(*r))?;
+                    let at = self.add(self.mul(row, n)?, col)?;
+                    let ptr = self.tile_ptr(b, at)?;
+                    let x = self.b.build_load(self.ctx.bf16_type(), ptr, "").map_err(e)?;
+                    vec = self.b.build_insert_element(vec, x, self.ctx.i32_type().const_int(q as u64, false), "").map_err(e)?;
+                }
+                regs.push(self.b.build_bit_cast(vec, self.ctx.i32_type(), "").map_err(e)?);
+            }
+            return Ok(Frag { hi: regs, lo: Vec::new() });
+        }
         let mut xs = Vec::new();
         for r in rows {
             let row = self.add(tk, self.i64c(r))?;
