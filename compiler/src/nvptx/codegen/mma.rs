@@ -366,6 +366,15 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             && !std::env::var("HLAC_NVPTX_LDMATRIX").is_ok_and(|x| x == "off")
     }
 
+    /// The tile X when `v` is a transpose of X read through (fused) and X's fragments load with
+    /// `ldmatrix` ([`Gen::ldmatrix`]): the load then transposes (or not) the other way.
+    fn ldmatrix_transposed(&self, v: Value) -> Option<Value> {
+        match self.fusion.defs.get(&v) {
+            Some(Op::Transpose(x)) if self.fusion.fused.contains(&v) && self.ldmatrix(*x) => Some(*x),
+            _ => None,
+        }
+    }
+
     /// `ldmatrix.sync.aligned.m8n8.x{count}[.trans].b16` from this lane's row at element `at` of
     /// tile `v`: the fragment's `count` registers.
     fn ldmatrix_regs(&mut self, v: Value, at: IntValue<'ctx>, count: u32, trans: bool) -> R<Frag<'ctx>> {
@@ -441,6 +450,24 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         match mode {
             DotMode::Bf16 => {
                 // Registers: (g, 2t..2t+1), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..).
+                if let Some(x) = self.ldmatrix_transposed(a) {
+                    // A = Xᵀ for a bf16 tile X [k, m]: A's registers are X's 8×8 matrices at rows
+                    // kk (+8) and columns row0 (+8), transposed on the load. Lane l names X's row
+                    // kk + (l mod 8) + 8·(l / 16) at column row0 + 8·(l / 8 mod 2).
+                    let e = |x| self.llvm(x);
+                    let m = i64::from(self.p.ty(a).shape[0]);
+                    let lane = self.b.build_and(self.tid, self.i64c(31), "").map_err(e)?;
+                    let l7 = self.b.build_and(lane, self.i64c(7), "").map_err(e)?;
+                    let hi = self.b.build_right_shift(lane, self.i64c(4), false, "").map_err(e)?;
+                    let mid = self.b.build_right_shift(lane, self.i64c(3), false, "").map_err(e)?;
+                    let mid = self.b.build_and(mid, self.i64c(1), "").map_err(e)?;
+                    let g = self.b.build_right_shift(lane, self.i64c(2), false, "").map_err(e)?;
+                    let top = self.b.build_int_sub(row, g, "").map_err(e)?;
+                    let xr = self.add(self.add(kk, l7)?, self.mul(hi, 8)?)?;
+                    let xc = self.add(top, self.mul(mid, 8)?)?;
+                    let at = self.add(self.mul(xr, m)?, xc)?;
+                    return self.ldmatrix_regs(x, at, 4, true);
+                }
                 if self.ldmatrix(a) {
                     // Lane l names row l mod 16, column 8·(l / 16) of the strip: the four 8×8
                     // matrices (rows 0-7 and 8-15, then the same at columns 8-15) are A's four
@@ -501,6 +528,23 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         };
         let per_t = if mode == DotMode::Bf16 { 2 } else { 1 };
         let tk = self.add(kk, self.mul(t, per_t)?)?;
+        if let (DotMode::Bf16, Some(x)) = (mode, self.ldmatrix_transposed(b)) {
+            // B = Xᵀ for a bf16 tile X [n, k]: B's registers are X's 8×8 matrices at rows col0
+            // and columns kk (+8), as they lie. Lane l names X's row col0 + (l mod 8) at column
+            // kk + 8·(l / 8 mod 2).
+            let e = |x| self.llvm(x);
+            let k = i64::from(self.p.ty(b).shape[0]);
+            let lane = self.b.build_and(self.tid, self.i64c(31), "").map_err(e)?;
+            let l7 = self.b.build_and(lane, self.i64c(7), "").map_err(e)?;
+            let mid = self.b.build_right_shift(lane, self.i64c(3), false, "").map_err(e)?;
+            let mid = self.b.build_and(mid, self.i64c(1), "").map_err(e)?;
+            let g = self.b.build_right_shift(lane, self.i64c(2), false, "").map_err(e)?;
+            let left = self.b.build_int_sub(col, g, "").map_err(e)?;
+            let xr = self.add(left, l7)?;
+            let xc = self.add(kk, self.mul(mid, 8)?)?;
+            let at = self.add(self.mul(xr, k)?, xc)?;
+            return self.ldmatrix_regs(x, at, 2, false);
+        }
         if mode == DotMode::Bf16 && self.ldmatrix(b) {
             // Lane l names row kk + (l mod 16) of the strip's first column; transposed, the two
             // 8×8 matrices are B's two registers.
