@@ -369,11 +369,21 @@ impl ModelKernel {
     ///   bwd_dkv 77.3 → 72.6) and the elementwise scan's backward (5.0 → 3.1 ms), whose register
     ///   use then lets two blocks share an SM; the chunked kernels and attention's forward are
     ///   slower with 128 (GDN forward 9.4 → 11.2 ms).
+    /// - bf16 tiles (`nvptx` codegen's `narrow`: tensor-core operands and bf16 loads) everywhere
+    ///   but in the chunked forwards whose f32 workspace fits shared memory. Measured on an H200
+    ///   (2026-12-03): GLA's forward 8.27 → 5.10 ms and HGRN-2's 8.09 → 5.05 (their workspaces
+    ///   come into shared memory), attention's 10.39 → 8.84 and its `bwd_dq` 15.96 → 12.53
+    ///   (both in shared memory either way), every chunked backward 5–9 % faster (GLA's 26.88 →
+    ///   24.75); but GDN's forward 2.95 → 3.36, DeltaNet's 2.71 → 3.65, RetNet's 4.01 → 4.42
+    ///   (why is not known yet: the profile build would say); nor in the norms, whose bf16
+    ///   loads (the only tiles narrowed there) made them slower: `rms_norm_d2048_bwd` 0.230 →
+    ///   0.319 ms, the gated d128 one 0.412 → 0.655 (attention's decode step gained from them:
+    ///   0.824 → 0.733).
     /// - Split-K `dot`s (an output's sum shared by a group of lanes) everywhere but in the
     ///   recurrences' decode steps: attention's decode gained from them (1.30 → 0.98 ms), GDN's
     ///   decode at B = 64 lost (0.090 → 0.102 ms; the lanes of a group read one shared bank).
     pub fn gpu_options(&self) -> crate::nvptx::Options {
-        use crate::nvptx::{Options, Workspace, THREADS};
+        use crate::nvptx::{Narrowing, Options, Workspace, THREADS};
         let workspace = match self.role {
             "attn_bwd_dkv" => Workspace::Global,
             _ => Workspace::SharedWhenFits,
@@ -387,7 +397,12 @@ impl ModelKernel {
             _ => THREADS,
         };
         let split_k = self.role != "decode";
-        Options { workspace, max_threads, split_k, profile: crate::nvptx::profile_requested() }
+        let narrowing = match self.role {
+            "chunk_fwd" | "chunk_fwd_states" => Narrowing::ToFit,
+            "norm_fwd" | "norm_bwd" => Narrowing::Never,
+            _ => Narrowing::Always,
+        };
+        Options { workspace, max_threads, split_k, profile: crate::nvptx::profile_requested(), narrowing }
     }
 }
 

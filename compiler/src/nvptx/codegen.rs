@@ -112,10 +112,37 @@ fn shared_size(layout: &kir::layout::Layout) -> u64 {
 /// Whether `program`'s whole workspace fits in one block's shared memory on `device` (the test
 /// [`compile`] applies for [`Workspace::SharedWhenFits`]).
 pub fn workspace_fits_shared(program: &Program, device: &str) -> bool {
-    let fused = fusion_of(program).fused;
-    let narrow = narrow::analyse(program, &fused, DotMode::for_program(program));
-    let storage = kir::layout::Storage { fused, narrow };
-    shared_size(&layout_of(program, &storage, shared_limit(device))) <= shared_limit(device)
+    let limit = shared_limit(device);
+    let (_, layout) = storage_of(program, fusion_of(program).fused, limit, Narrowing::Always);
+    shared_size(&layout) <= limit
+}
+
+/// How a program's tiles are stored, and where, for a shared-memory budget of `limit` bytes (0:
+/// the workspace is in global memory), given the tiles not stored (`unstored`): with the
+/// [`narrow`] tiles in bf16 as `narrowing` says, except where only the f32 workspace fits the
+/// budget (first-fit packing of tiles of two sizes can come out larger).
+fn storage_of(
+    p: &Program,
+    unstored: std::collections::HashSet<Value>,
+    limit: u64,
+    narrowing: Narrowing,
+) -> (kir::layout::Storage, kir::layout::Layout) {
+    let fits = |l: &kir::layout::Layout| limit > 0 && shared_size(l) <= limit;
+    let wide = kir::layout::Storage::fused(unstored);
+    let layout = layout_of(p, &wide, limit);
+    if narrowing == Narrowing::Never || (narrowing == Narrowing::ToFit && fits(&layout)) {
+        return (wide, layout);
+    }
+    let narrow = narrow::analyse(p, &wide.fused, DotMode::for_program(p));
+    if narrow.is_empty() {
+        return (wide, layout);
+    }
+    let storage = kir::layout::Storage { fused: wide.fused.clone(), narrow };
+    let narrowed = layout_of(p, &storage, limit);
+    if !fits(&narrowed) && fits(&layout) {
+        return (wide, layout);
+    }
+    (storage, narrowed)
 }
 
 /// The workspace layout of a program for a shared-memory budget of `limit` bytes (0: the
@@ -167,6 +194,17 @@ pub enum Workspace {
     Global,
 }
 
+/// When a kernel stores its tensor-core operand tiles and bf16 loads as bf16 ([`narrow`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Narrowing {
+    /// Wherever the analysis allows.
+    Always,
+    /// Only when the f32 workspace does not fit in shared memory.
+    ToFit,
+    /// Never.
+    Never,
+}
+
 /// How one kernel is to be launched: where its workspace goes and the most threads per block
 /// (the lowering chooses both per kernel from measurements: `ModelKernel::gpu_options`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,11 +219,13 @@ pub struct Options {
     /// Whether the kernel carries the profile build's cycle counters ([`profile`]; the lowering
     /// sets it from `HLAC_NVPTX_PROFILE=1`).
     pub profile: bool,
+    /// When tiles are stored as bf16.
+    pub narrowing: Narrowing,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { workspace: Workspace::SharedWhenFits, max_threads: THREADS, split_k: true, profile: false }
+        Options { workspace: Workspace::SharedWhenFits, max_threads: THREADS, split_k: true, profile: false, narrowing: Narrowing::Always }
     }
 }
 
@@ -460,12 +500,10 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         let threads = threads_for(p, options.max_threads);
         let accum = mma::accumulations(p, &fusion.fused, DotMode::for_program(p), threads / 32);
         // Neither fused tiles nor the products computed into their adds are stored; tensor-core
-        // operands are stored as bf16 ([`narrow`]).
+        // operands and bf16 loads may be stored as bf16 ([`storage_of`]).
         let mut unstored = fusion.fused.clone();
         unstored.extend(accum.keys().copied());
-        let narrow = narrow::analyse(p, &unstored, DotMode::for_program(p));
-        let storage = kir::layout::Storage { fused: unstored, narrow };
-        let layout = layout_of(p, &storage, shared_limit);
+        let (storage, layout) = storage_of(p, unstored, shared_limit, options.narrowing);
         let smem = (shared_size(&layout) <= shared_limit).then(|| {
             // `extern __shared__`: a zero-length array in the shared address space whose size is
             // the launch's dynamic shared memory.

@@ -21,8 +21,11 @@
 //! with its pointer, and an out-of-bounds access is recorded in the `error` word, exactly as on
 //! the CPU; loads and stores whose offsets are provably contiguous in aligned 16-byte groups move
 //! each group as one vector when it is aligned and in bounds at run time (`codegen/contig.rs`); an element of a bf16 or f16 pointer is widened to f32 as it is loaded and rounded to
-//! nearest even as it is stored (the kernel IR's storage types), so every workspace tile stays
-//! f32. Transcendentals use the approximate PTX instructions with range reduction (exp via
+//! nearest even as it is stored (the kernel IR's storage types), so every workspace tile is f32 —
+//! except, in kernels with bf16 products, the tiles whose values reach only the tensor cores'
+//! operands and those loaded from bf16 memory, which the workspace holds as bf16 with no change
+//! in any value (`codegen/narrow.rs`; [`Narrowing`]), their fragments loaded with `ldmatrix`
+//! from shared memory. Transcendentals use the approximate PTX instructions with range reduction (exp via
 //! ex2.approx, log via lg2.approx, sin/cos reduced to [−π, π]; sqrt, rsqrt and the divisions
 //! inside sigmoid, tanh and log1p approximate too). A profile build ([`Options::profile`])
 //! counts each tile instruction's cycles. Still to come: tiles held in
@@ -36,6 +39,6 @@
 mod codegen;
 
 pub use codegen::{
-    assemble, compile, find_ptxas, profile_requested, shared_limit, threads_for, workspace_fits_shared, Compiled, NvptxError, Options,
-    Workspace, THREADS,
+    assemble, compile, find_ptxas, profile_requested, shared_limit, threads_for, workspace_fits_shared, Compiled, Narrowing, NvptxError,
+    Options, Workspace, THREADS,
 };

@@ -1,5 +1,5 @@
 //! Which f32 tiles the workspace keeps as bf16: those whose every value reaches only the tensor
-//! cores' bf16 operands.
+//! cores' bf16 operands, and those loaded from bf16 memory.
 //!
 //! A `dot` on the tensor cores in [`DotMode::Bf16`] rounds each operand element to bf16 (nearest
 //! even) as it loads its fragments, so a tile read by nothing else can be rounded once, when it is
@@ -11,6 +11,11 @@
 //! `scan`): only loads, elementwise operations, broadcasts, transposes and products define one. A narrow tile is alone in its storage group (no reshape of it, not a loop's
 //! carried value or result), so the layout can size it on its own (`kir::layout::Storage`).
 //!
+//! A tile loaded from bf16 memory (with a masked-off value that is a bf16 too) is exact in bf16
+//! whatever reads it, so it is stored as bf16 in any kernel with bf16 products: its reads widen
+//! it back exactly. (`HLAC_NVPTX_NARROW=operands` narrows the operand tiles only, for A/B
+//! measurements.)
+//!
 //! Halving those tiles is what brings the workspaces of GLA's and HGRN-2's chunked forwards and of
 //! attention's forward into shared memory at K = V = 128, and it halves the shared-memory
 //! traffic of every fragment load. `HLAC_NVPTX_NARROW=off` keeps every tile f32, for A/B
@@ -19,7 +24,7 @@
 use std::collections::{HashMap, HashSet};
 
 use super::DotMode;
-use hlac_runtime::kir::{Block, DType, Op, Program, Value};
+use hlac_runtime::kir::{Block, DType, Op, ParamKind, Program, Value};
 
 /// How one instruction uses a value.
 #[derive(Clone, Copy)]
@@ -43,7 +48,8 @@ pub(super) fn analyse(p: &Program, unstored: &HashSet<Value>, mode: DotMode) -> 
     // loop results) or are not an instruction's only result.
     let mut grouped: HashSet<Value> = HashSet::new();
     let mut defined: Vec<Value> = Vec::new();
-    walk(p, &p.body, mode, &mut uses, &mut grouped, &mut defined);
+    let mut exact: HashSet<Value> = HashSet::new();
+    walk(p, &p.body, mode, &mut uses, &mut grouped, &mut defined, &mut exact);
     let mut memo: HashMap<Value, bool> = HashMap::new();
     defined
         .into_iter()
@@ -51,7 +57,7 @@ pub(super) fn analyse(p: &Program, unstored: &HashSet<Value>, mode: DotMode) -> 
             let t = p.ty(*v);
             t.dtype == DType::F32 && !t.is_scalar() && !unstored.contains(v) && !grouped.contains(v)
         })
-        .filter(|v| operand_only(*v, &uses, &grouped, &mut memo))
+        .filter(|v| exact.contains(v) || operand_only(*v, &uses, &grouped, &mut memo))
         .collect()
 }
 
@@ -62,6 +68,7 @@ fn walk(
     uses: &mut HashMap<Value, Vec<Use>>,
     grouped: &mut HashSet<Value>,
     defined: &mut Vec<Value>,
+    exact: &mut HashSet<Value>,
 ) {
     grouped.extend(b.args.iter().copied());
     for inst in &b.insts {
@@ -103,8 +110,18 @@ fn walk(
         if let ([r], true) = (&inst.results[..], writes_once) {
             defined.push(*r);
         }
+        // A load from bf16 memory, whose masked-off value is a bf16 too, holds nothing bf16
+        // cannot: stored as bf16 whatever reads it.
+        if let (Op::Load { ptr, other, .. }, [r]) = (&inst.op, &inst.results[..]) {
+            let from_bf16 = p.params.get(*ptr as usize).is_some_and(|q| matches!(q.kind, ParamKind::Ptr { dtype: DType::Bf16, .. }));
+            let x = *other as f32;
+            let loads = !std::env::var("HLAC_NVPTX_NARROW").is_ok_and(|v| v == "operands");
+            if loads && from_bf16 && f64::from(x) == *other && x.to_bits() & 0xFFFF == 0 {
+                exact.insert(*r);
+            }
+        }
         if let Op::For { body, .. } = &inst.op {
-            walk(p, body, mode, uses, grouped, defined);
+            walk(p, body, mode, uses, grouped, defined, exact);
         }
     }
 }
