@@ -128,6 +128,8 @@ fn storage_of(
     narrowing: Narrowing,
 ) -> (kir::layout::Storage, kir::layout::Layout) {
     let fits = |l: &kir::layout::Layout| limit > 0 && shared_size(l) <= limit;
+    // HLAC_NVPTX_NARROW=always overrides the kernel's choice, for A/B measurements.
+    let narrowing = if std::env::var("HLAC_NVPTX_NARROW").is_ok_and(|v| v == "always") { Narrowing::Always } else { narrowing };
     let wide = kir::layout::Storage::fused(unstored);
     let layout = layout_of(p, &wide, limit);
     if narrowing == Narrowing::Never || (narrowing == Narrowing::ToFit && fits(&layout)) {
