@@ -311,8 +311,9 @@ pub fn compile(program: &Program, device: &str, options: Options) -> Result<Comp
 
 /// The shared-memory tiles to store swizzled, with their row length: in a kernel with a `dot` on
 /// the tensor cores, every f32 tile of two or more axes whose last axis is a multiple of 32
-/// elements (64 for a tile stored as bf16), the same for every tile of the storage group. Row r's 16-byte groups are stored
-/// XORed with r mod 8, so the fragments' reads and writes down a column (eight rows at one column:
+/// elements (for a tile stored as bf16: a multiple of 64, or 16 or 32), the same for every tile of
+/// the storage group. Row r's 16-byte groups are stored XORed with r mod 8 (shorter rows:
+/// [`swizzle_key`]), so the fragments' reads and writes down a column (eight rows at one column:
 /// one bank, eight-way conflicts on a plain row-major tile whose rows are a multiple of 128
 /// bytes) and transposes spread over the banks, while a warp reading 32 consecutive elements of a
 /// row still touches 128 contiguous bytes and the adjacent pairs the fragments load as one 8-byte

@@ -54,7 +54,7 @@ impl Layout {
 /// How a back end stores a program's tiles, where that differs from their types: tiles it
 /// recomputes wherever they are read instead of storing them (`fused`: no storage), and f32 tiles
 /// it keeps as 2-byte floats (`narrow`: the NVPTX back end's tensor-core operands, which the
-/// products round to bf16 anyway).
+/// products round to bf16 anyway, and its loads from bf16 memory).
 #[derive(Debug, Clone, Default)]
 pub struct Storage {
     /// Tiles with no storage.
