@@ -8,8 +8,9 @@
 //! reach only such operands qualifies too (and so do those transposes, when stored). Nothing else
 //! does: an elementwise use, a reduction, a store to memory or a product on the FMA path reads
 //! the f32 value. Nor is a tile narrowed whose operation reads back its own result (`tri_inv`,
-//! `scan`): only loads, elementwise operations, broadcasts, transposes and products define one. A narrow tile is alone in its storage group (no reshape of it, not a loop's
-//! carried value or result), so the layout can size it on its own (`kir::layout::Storage`).
+//! `scan`): only loads, elementwise operations, broadcasts, transposes and products define one.
+//! A narrow tile is alone in its storage group (no reshape of it, not a loop's carried value,
+//! result or yielded tile), so the layout can size it on its own (`kir::layout::Storage`).
 //!
 //! A tile loaded from bf16 memory (with a masked-off value that is a bf16 too) is exact in bf16
 //! whatever reads it, so it is stored as bf16 in any kernel with bf16 products: its reads widen
@@ -17,8 +18,9 @@
 //! measurements.)
 //!
 //! Halving those tiles is what brings the workspaces of GLA's and HGRN-2's chunked forwards and of
-//! attention's forward into shared memory at K = V = 128, and it halves the shared-memory
-//! traffic of every fragment load. `HLAC_NVPTX_NARROW=off` keeps every tile f32, for A/B
+//! attention's `bwd_dq` into shared memory at K = V = 128, and it halves the shared-memory
+//! traffic of every fragment load. Which kernels narrow is their launch options' choice
+//! (`Narrowing`). `HLAC_NVPTX_NARROW=off` keeps every tile f32, for A/B
 //! measurements.
 
 use std::collections::{HashMap, HashSet};
@@ -44,8 +46,8 @@ pub(super) fn analyse(p: &Program, unstored: &HashSet<Value>, mode: DotMode) -> 
         return HashSet::new();
     }
     let mut uses: HashMap<Value, Vec<Use>> = HashMap::new();
-    // Tiles that share storage with another (reshapes and their operands, loop-carried values and
-    // loop results) or are not an instruction's only result.
+    // Tiles that share storage with another (reshapes and their operands, loop-carried values,
+    // loop results and the tiles a loop yields) or are not an instruction's only result.
     let mut grouped: HashSet<Value> = HashSet::new();
     let mut defined: Vec<Value> = Vec::new();
     let mut exact: HashSet<Value> = HashSet::new();
@@ -90,6 +92,10 @@ fn walk(
                 }
                 if results.len() > 1 || matches!(op, Op::For { .. }) {
                     grouped.extend(results.iter().copied());
+                }
+                // The layout may give a yielded tile its carried tile's (f32) storage.
+                if let Op::Yield(vs) = op {
+                    grouped.extend(vs.iter().copied());
                 }
             }
         }
