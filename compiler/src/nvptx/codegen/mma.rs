@@ -375,21 +375,25 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         }
     }
 
-    /// `ldmatrix.sync.aligned.m8n8.x{count}[.trans].b16` from this lane's row at element `at` of
-    /// tile `v`: the fragment's `count` registers.
+    /// `ldmatrix.sync.aligned.m8n8.x{count}[.trans].b16` (count 2 or 4) from this lane's row at
+    /// element `at` of tile `v`: the fragment's `count` registers.
     fn ldmatrix_regs(&mut self, v: Value, at: IntValue<'ctx>, count: u32, trans: bool) -> R<Frag<'ctx>> {
         let name = format!("llvm.nvvm.ldmatrix.sync.aligned.m8n8.x{count}{}.b16", if trans { ".trans" } else { "" });
         let ptr = self.tile_ptr(v, at)?;
         // Overloaded on the pointer's address space (shared here).
         let f = self.intrinsic(&name, &[ptr.get_type().into()])?;
-        let r = self.call(f, &[ptr.into()])?;
-        let regs = if count == 1 {
-            vec![r]
-        } else {
-            let st = r.into_struct_value();
-            (0..count).map(|q| self.b.build_extract_value(st, q, "").map_err(|x| self.llvm(x))).collect::<R<_>>()?
-        };
+        let st = self.call(f, &[ptr.into()])?.into_struct_value();
+        let regs = (0..count).map(|q| self.b.build_extract_value(st, q, "").map_err(|x| self.llvm(x))).collect::<R<_>>()?;
         Ok(Frag { hi: regs, lo: Vec::new() })
+    }
+
+    /// This thread's lane, and the first row (or column) of the 16-row (8-column) strip whose row
+    /// (column) g = lane / 4 is `at`: where an `ldmatrix` lane's address is counted from.
+    fn lane_and_strip(&self, at: IntValue<'ctx>) -> R<(IntValue<'ctx>, IntValue<'ctx>)> {
+        let e = |x| self.llvm(x);
+        let lane = self.b.build_and(self.tid, self.i64c(31), "").map_err(e)?;
+        let g = self.b.build_right_shift(lane, self.i64c(2), false, "").map_err(e)?;
+        Ok((lane, self.b.build_int_sub(at, g, "").map_err(e)?))
     }
 
     /// One element of tile `v` at flat index `at` as f32.
@@ -456,13 +460,11 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                     // kk + (l mod 8) + 8·(l / 16) at column row0 + 8·(l / 8 mod 2).
                     let e = |x| self.llvm(x);
                     let m = i64::from(self.p.ty(a).shape[0]);
-                    let lane = self.b.build_and(self.tid, self.i64c(31), "").map_err(e)?;
+                    let (lane, top) = self.lane_and_strip(row)?;
                     let l7 = self.b.build_and(lane, self.i64c(7), "").map_err(e)?;
                     let hi = self.b.build_right_shift(lane, self.i64c(4), false, "").map_err(e)?;
                     let mid = self.b.build_right_shift(lane, self.i64c(3), false, "").map_err(e)?;
                     let mid = self.b.build_and(mid, self.i64c(1), "").map_err(e)?;
-                    let g = self.b.build_right_shift(lane, self.i64c(2), false, "").map_err(e)?;
-                    let top = self.b.build_int_sub(row, g, "").map_err(e)?;
                     let xr = self.add(self.add(kk, l7)?, self.mul(hi, 8)?)?;
                     let xc = self.add(top, self.mul(mid, 8)?)?;
                     let at = self.add(self.mul(xr, m)?, xc)?;
@@ -473,11 +475,9 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                     // matrices (rows 0-7 and 8-15, then the same at columns 8-15) are A's four
                     // registers in order.
                     let e = |x| self.llvm(x);
-                    let lane = self.b.build_and(self.tid, self.i64c(31), "").map_err(e)?;
+                    let (lane, top) = self.lane_and_strip(row)?;
                     let lr = self.b.build_and(lane, self.i64c(15), "").map_err(e)?;
                     let lc = self.b.build_right_shift(lane, self.i64c(4), false, "").map_err(e)?;
-                    let g = self.b.build_right_shift(lane, self.i64c(2), false, "").map_err(e)?;
-                    let top = self.b.build_int_sub(row, g, "").map_err(e)?;
                     let r = self.add(top, lr)?;
                     let at = self.add(self.add(self.mul(r, k)?, kk)?, self.mul(lc, 8)?)?;
                     return self.ldmatrix_regs(a, at, 4, false);
@@ -534,12 +534,10 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             // kk + 8·(l / 8 mod 2).
             let e = |x| self.llvm(x);
             let k = i64::from(self.p.ty(b).shape[0]);
-            let lane = self.b.build_and(self.tid, self.i64c(31), "").map_err(e)?;
+            let (lane, left) = self.lane_and_strip(col)?;
             let l7 = self.b.build_and(lane, self.i64c(7), "").map_err(e)?;
             let mid = self.b.build_right_shift(lane, self.i64c(3), false, "").map_err(e)?;
             let mid = self.b.build_and(mid, self.i64c(1), "").map_err(e)?;
-            let g = self.b.build_right_shift(lane, self.i64c(2), false, "").map_err(e)?;
-            let left = self.b.build_int_sub(col, g, "").map_err(e)?;
             let xr = self.add(left, l7)?;
             let xc = self.add(kk, self.mul(mid, 8)?)?;
             let at = self.add(self.mul(xr, k)?, xc)?;
@@ -549,10 +547,8 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             // Lane l names row kk + (l mod 16) of the strip's first column; transposed, the two
             // 8×8 matrices are B's two registers.
             let e = |x| self.llvm(x);
-            let lane = self.b.build_and(self.tid, self.i64c(31), "").map_err(e)?;
+            let (lane, left) = self.lane_and_strip(col)?;
             let lr = self.b.build_and(lane, self.i64c(15), "").map_err(e)?;
-            let g = self.b.build_right_shift(lane, self.i64c(2), false, "").map_err(e)?;
-            let left = self.b.build_int_sub(col, g, "").map_err(e)?;
             let at = self.add(self.mul(self.add(kk, lr)?, n)?, left)?;
             return self.ldmatrix_regs(b, at, 2, true);
         }

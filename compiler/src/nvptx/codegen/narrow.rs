@@ -42,16 +42,18 @@ enum Use {
 /// The tiles to store as bf16, of a program whose `unstored` tiles (fused, or products computed
 /// into their adds) get no storage.
 pub(super) fn analyse(p: &Program, unstored: &HashSet<Value>, mode: DotMode) -> HashSet<Value> {
-    if mode != DotMode::Bf16 || std::env::var("HLAC_NVPTX_NARROW").is_ok_and(|v| v == "off") {
+    let knob = std::env::var("HLAC_NVPTX_NARROW").unwrap_or_default();
+    if mode != DotMode::Bf16 || knob == "off" {
         return HashSet::new();
     }
+    let loads = knob != "operands";
     let mut uses: HashMap<Value, Vec<Use>> = HashMap::new();
     // Tiles that share storage with another (reshapes and their operands, loop-carried values,
     // loop results and the tiles a loop yields) or are not an instruction's only result.
     let mut grouped: HashSet<Value> = HashSet::new();
     let mut defined: Vec<Value> = Vec::new();
     let mut exact: HashSet<Value> = HashSet::new();
-    walk(p, &p.body, mode, &mut uses, &mut grouped, &mut defined, &mut exact);
+    walk(p, &p.body, mode, &mut uses, &mut grouped, &mut defined, loads.then_some(&mut exact));
     let mut memo: HashMap<Value, bool> = HashMap::new();
     defined
         .into_iter()
@@ -70,7 +72,7 @@ fn walk(
     uses: &mut HashMap<Value, Vec<Use>>,
     grouped: &mut HashSet<Value>,
     defined: &mut Vec<Value>,
-    exact: &mut HashSet<Value>,
+    mut exact: Option<&mut HashSet<Value>>,
 ) {
     grouped.extend(b.args.iter().copied());
     for inst in &b.insts {
@@ -117,17 +119,16 @@ fn walk(
             defined.push(*r);
         }
         // A load from bf16 memory, whose masked-off value is a bf16 too, holds nothing bf16
-        // cannot: stored as bf16 whatever reads it.
-        if let (Op::Load { ptr, other, .. }, [r]) = (&inst.op, &inst.results[..]) {
+        // cannot: stored as bf16 whatever reads it (`exact` is None when only operands narrow).
+        if let (Some(exact), Op::Load { ptr, other, .. }, [r]) = (exact.as_deref_mut(), &inst.op, &inst.results[..]) {
             let from_bf16 = p.params.get(*ptr as usize).is_some_and(|q| matches!(q.kind, ParamKind::Ptr { dtype: DType::Bf16, .. }));
             let x = *other as f32;
-            let loads = !std::env::var("HLAC_NVPTX_NARROW").is_ok_and(|v| v == "operands");
-            if loads && from_bf16 && f64::from(x) == *other && x.to_bits() & 0xFFFF == 0 {
+            if from_bf16 && f64::from(x) == *other && x.to_bits() & 0xFFFF == 0 {
                 exact.insert(*r);
             }
         }
         if let Op::For { body, .. } = &inst.op {
-            walk(p, body, mode, uses, grouped, defined, exact);
+            walk(p, body, mode, uses, grouped, defined, exact.as_deref_mut());
         }
     }
 }
