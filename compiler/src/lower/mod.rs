@@ -226,13 +226,12 @@ pub fn model_kernels(model: &crate::ir::Model) -> Result<Vec<ModelKernel>, Lower
         // On the CPU one instance per head computes every value column (the intra-chunk matrix is
         // then built once per chunk); GPUs split V across blocks for parallelism.
         // HLAC_GPU_BLOCK_V=n caps the GPU's value block at n instead (for A/B measurements).
-        // Without a vector gate the decay class's chunk is light enough that 32 columns (twice
-        // the blocks) pay: RetNet's forward 5.20 -> 4.01 ms, its state-keeping forward 5.68 ->
-        // 4.80 (H200, 2026-12-02), where GLA's and HGRN-2's (vector gates: the intra-chunk work
-        // is repeated per block) and GDN's (tri_inv repeated) got 1.8-2.6x slower.
-        let light = class.family == crate::classify::Family::Decay
-            && !matches!(class.decay, crate::classify::Decay::DataVector(_) | crate::classify::Decay::FixedVector(_));
-        let gpu_cap = knob("HLAC_GPU_BLOCK_V").filter(|v| *v > 0).unwrap_or(if light { 32 } else { 64 });
+        // 64 columns for every class: RetNet's forward was faster at 32 (5.20 -> 4.01 ms, H200,
+        // 2026-12-02) while its kernels spilled at 255 registers; with `reread_tid`
+        // (`ModelKernel::gpu_options`) 64 won, 2.94 -> 1.58 ms, its state-keeping forward 3.01 ->
+        // 1.64, its backward unchanged (2026-12-03). GLA's, HGRN-2's and GDN's forwards got
+        // 1.8-2.6x slower at 32 (their intra-chunk work is repeated per block).
+        let gpu_cap = knob("HLAC_GPU_BLOCK_V").filter(|v| *v > 0).unwrap_or(64);
         let block_v = if model.target.device == crate::ir::Device::Cpu { r.v() } else { block_of(r.v(), gpu_cap) };
         // The decode step streams the state: 32 value columns per block (half the shared memory,
         // twice the blocks in flight) took GDN's at B = 64 from 0.0834 to 0.066 ms (H200,
@@ -365,44 +364,64 @@ impl ModelKernel {
     ///   block sizes [`layer_pieces`] chooses to fit shared memory: a norm forward runs one
     ///   instance per few rows (16 384 at B = 4, T = 4096, 16 heads), so a global workspace would
     ///   be that many times its size in scratch memory.
-    /// - Threads: at most 256, except 128 for attention's backward (bwd_dq 51.0 → 47.0 ms,
-    ///   bwd_dkv 77.3 → 72.6) and the elementwise scan's backward (5.0 → 3.1 ms), whose register
-    ///   use then lets two blocks share an SM; the chunked kernels and attention's forward are
-    ///   slower with 128 (GDN forward 9.4 → 11.2 ms).
+    /// - Threads: 256, except 128 for attention's `bwd_dkv` (77.3 → 72.6 ms at 128 in 2026-11;
+    ///   29.8 → 33.8 at 256 and 40.7 at 512 in 2026-12-03) and the elementwise scan's backward
+    ///   (5.0 → 3.1 ms), whose register use then lets several blocks share an SM; 512 for the
+    ///   chunked forwards and attention's forward, `bwd_dq` and decode step, which have most of
+    ///   an SM to themselves; 1024 for the chunked forwards of vector gates, and 512 for their
+    ///   backwards (the sub-blocks' pairwise tiles). Measured on an H200 (2026-12-03, with
+    ///   `reread_tid`, which took their registers from 255 and spills to ≤ 128), 256 → 512:
+    ///   GLA's forward 3.51 → 2.94 (2.74 → 2.57 at 1024 with `no-transpose` fusion), HGRN-2's
+    ///   3.30 → 2.82, GDN's 2.47 → 2.36, DeltaNet's 2.28 → 2.23, attention's `bwd_dq` 13.5 → 7.2
+    ///   (RoPE: 18.4 → 11.1) and decode 0.716 → 0.631; attention's forward unchanged (6.36,
+    ///   slower at 1024: 6.87). The backwards at 512 against 256: GLA's 18.0 against 20.2,
+    ///   HGRN-2's 22.2 against 24.1, but GDN's 15.7 against 14.7, DeltaNet's 15.6 against 14.5,
+    ///   RetNet's 11.1 against 10.6.
     /// - bf16 tiles (`nvptx` codegen's `narrow`: tensor-core operands and bf16 loads) everywhere
-    ///   but in the chunked forwards whose f32 workspace fits shared memory. Measured on an H200
-    ///   (2026-12-03): GLA's forward 8.27 → 5.10 ms and HGRN-2's 8.09 → 5.05 (their workspaces
-    ///   come into shared memory), attention's 10.39 → 8.84 and its `bwd_dq` 15.96 → 12.53
-    ///   (both in shared memory either way), every chunked backward 5–9 % faster (GLA's 26.88 →
-    ///   24.75); but GDN's forward 2.95 → 3.36, DeltaNet's 2.71 → 3.65, RetNet's 4.01 → 4.42
-    ///   (why is not known yet: the profile build would say); nor in the norms, whose bf16
-    ///   loads (the only tiles narrowed there) made them slower: `rms_norm_d2048_bwd` 0.230 →
-    ///   0.319 ms, the gated d128 one 0.412 → 0.655 (attention's decode step gained from them:
-    ///   0.824 → 0.733).
+    ///   but in the norms, whose bf16 loads (the only tiles narrowed there) made them slower:
+    ///   `rms_norm_d2048_bwd` 0.230 → 0.319 ms, the gated d128 one 0.412 → 0.655 (H200,
+    ///   2026-12-03). They bring GLA's and HGRN-2's forward workspaces into shared memory (8.27 →
+    ///   5.10 ms, 8.09 → 5.05), and took attention's forward 10.39 → 8.84, its `bwd_dq` 15.96 →
+    ///   12.53 and every chunked backward 5–9 %. The forwards whose f32 workspace fits were
+    ///   slower narrowed while their kernels spilled at 255 registers (GDN's 2.95 → 3.36); with
+    ///   `reread_tid` they are not: DeltaNet's 2.28 → 2.18, RetNet's 3.57 → 3.26, GDN's 2.47 →
+    ///   2.49.
     /// - Split-K `dot`s (an output's sum shared by a group of lanes) everywhere but in the
     ///   recurrences' decode steps: attention's decode gained from them (1.30 → 0.98 ms), GDN's
     ///   decode at B = 64 lost (0.090 → 0.102 ms; the lanes of a group read one shared bank).
+    /// - The thread index read afresh by every tile operation (`Options::reread_tid`) in the
+    ///   mixers' and attention's kernels and the norms' forwards: hoisted out of the chunk loops,
+    ///   their per-thread addresses held 255 registers and spilled. Measured on an H200
+    ///   (2026-12-03, at the old thread counts): GLA's forward 5.19 → 3.51 ms and backward 25.0 →
+    ///   18.2, HGRN-2's 5.18 → 3.30 and 31.4 → 22.1, GDN's 2.97 → 2.47 and 19.7 → 15.8, RetNet's
+    ///   backward 14.2 → 11.2, attention's forward 8.95 → 6.34 and `bwd_dkv` 34.2 → 29.8. The
+    ///   small kernels keep one read, which they were faster with: the conv forward 0.473 (once)
+    ///   against 0.602, its backward 2.61 against 3.26, HGRN's scan 0.389 against 0.417,
+    ///   `sum_partials` 0.209 against 0.249.
     pub fn gpu_options(&self) -> crate::nvptx::Options {
         use crate::nvptx::{Narrowing, Options, Workspace, THREADS};
         let workspace = match self.role {
             "attn_bwd_dkv" => Workspace::Global,
             _ => Workspace::SharedWhenFits,
         };
-        // The chunked backward at 512 threads (its one block per (sequence, head) has most of an
-        // SM to itself): GLA's 33.06 -> 27.12 ms, GDN's 24.04 -> 20.43, RetNet's 14.42 -> 14.91
-        // (H200, 2026-12-02; the forwards got slower at 512: GDN's 2.96 -> 4.08).
+        // The chunked kernels of vector gates hold the sub-blocks' pairwise tiles ([4, 16, 16, K]:
+        // 64 K elements at K = 128), whose passes gain from more threads.
+        let widest = self.kernel.program.types.iter().map(|t| t.numel()).max().unwrap_or(1);
+        let pairwise = widest >= 1 << 16;
         let max_threads = match self.role {
-            "attn_bwd_dq" | "attn_bwd_dkv" | "scan_bwd" => 128,
-            "chunk_bwd" => 2 * THREADS,
+            "attn_bwd_dkv" | "scan_bwd" => 128,
+            "chunk_fwd" | "chunk_fwd_states" if pairwise => 4 * THREADS,
+            "chunk_bwd" if !pairwise => THREADS,
+            "chunk_fwd" | "chunk_fwd_states" | "chunk_bwd" | "attn_fwd" | "attn_bwd_dq" | "attn_decode" => 2 * THREADS,
             _ => THREADS,
         };
         let split_k = self.role != "decode";
         let narrowing = match self.role {
-            "chunk_fwd" | "chunk_fwd_states" => Narrowing::ToFit,
             "norm_fwd" | "norm_bwd" => Narrowing::Never,
             _ => Narrowing::Always,
         };
-        Options { workspace, max_threads, split_k, profile: crate::nvptx::profile_requested(), narrowing }
+        let reread_tid = !matches!(self.role, "conv_fwd" | "conv_bwd" | "norm_bwd" | "reduce_partials") && !self.role.starts_with("scan_");
+        Options { workspace, max_threads, split_k, profile: crate::nvptx::profile_requested(), narrowing, reread_tid }
     }
 }
 

@@ -223,11 +223,33 @@ pub struct Options {
     pub profile: bool,
     /// When tiles are stored as bf16.
     pub narrowing: Narrowing,
+    /// Whether every tile operation reads the thread index afresh (`Gen::tid`), which keeps
+    /// LLVM from hoisting each operation's per-thread addresses out of the loops around it;
+    /// otherwise it is read once at entry (cheaper for small kernels, whose few hoisted
+    /// addresses fit the registers).
+    pub reread_tid: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { workspace: Workspace::SharedWhenFits, max_threads: THREADS, split_k: true, profile: false, narrowing: Narrowing::Always }
+        Options {
+            workspace: Workspace::SharedWhenFits,
+            max_threads: THREADS,
+            split_k: true,
+            profile: false,
+            narrowing: Narrowing::Always,
+            reread_tid: true,
+        }
+    }
+}
+
+/// Whether every use of the thread index reads it afresh (`Gen::tid`): the kernel's option,
+/// unless `HLAC_NVPTX_TID=once` or `=fresh` forces it, for A/B measurements.
+fn reread_tid(option: bool) -> bool {
+    match std::env::var("HLAC_NVPTX_TID").as_deref() {
+        Ok("once") => false,
+        Ok("fresh") => true,
+        _ => option,
     }
 }
 
@@ -303,7 +325,8 @@ pub fn compile(program: &Program, device: &str, options: Options) -> Result<Comp
         }
     };
     module.verify().map_err(|e| fail(format!("invalid LLVM IR: {e}")))?;
-    module.run_passes("default<O3>", &machine, PassBuilderOptions::create()).map_err(|e| fail(e.to_string()))?;
+    let pipeline = std::env::var("HLAC_NVPTX_PASSES").unwrap_or_else(|_| "default<O3>".into());
+    module.run_passes(&pipeline, &machine, PassBuilderOptions::create()).map_err(|e| fail(e.to_string()))?;
     let buffer = machine.write_to_memory_buffer(&module, FileType::Assembly).map_err(|e| fail(e.to_string()))?;
     let ptx = String::from_utf8_lossy(buffer.as_slice()).into_owned();
     Ok(Compiled { ptx, entry, scratch_bytes, shared_bytes, threads: threads_for(program, options.max_threads), cubin: None })
@@ -420,6 +443,8 @@ struct Gen<'a, 'ctx> {
     smem: Option<PointerValue<'ctx>>,
     error: IntValue<'ctx>,
     tid: IntValue<'ctx>,
+    /// Whether `tid()` and `scratch()` read afresh ([`Options::reread_tid`]).
+    reread_tid: bool,
     /// Threads per block ([`threads_for`]).
     threads: u32,
     slots: HashMap<Value, u64>,
@@ -529,6 +554,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             smem,
             error,
             tid: i64t.const_zero(),
+            reread_tid: reread_tid(options.reread_tid),
             threads,
             split_k: options.split_k,
             profiled: options.profile,
@@ -569,6 +595,43 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         match site.try_as_basic_value() {
             inkwell::values::ValueKind::Basic(v) => Ok(v),
             inkwell::values::ValueKind::Instruction(_) => Err(self.llvm("a call without a value")),
+        }
+    }
+
+    /// The thread's index in its block, as i64. Read afresh at every use through an opaque
+    /// `mov` (inline asm with a side effect), so that LLVM cannot hoist the address arithmetic of
+    /// every tile operation out of the loops that contain it: hoisted, each operation's
+    /// per-thread addresses stayed live across a chunk loop, hundreds of 64-bit values, and the
+    /// kernels spilled at 255 registers.
+    fn tid(&self) -> R<IntValue<'ctx>> {
+        if !self.reread_tid {
+            return Ok(self.tid);
+        }
+        let i32t = self.ctx.i32_type();
+        let ty = i32t.fn_type(&[], false);
+        let asm = self.ctx.create_inline_asm(ty, "mov.u32 $0, %tid.x;".into(), "=r".into(), true, false, None, false);
+        let site = self.b.build_indirect_call(ty, asm, &[], "").map_err(|e| self.llvm(e))?;
+        let v = match site.try_as_basic_value() {
+            inkwell::values::ValueKind::Basic(v) => v.into_int_value(),
+            inkwell::values::ValueKind::Instruction(_) => return Err(self.llvm("inline asm without a value")),
+        };
+        self.b.build_int_z_extend(v, self.ctx.i64_type(), "").map_err(|e| self.llvm(e))
+    }
+
+    /// The block's global workspace, read afresh at every use like [`Gen::tid`]: else LLVM
+    /// hoists every tile's base address (workspace + offset) out of the loops, each a live
+    /// 64-bit register across them.
+    fn scratch(&self) -> R<IntValue<'ctx>> {
+        if !self.reread_tid {
+            return Ok(self.scratch);
+        }
+        let i64t = self.ctx.i64_type();
+        let ty = i64t.fn_type(&[i64t.into()], false);
+        let asm = self.ctx.create_inline_asm(ty, "mov.b64 $0, $1;".into(), "=l,l".into(), true, false, None, false);
+        let site = self.b.build_indirect_call(ty, asm, &[self.scratch.into()], "").map_err(|e| self.llvm(e))?;
+        match site.try_as_basic_value() {
+            inkwell::values::ValueKind::Basic(v) => Ok(v.into_int_value()),
+            inkwell::values::ValueKind::Instruction(_) => Err(self.llvm("inline asm without a value")),
         }
     }
 
@@ -634,7 +697,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         if self.smem.is_some() {
             return self.smem_ptr(off);
         }
-        let addr = self.b.build_int_add(self.scratch, off, "").map_err(e)?;
+        let addr = self.b.build_int_add(self.scratch()?, off, "").map_err(e)?;
         self.b.build_int_to_ptr(addr, self.ctx.ptr_type(AddressSpace::from(1)), "").map_err(e)
     }
 
@@ -813,7 +876,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
     fn par(&mut self, n: u64, body: &mut dyn FnMut(&mut Self, IntValue<'ctx>) -> R<()>) -> R<()> {
         let end = self.i64c(n as i64);
         let step = self.i64c(i64::from(self.threads));
-        let tid = self.tid;
+        let tid = self.tid()?;
         self.counted(tid, end, step, body)?;
         self.barrier()
     }
@@ -1246,7 +1309,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         let threads = u64::from(self.threads);
         let most = unroll_limit();
         let unroll = [4u64, 2].into_iter().find(|u| *u <= most && n.is_multiple_of(threads * u)).unwrap_or(1);
-        let (tid, end, step) = (self.tid, self.i64c(n as i64), self.i64c((threads * unroll) as i64));
+        let (tid, end, step) = (self.tid()?, self.i64c(n as i64), self.i64c((threads * unroll) as i64));
         self.counted(tid, end, step, &mut |g, i| {
             let mut done = Vec::new();
             for u in 0..unroll {
@@ -1510,7 +1573,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                 self.alloc(out);
                 // Thread 0 writes the (short) table; the barrier publishes it.
                 let zero = self.i64c(0);
-                let first = self.b.build_int_compare(IntPredicate::EQ, self.tid, zero, "").map_err(e)?;
+                let first = self.b.build_int_compare(IntPredicate::EQ, self.tid()?, zero, "").map_err(e)?;
                 self.only_where(first, &mut |g| {
                     for (i, x) in xs.iter().enumerate() {
                         let at = g.i64c(i as i64);
@@ -1557,7 +1620,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                     self.alloc(out);
                     // One thread writes; the barrier publishes it.
                     let zero = self.i64c(0);
-                    let first = self.b.build_int_compare(IntPredicate::EQ, self.tid, zero, "").map_err(e)?;
+                    let first = self.b.build_int_compare(IntPredicate::EQ, self.tid()?, zero, "").map_err(e)?;
                     self.only_where(first, &mut |g| g.write(out, zero, x))?;
                     self.barrier()?;
                 } else if self.p.ty(out).is_scalar() {
@@ -1613,7 +1676,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                 let n = self.p.ty(out).numel();
                 let threads = u64::from(self.threads);
                 let unroll = [4u64, 2].into_iter().find(|u| n.is_multiple_of(threads * u)).unwrap_or(1);
-                let (tid, end, step) = (self.tid, self.i64c(n as i64), self.i64c((threads * unroll) as i64));
+                let (tid, end, step) = (self.tid()?, self.i64c(n as i64), self.i64c((threads * unroll) as i64));
                 self.counted(tid, end, step, &mut |g, i| {
                     let mut loaded = Vec::new();
                     let mut report = g.ctx.bool_type().const_zero();

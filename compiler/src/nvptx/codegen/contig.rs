@@ -268,7 +268,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         // At most 16 elements in flight per thread (two bf16 vectors, four of f32): more made
         // ptxas spill in attention's backward (255 registers at 128 threads).
         let unroll = [4u64, 2].into_iter().find(|u| u * u64::from(w) <= 16 && groups.is_multiple_of(threads * u)).unwrap_or(1);
-        let (tid, end, step) = (self.tid, self.i64c(groups as i64), self.i64c((threads * unroll) as i64));
+        let (tid, end, step) = (self.tid()?, self.i64c(groups as i64), self.i64c((threads * unroll) as i64));
         let wide = self.i64c(i64::from(w));
         let bounds = self.group_bounds(ptr, wide)?;
         let vec_ty = match stored {
@@ -346,7 +346,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         let stored = self.stored_type(ptr)?;
         let groups = self.p.ty(value).numel() / u64::from(w);
         let threads = u64::from(self.threads);
-        let (tid, end, step) = (self.tid, self.i64c(groups as i64), self.i64c(threads as i64));
+        let (tid, end, step) = (self.tid()?, self.i64c(groups as i64), self.i64c(threads as i64));
         let wide = self.i64c(i64::from(w));
         let bounds = self.group_bounds(ptr, wide)?;
         let narrow = match stored {

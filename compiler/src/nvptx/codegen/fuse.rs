@@ -27,13 +27,13 @@
 //!   whose computation holds a transcendental function and that a broadcast expands: HGRN-2's
 //!   key 1 − α, say, read through a `[64, 1, K] → [64, 64, K]` broadcast, is otherwise recomputed
 //!   (a sigmoid each time) for every one of the 64 rows of the pairwise product;
-//! - with `HLAC_NVPTX_FUSE=no-transpose` (measured on an H200, 2026-12-03: GLA's forward 5.10 →
-//!   4.85 ms, HGRN-2's 5.09 → 4.87, GDN's and attention's unchanged; to be checked on the GPU
-//!   and made the default), nor a value
-//!   with a transcendental function that a transpose reads: stored in one pass in its own order,
-//!   it is then read through by the transpose's user, where fused the transpose is a pass that
-//!   recomputes it while gathering its leaves down their columns (GLA's four gate-scaled key
-//!   transposes: 7 % of its forward each in the profile build).
+//! - nor a value with a transcendental function that a transpose reads: stored in one pass in
+//!   its own order, it is then read through by the transpose's user, where fused the transpose
+//!   is a pass that recomputes it while gathering its leaves down their columns (GLA's four
+//!   gate-scaled key transposes: 7 % of its forward each in the profile build). Measured on an
+//!   H200 (2026-12-03): GLA's forward 3.51 → 3.33 ms, HGRN-2's 3.30 → 3.16, attention's with
+//!   RoPE 14.0 → 8.99 (its rotated keys), GDN's unchanged. `HLAC_NVPTX_FUSE=transpose` fuses
+//!   them into the transpose as before, for A/B measurements.
 
 use std::collections::{HashMap, HashSet};
 
@@ -160,7 +160,7 @@ pub(super) fn analyse(p: &Program, mma: &dyn Fn(Value, Value) -> bool) -> Fusion
     let mut order: Vec<Value> = w.info.keys().copied().collect();
     order.sort();
     let no_amplify = std::env::var("HLAC_NVPTX_FUSE").is_ok_and(|v| v == "no-amplify");
-    let no_transpose = std::env::var("HLAC_NVPTX_FUSE").is_ok_and(|v| v == "no-transpose");
+    let no_transpose = !std::env::var("HLAC_NVPTX_FUSE").is_ok_and(|v| v == "transpose");
     if no_amplify {
         // A reshape that is expanded expands its operand too: users before operands.
         for v in order.iter().rev() {

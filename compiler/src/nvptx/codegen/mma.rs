@@ -208,8 +208,8 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             _ => "llvm.nvvm.mma.m16n8k8.row.col.tf32",
         };
         let mma = self.intrinsic(name, &[])?;
-        let lane = self.b.build_and(self.tid, self.i64c(31), "").map_err(e)?;
-        let warp = self.b.build_right_shift(self.tid, self.i64c(5), false, "").map_err(e)?;
+        let lane = self.b.build_and(self.tid()?, self.i64c(31), "").map_err(e)?;
+        let warp = self.b.build_right_shift(self.tid()?, self.i64c(5), false, "").map_err(e)?;
         let g = self.b.build_right_shift(lane, self.i64c(2), false, "").map_err(e)?;
         let t = self.b.build_and(lane, self.i64c(3), "").map_err(e)?;
         let k64 = i64::from(k);
@@ -391,7 +391,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
     /// (column) g = lane / 4 is `at`: where an `ldmatrix` lane's address is counted from.
     fn lane_and_strip(&self, at: IntValue<'ctx>) -> R<(IntValue<'ctx>, IntValue<'ctx>)> {
         let e = |x| self.llvm(x);
-        let lane = self.b.build_and(self.tid, self.i64c(31), "").map_err(e)?;
+        let lane = self.b.build_and(self.tid()?, self.i64c(31), "").map_err(e)?;
         let g = self.b.build_right_shift(lane, self.i64c(2), false, "").map_err(e)?;
         Ok((lane, self.b.build_int_sub(at, g, "").map_err(e)?))
     }

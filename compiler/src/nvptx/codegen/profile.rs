@@ -135,7 +135,7 @@ impl<'ctx> Gen<'_, 'ctx> {
         ops.set_initializer(&names);
         ops.set_constant(true);
         let now = self.clock()?;
-        let first = self.b.build_int_compare(inkwell::IntPredicate::EQ, self.tid, i64t.const_zero(), "").map_err(e)?;
+        let first = self.b.build_int_compare(inkwell::IntPredicate::EQ, self.tid()?, i64t.const_zero(), "").map_err(e)?;
         let (counts, start) = (p.counts, p.start);
         self.only_where(first, &mut |g| {
             // Integer arithmetic on the address, as elsewhere (this crate has no `unsafe` for a GEP).

@@ -55,7 +55,7 @@ impl<'ctx> Gen<'_, 'ctx> {
         let fma = self.intrinsic("llvm.fma", &[f32t.into()])?;
         // Blocks above the diagonal are zero. No barrier of its own: step 1's publishes it, and
         // nothing before that reads them.
-        let (tid, step) = (self.tid, self.i64c(i64::from(self.threads)));
+        let (tid, step) = (self.tid()?, self.i64c(i64::from(self.threads)));
         let all = self.i64c(nn * nn);
         self.counted(tid, all, step, &mut |g, ij| {
             let i = g.b.build_int_signed_div(ij, g.i64c(nn), "").map_err(e)?;

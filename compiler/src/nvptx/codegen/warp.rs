@@ -38,8 +38,8 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             if outer.is_multiple_of(warps) { (1..=limit.min(share)).rev().find(|g| share.is_multiple_of(*g)).unwrap_or(1) } else { 1 };
         let accs = (0..group).map(|_| self.stack_slot(t)).collect::<R<Vec<_>>>()?;
         let e = |x| self.llvm(x);
-        let lane = self.b.build_and(self.tid, self.i64c(31), "").map_err(e)?;
-        let warp = self.b.build_right_shift(self.tid, self.i64c(5), false, "").map_err(e)?;
+        let lane = self.b.build_and(self.tid()?, self.i64c(31), "").map_err(e)?;
+        let warp = self.b.build_right_shift(self.tid()?, self.i64c(5), false, "").map_err(e)?;
         // Warp w takes rows w·group … w·group + group − 1, then the same again warps·group on.
         let first_row = self.b.build_int_mul(warp, self.i64c(group as i64), "").map_err(e)?;
         let rows = self.i64c(outer as i64);
@@ -104,8 +104,8 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         let acc = self.stack_slot(t)?;
         let fma = self.intrinsic("llvm.fma", &[t])?;
         let shift = i64::from(parts.trailing_zeros());
-        let o = self.b.build_right_shift(self.tid, self.i64c(shift), false, "").map_err(e)?;
-        let j = self.b.build_and(self.tid, self.i64c(parts as i64 - 1), "").map_err(e)?;
+        let o = self.b.build_right_shift(self.tid()?, self.i64c(shift), false, "").map_err(e)?;
+        let j = self.b.build_and(self.tid()?, self.i64c(parts as i64 - 1), "").map_err(e)?;
         let active = self.b.build_int_compare(inkwell::IntPredicate::ULT, o, self.i64c(outputs as i64), "").map_err(e)?;
         let i = self.b.build_int_unsigned_div(o, self.i64c(n as i64), "").map_err(e)?;
         let c = self.b.build_int_unsigned_rem(o, self.i64c(n as i64), "").map_err(e)?;
@@ -148,8 +148,8 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         }
         let e = |x| self.llvm(x);
         let f32t = self.ctx.f32_type();
-        let lane = self.b.build_and(self.tid, self.i64c(31), "").map_err(e)?;
-        let warp = self.b.build_right_shift(self.tid, self.i64c(5), false, "").map_err(e)?;
+        let lane = self.b.build_and(self.tid()?, self.i64c(31), "").map_err(e)?;
+        let warp = self.b.build_right_shift(self.tid()?, self.i64c(5), false, "").map_err(e)?;
         let active = self.b.build_int_compare(inkwell::IntPredicate::SLT, warp, self.i64c(lines as i64), "").map_err(e)?;
         // Whole warps skip or run it, so the shuffles see every lane of theirs.
         self.only_where(active, &mut |g| {
