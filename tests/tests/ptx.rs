@@ -230,3 +230,46 @@ fn profile_build_counts_every_tile_instruction() {
         assert!(out.status.success(), "ptxas rejected {}'s profile build:\n{}", k.name, String::from_utf8_lossy(&out.stderr));
     }
 }
+
+/// At the benchmark shapes (`examples/bench`: B = 4, T = 4096, 16 heads of 128, bf16), no
+/// chunked or attention kernel spills registers beyond a few bytes. When LLVM hoisted every tile
+/// operation's per-thread addresses out of the chunk loops, these kernels sat at 255 registers
+/// with 0.7–3.7 KB of spills (H200, 2026-12-03), which the GPU's timings paid for; the thread
+/// index each operation re-reads (`nvptx::Options::reread_tid`) keeps them at 55–128 registers.
+/// A regression there shows up here, in CI, before any device call.
+#[test]
+fn benchmark_kernels_do_not_spill() {
+    let Some(ptxas) = ptxas() else {
+        println!("ptxas not found (set HLAC_PTXAS): skipped");
+        return;
+    };
+    // A few bytes are tolerated (HGRN-2's backward spills 4 at 512 threads).
+    const MOST_SPILLED: u64 = 64;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut spilled = Vec::new();
+    for m in ["gla", "hgrn2", "retnet", "deltanet", "gdn", "attn"] {
+        let path = hlac_tests::root().join(format!("examples/bench/{m}.hla"));
+        let text = std::fs::read_to_string(&path).expect("bench spec");
+        let kernels = kernels(&text);
+        for k in kernels.iter().filter(|k| k.role.starts_with("chunk_") || (m == "attn" && k.role.starts_with("attn_"))) {
+            let compiled = hlac::nvptx::compile(&k.kernel.program, "sm_90", k.gpu_options()).unwrap_or_else(|e| panic!("{}: {e}", k.name));
+            let file = dir.path().join(format!("{}.ptx", compiled.entry));
+            std::fs::write(&file, &compiled.ptx).expect("write");
+            let out = Command::new(&ptxas).args(["-arch=sm_90", "-v", "-o", "/dev/null"]).arg(&file).output().expect("ptxas runs");
+            let text = String::from_utf8_lossy(&out.stderr).into_owned();
+            assert!(out.status.success(), "ptxas rejected {}:\n{text}", k.name);
+            // "N bytes stack frame, S bytes spill stores, L bytes spill loads"
+            let stores = text
+                .lines()
+                .find_map(|l| l.split(',').find(|part| part.contains("spill stores")))
+                .and_then(|part| part.split_whitespace().next())
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("{}: no spill line in ptxas's report:\n{text}", k.name));
+            println!("{:<28} {} threads, {stores} bytes of spill stores", k.name, compiled.threads);
+            if stores > MOST_SPILLED {
+                spilled.push(format!("{} ({stores} bytes)", k.name));
+            }
+        }
+    }
+    assert!(spilled.is_empty(), "kernels spilling more than {MOST_SPILLED} bytes at the benchmark shapes: {}", spilled.join(", "));
+}
