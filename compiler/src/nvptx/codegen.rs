@@ -243,6 +243,12 @@ impl Default for Options {
     }
 }
 
+/// Whether shared-memory workspace offsets are computed in 32 bits (`Gen::tile_ptr`):
+/// `HLAC_NVPTX_INDEX32=1`, an experiment not yet measured on a GPU.
+fn index32() -> bool {
+    std::env::var("HLAC_NVPTX_INDEX32").is_ok_and(|v| v == "1")
+}
+
 /// Whether every use of the thread index reads it afresh (`Gen::tid`): the kernel's option,
 /// unless `HLAC_NVPTX_TID=once` or `=fresh` forces it, for A/B measurements.
 fn reread_tid(option: bool) -> bool {
@@ -679,22 +685,29 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         let base = self.slots.get(&v).copied().unwrap_or(0) as i64;
         let size = self.tile_elem_bytes(v);
         let e = |x| self.llvm(x);
+        // In shared memory every offset is below 2³², so the index arithmetic can be 32-bit
+        // (one instruction per operation where a 64-bit one is two) when `index32` says so.
+        let narrow = self.smem.is_some() && index32();
+        let ty = if narrow { self.ctx.i32_type() } else { self.ctx.i64_type() };
+        let c = |x: i64| ty.const_int(x as u64, true);
+        let i = if narrow { self.b.build_int_truncate(i, ty, "").map_err(e)? } else { i };
         // A swizzled tile keeps row r's 16-byte groups XORed with a key of r (see `swizzle_of`):
         // groups of four f32 elements, or of eight bf16 ones.
         let i = match self.swizzle.get(&v) {
-            Some(&c) => {
-                let row = self.b.build_int_unsigned_div(i, self.i64c(i64::from(c)), "").map_err(e)?;
-                let (shift, mask) = swizzle_key(u64::from(c) * size as u64 / 16);
-                let row = self.b.build_right_shift(row, self.i64c(shift), false, "").map_err(e)?;
-                let key = self.b.build_and(row, self.i64c(mask), "").map_err(e)?;
-                let key = self.b.build_left_shift(key, self.i64c(if size == 2 { 3 } else { 2 }), "").map_err(e)?;
+            Some(&cols) => {
+                let row = self.b.build_int_unsigned_div(i, c(i64::from(cols)), "").map_err(e)?;
+                let (shift, mask) = swizzle_key(u64::from(cols) * size as u64 / 16);
+                let row = self.b.build_right_shift(row, c(shift), false, "").map_err(e)?;
+                let key = self.b.build_and(row, c(mask), "").map_err(e)?;
+                let key = self.b.build_left_shift(key, c(if size == 2 { 3 } else { 2 }), "").map_err(e)?;
                 self.b.build_xor(i, key, "").map_err(e)?
             }
             None => i,
         };
-        let off = self.b.build_int_mul(i, self.i64c(size), "").map_err(e)?;
-        let off = self.b.build_int_add(off, self.i64c(base), "").map_err(e)?;
+        let off = self.b.build_int_mul(i, c(size), "").map_err(e)?;
+        let off = self.b.build_int_add(off, c(base), "").map_err(e)?;
         if self.smem.is_some() {
+            let off = if narrow { self.b.build_int_z_extend(off, self.ctx.i64_type(), "").map_err(e)? } else { off };
             return self.smem_ptr(off);
         }
         let addr = self.b.build_int_add(self.scratch()?, off, "").map_err(e)?;
