@@ -604,8 +604,9 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         }
     }
 
-    /// The thread's index in its block, as i64. Read afresh at every use through an opaque
-    /// `mov` (inline asm with a side effect), so that LLVM cannot hoist the address arithmetic of
+    /// The thread's index in its block, as i64. With `reread_tid` (else the one read at entry),
+    /// read afresh at every use through an opaque `mov` (inline asm with a side effect), so
+    /// that LLVM cannot hoist the address arithmetic of
     /// every tile operation out of the loops that contain it: hoisted, each operation's
     /// per-thread addresses stayed live across a chunk loop, hundreds of 64-bit values, and the
     /// kernels spilled at 255 registers.
