@@ -106,7 +106,9 @@ pub struct KernelInfo {
     /// `scan_fwd_carry`, `scan_fwd_out`),
     /// `scan_bwd` or `decode`; attention's `attn_fwd`, `attn_decode`, `attn_bwd_dq`, `attn_bwd_dkv`;
     /// the pieces' `conv_fwd`, `conv_decode`, `conv_bwd`, `norm_fwd`, `norm_bwd`; and
-    /// `reduce_partials`, which sums the partial weight gradients of `conv_bwd` and `norm_bwd`.
+    /// `reduce_partials`, which sums the partial weight gradients of `conv_bwd` and `norm_bwd`;
+    /// and `reduce_blocks`, which sums a value-block-split `chunk_bwd`'s partial gradients
+    /// (`d<input>_parts`, built with `HLAC_GPU_BWD_SPLIT=1`).
     pub role: String,
     /// Its kernel-IR program, relative to the artifact directory (JSON).
     pub file: String,

@@ -28,20 +28,22 @@ struct Input {
 /// Checks the backward kernel of a decay-class mixer against central differences of `reference`,
 /// which maps (inputs by name, h0) to (o, S_T).
 fn check_backward(spec: &str, inputs: Vec<Input>, lengths: &[usize], chunk: u32, seed: u64, reference: &Reference) {
-    check_backward_as(DType::F32, spec, inputs, lengths, (chunk, 0), seed, reference);
+    check_backward_as(DType::F32, spec, inputs, lengths, (chunk, 0, 0), seed, reference);
 }
 
 /// [`check_backward`] with the token tensors (inputs, `do` and the token gradients) stored as
 /// `storage`: the token inputs and `do` are rounded to it first, so the reference differentiates
 /// at the very point the kernels see, and the token gradients are judged by
 /// [`hlac_tests::kernels::check_stored`] (the f32 per-head, lower-bound and initial-state gradients
-/// as in f32). Returns the largest relative error of a token gradient.
+/// as in f32). With `split` > 0 the backward runs over value blocks of `split` columns, and its
+/// partial gradients are added up by `sum_blocks` (both on the CPU back end). Returns the largest
+/// relative error of a token gradient.
 fn check_backward_as(
     storage: DType,
     spec: &str,
     mut inputs: Vec<Input>,
     lengths: &[usize],
-    (chunk, sub_block): (u32, u32),
+    (chunk, sub_block, split): (u32, u32, u32),
     seed: u64,
     reference: &Reference,
 ) -> f64 {
@@ -74,7 +76,10 @@ fn check_backward_as(
     // The kernels: forward keeping states, then backward.
     let fwd =
         if class.family == Family::Delta { delta::forward(&r, tiling, true) } else { decay::forward(&r, tiling, true) }.expect("lowers");
-    let bwd = chunk_bwd::backward(&r, tiling).expect("lowers");
+    let blocks = if split > 0 { v / split as usize } else { 1 };
+    let bwd_tiling = if split > 0 { Tiling { block_v: split, ..tiling } } else { tiling };
+    let bwd = chunk_bwd::backward(&r, bwd_tiling).expect("lowers");
+    let partial = |name: &str| bwd.program.param_index(&format!("d{name}_parts")).is_some();
     let mut bufs: HashMap<String, Buf> = HashMap::new();
     for i in &inputs {
         bufs.insert(i.name.into(), Buf::In(f32s(&i.values)));
@@ -97,7 +102,11 @@ fn check_backward_as(
             Some(_) => i.values.len(),
             None => seqs * i.values.len(),
         };
-        bufs.insert(format!("d{}", i.name), Buf::Out(vec![f32::NAN; n]));
+        if partial(i.name) {
+            bufs.insert(format!("d{}_parts", i.name), Buf::Out(vec![f32::NAN; n * blocks]));
+        } else {
+            bufs.insert(format!("d{}", i.name), Buf::Out(vec![f32::NAN; n]));
+        }
     }
     bufs.insert("do".into(), Buf::In(f32s(&w_o)));
     bufs.insert("states".into(), Buf::In(states));
@@ -106,7 +115,25 @@ fn check_backward_as(
     bufs.insert("chunk_offsets".into(), Buf::I64(chunk_offsets));
     bufs.insert("dh0".into(), Buf::Out(vec![f32::NAN; seqs * h * k * v]));
     bufs.insert("use_dht".into(), Buf::Int(1));
-    let grads = launch(&bwd.program, bufs, &[(seqs * h) as u64]);
+    let grid: Vec<u64> = if split > 0 { vec![(seqs * h) as u64, blocks as u64] } else { vec![(seqs * h) as u64] };
+    let mut grads = launch(&bwd.program, bufs, &grid);
+    // A split backward's partial gradients, `[rows, blocks, width]`, added up as on a GPU.
+    for i in inputs.iter().filter(|i| partial(i.name)) {
+        let (n, width) = match i.token_dim {
+            Some(d) => (i.values.len(), d),
+            None => (seqs * i.values.len(), i.values.len() / h),
+        };
+        let out_type = if i.token_dim.is_some() { storage } else { DType::F32 };
+        let sum = hlac::lower::pieces::sum_blocks(out_type, 256).expect("lowers");
+        let mut bufs: HashMap<String, Buf> = HashMap::new();
+        bufs.insert("partials".into(), Buf::In(grads.remove(&format!("d{}_parts", i.name)).expect("partials")));
+        bufs.insert("out".into(), Buf::Out(vec![f32::NAN; n]));
+        bufs.insert("parts".into(), Buf::Int(blocks as i64));
+        bufs.insert("width".into(), Buf::Int(width as i64));
+        bufs.insert("cols".into(), Buf::Int(n as i64));
+        let mut summed = launch(&sum.program, bufs, &[n.div_ceil(256) as u64]);
+        grads.insert(format!("d{}", i.name), summed.remove("out").expect("out"));
+    }
 
     // Central differences of the f64 reference.
     let values: HashMap<&str, Vec<f64>> = inputs.iter().map(|i| (i.name, i.values.clone())).collect();
@@ -169,7 +196,10 @@ fn gla_backward_matches_central_differences() {
         (3, vec![17], 8, 2),
         (3, vec![17], 8, 4),
     ];
-    for (seed, lengths, chunk, sub_block) in cases {
+    // Then split over value blocks of 4 and of 2 columns (V = 8), whole-chunk and sub-blocked.
+    let split_cases = [(4, vec![3usize, 9, 1], 4u32, 0u32, 4u32), (5, vec![17], 8, 2, 2)];
+    let cases = cases.into_iter().map(|(s, l, c, b)| (s, l, c, b, 0)).chain(split_cases);
+    for (seed, lengths, chunk, sub_block, split) in cases {
         let total: usize = lengths.iter().sum();
         let mut rng = Rng::new(seed);
         let inputs = vec![
@@ -178,7 +208,7 @@ fn gla_backward_matches_central_differences() {
             Input { name: "v", values: rng.normals(total * h * v), token_dim: Some(v) },
             Input { name: "gk", values: rng.normals(total * h * k).iter().map(|x| x * 4.0).collect(), token_dim: Some(k) },
         ];
-        check_backward_as(DType::F32, spec, inputs, &lengths, (chunk, sub_block), seed, &|vals, h0, cu| {
+        check_backward_as(DType::F32, spec, inputs, &lengths, (chunk, sub_block, split), seed, &|vals, h0, cu| {
             let total = *cu.last().unwrap_or(&0);
             let p = mixers::gla(
                 &t3(vals, "q", total, h, k),
@@ -195,7 +225,9 @@ fn gla_backward_matches_central_differences() {
 fn hgrn2_backward_with_lower_bound_matches_central_differences() {
     let spec = "model m {\n  hidden_size = 16\n  pattern = HGRN2\n  mixer HGRN2 {\n    expand_ratio = 4\n  }\n}\n";
     let (k, v, h) = (4usize, 4usize, 4usize);
-    for sub_block in [0u32, 2] {
+    // Whole, in sub-blocks, and split over value blocks of 2 (the lower bound's gradient, a
+    // per-head row of K, then comes in partial sums too).
+    for (sub_block, split) in [(0u32, 0u32), (2, 0), (2, 2)] {
         let (seed, lengths) = (11u64, vec![6usize, 11]);
         let total: usize = lengths.iter().sum();
         let mut rng = Rng::new(seed);
@@ -205,7 +237,7 @@ fn hgrn2_backward_with_lower_bound_matches_central_differences() {
             Input { name: "i", values: rng.normals(total * h * v), token_dim: Some(v) },
             Input { name: "lower_bound", values: rng.vec(h * k, 0.05, 0.8), token_dim: None },
         ];
-        check_backward_as(DType::F32, spec, inputs, &lengths, (4, sub_block), seed, &|vals, h0, cu| {
+        check_backward_as(DType::F32, spec, inputs, &lengths, (4, sub_block, split), seed, &|vals, h0, cu| {
             let total = *cu.last().unwrap_or(&0);
             let p = mixers::hgrn2(
                 &t3(vals, "q", total, h, k),
@@ -244,7 +276,11 @@ fn retnet_backward_through_rotary_embeddings_matches_central_differences() {
 fn deltanet_backward_matches_central_differences() {
     let spec = "model m {\n  hidden_size = 16\n  pattern = DeltaNet\n  mixer DeltaNet {\n    num_heads = 2\n  }\n}\n";
     let (k, v, h) = (8usize, 8usize, 2usize);
-    for (seed, lengths, chunk) in [(31u64, vec![5usize], 4u32), (32, vec![3, 9, 1], 4), (33, vec![17], 8)] {
+    // The last case splits over value blocks of 4 (K = V: the outputs must follow their inputs'
+    // axes, not their widths).
+    for (seed, lengths, chunk, split) in
+        [(31u64, vec![5usize], 4u32, 0u32), (32, vec![3, 9, 1], 4, 0), (33, vec![17], 8, 0), (34, vec![3, 9, 1], 4, 4)]
+    {
         let total: usize = lengths.iter().sum();
         let mut rng = Rng::new(seed);
         let inputs = vec![
@@ -253,7 +289,7 @@ fn deltanet_backward_matches_central_differences() {
             Input { name: "v", values: rng.normals(total * h * v), token_dim: Some(v) },
             Input { name: "b", values: rng.normals(total * h), token_dim: Some(1) },
         ];
-        check_backward(spec, inputs, &lengths, chunk, seed, &|vals, h0, cu| {
+        check_backward_as(DType::F32, spec, inputs, &lengths, (chunk, 0, split), seed, &|vals, h0, cu| {
             let total = *cu.last().unwrap_or(&0);
             let p = mixers::deltanet(
                 &t3(vals, "q", total, h, k),
@@ -270,7 +306,11 @@ fn deltanet_backward_matches_central_differences() {
 fn gdn_backward_matches_central_differences() {
     let spec = "model m {\n  hidden_size = 16\n  pattern = GDN\n  mixer GDN {\n    num_heads = 2\n    head_dim = 4\n  }\n}\n";
     let (k, v, h) = (4usize, 8usize, 2usize);
-    for (seed, lengths, chunk) in [(41u64, vec![6usize], 4u32), (42, vec![2, 11], 4), (43, vec![19], 8)] {
+    // The last two split over value blocks of 4 and 2 (V = 8): the scalar inputs' and the
+    // per-head parameters' gradients then come in partial sums.
+    for (seed, lengths, chunk, split) in
+        [(41u64, vec![6usize], 4u32, 0u32), (42, vec![2, 11], 4, 0), (43, vec![19], 8, 0), (44, vec![2, 11], 4, 4), (45, vec![19], 8, 2)]
+    {
         let total: usize = lengths.iter().sum();
         let mut rng = Rng::new(seed);
         let inputs = vec![
@@ -282,7 +322,7 @@ fn gdn_backward_matches_central_differences() {
             Input { name: "A_log", values: rng.vec(h, -1.0, 0.5), token_dim: None },
             Input { name: "dt_bias", values: rng.vec(h, -1.0, 1.0), token_dim: None },
         ];
-        check_backward(spec, inputs, &lengths, chunk, seed, &|vals, h0, cu| {
+        check_backward_as(DType::F32, spec, inputs, &lengths, (chunk, 0, split), seed, &|vals, h0, cu| {
             let total = *cu.last().unwrap_or(&0);
             let p = mixers::gated_deltanet(
                 &t3(vals, "q", total, h, k),
@@ -471,8 +511,8 @@ fn check_scan_backward(storage: DType, seed: u64, lengths: &[usize]) -> f64 {
     worst
 }
 
-/// bf16 storage, one backward per class: GLA (decay), GDN (delta, with per-head parameters) and
-/// the HGRN scan, on packed sequences spanning several chunks (a 65-token sequence among them),
+/// bf16 storage, one backward per class: GLA (decay), GDN (delta, with per-head parameters; split
+/// over value blocks of 4, its partial sums added in f32 and rounded once) and the HGRN scan, on packed sequences spanning several chunks (a 65-token sequence among them),
 /// against central differences at the bf16-rounded inputs.
 #[test]
 fn backward_with_bf16_storage_matches_central_differences() {
@@ -489,7 +529,7 @@ fn backward_with_bf16_storage_matches_central_differences() {
             Input { name: "v", values: rng.normals(total * h * v), token_dim: Some(v) },
             Input { name: "gk", values: rng.normals(total * h * k).iter().map(|x| x * 4.0).collect(), token_dim: Some(k) },
         ];
-        let err = check_backward_as(DType::Bf16, spec, inputs, &lengths, (16, 0), seed, &|vals, h0, cu| {
+        let err = check_backward_as(DType::Bf16, spec, inputs, &lengths, (16, 0, 0), seed, &|vals, h0, cu| {
             let total = *cu.last().unwrap_or(&0);
             let p = mixers::gla(
                 &t3(vals, "q", total, h, k),
@@ -516,7 +556,7 @@ fn backward_with_bf16_storage_matches_central_differences() {
             Input { name: "A_log", values: rng.vec(h, -1.0, 0.5), token_dim: None },
             Input { name: "dt_bias", values: rng.vec(h, -1.0, 1.0), token_dim: None },
         ];
-        let err = check_backward_as(DType::Bf16, spec, inputs, &lengths, (16, 0), seed, &|vals, h0, cu| {
+        let err = check_backward_as(DType::Bf16, spec, inputs, &lengths, (16, 0, 4), seed, &|vals, h0, cu| {
             let total = *cu.last().unwrap_or(&0);
             let p = mixers::gated_deltanet(
                 &t3(vals, "q", total, h, k),

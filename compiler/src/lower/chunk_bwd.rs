@@ -36,6 +36,14 @@ use crate::classify::{Decay, Family};
 /// per-head parameter (`[sequences, heads]`, summed over the sequence's tokens) and `lower_bound`
 /// (`[sequences, heads * K]`), and `dh0` (`[sequences, heads, K, V]`); then the integer `use_dht`.
 /// Grid: sequences × heads.
+///
+/// With `tiling.block_v` below V the backward is split over value blocks (grid: sequences × heads
+/// × V / block_v). The state's columns evolve independently, so the instance of block j computes
+/// exactly block j's share of every gradient: its columns of `dv`-like outputs (token inputs over
+/// V) and of `dh0` are complete, while the gradients of the other token inputs, the per-head
+/// parameters and `lower_bound` are partial sums, written in f32 as `d<input>_parts`
+/// (`[rows, blocks, width]`: row-major over the output's rows, then the value block) for
+/// [`super::pieces::sum_blocks`] to add up.
 pub fn backward(r: &Recurrence<'_>, tiling: Tiling) -> Result<Kernel, LowerError> {
     if !matches!(r.class.family, Family::Decay | Family::Delta) {
         return Err(r.error(format!("the chunked backward does not apply to the {:?} family", r.class.family)));
@@ -45,9 +53,17 @@ pub fn backward(r: &Recurrence<'_>, tiling: Tiling) -> Result<Kernel, LowerError
         return Err(r.error("the class lacks a key, value or query expression"));
     };
     let (kd, vd, c, heads) = (r.k(), r.v(), tiling.chunk, r.heads as i64);
+    let bv = tiling.block_v;
+    if bv == 0 || !vd.is_multiple_of(bv) {
+        return Err(r.error(format!("block_v = {bv} does not divide V = {vd}")));
+    }
+    let blocks = vd / bv;
+    let split = blocks > 1;
     let used = used_names(r);
     r.check_storage()?;
-    let mut b = Builder::new(&format!("{}_chunk_bwd", r.name), &["sequences * heads"]);
+    let grid: Vec<String> = if split { vec!["sequences * heads".into(), format!("{vd} / {bv}")] } else { vec!["sequences * heads".into()] };
+    let axes: Vec<&str> = grid.iter().map(String::as_str).collect();
+    let mut b = Builder::new(&format!("{}_chunk_bwd", r.name), &axes);
     let inputs = Inputs::declare(&mut b, r, &used);
     let do_ptr = b.ptr("do", r.storage, false);
     let states = b.ptr("states", DType::F32, false);
@@ -55,18 +71,19 @@ pub fn backward(r: &Recurrence<'_>, tiling: Tiling) -> Result<Kernel, LowerError
     let cu = b.ptr("cu_seqlens", DType::I64, false);
     let chunk_offsets = b.ptr("chunk_offsets", DType::I64, false);
     // Gradient outputs, one per differentiable input the expressions read.
-    let tokens: Vec<(String, u32)> = r
+    // (name, width, over V)
+    let tokens: Vec<(String, u32, bool)> = r
         .math
         .tokens
         .iter()
         .filter(|t| used.contains(&t.name.name))
         .map(|t| {
-            let w = match &t.dim {
-                None => 1,
-                Some(d) if d.name == r.math.key_axis.0 => kd,
-                Some(_) => vd,
+            let (w, over_v) = match &t.dim {
+                None => (1, false),
+                Some(d) if d.name == r.math.key_axis.0 => (kd, false),
+                Some(_) => (vd, true),
             };
-            (t.name.name.clone(), w)
+            (t.name.name.clone(), w, over_v)
         })
         .collect();
     let params: Vec<(String, u32)> = r
@@ -77,13 +94,24 @@ pub fn backward(r: &Recurrence<'_>, tiling: Tiling) -> Result<Kernel, LowerError
         .map(|p| (p.name.clone(), 1))
         .chain(used.contains(&"lower_bound".to_string()).then(|| ("lower_bound".to_string(), kd)))
         .collect();
-    let d_tokens: Vec<_> = tokens.iter().map(|(n, _)| b.ptr(&format!("d{n}"), r.storage, true)).collect();
-    let d_params: Vec<_> = params.iter().map(|(n, _)| b.ptr(&format!("d{n}"), DType::F32, true)).collect();
+    // A partial sum (split over value blocks) is an f32 `d<name>_parts`.
+    let grad_ptr = |b: &mut Builder, n: &str, partial: bool, dtype: DType| {
+        if partial {
+            b.ptr(&format!("d{n}_parts"), DType::F32, true)
+        } else {
+            b.ptr(&format!("d{n}"), dtype, true)
+        }
+    };
+    let d_tokens: Vec<_> = tokens.iter().map(|(n, _, over_v)| grad_ptr(&mut b, n, split && !over_v, r.storage)).collect();
+    let d_params: Vec<_> = params.iter().map(|(n, _)| grad_ptr(&mut b, n, split, DType::F32)).collect();
     let dh0 = b.ptr("dh0", DType::F32, true);
     let use_dht = b.int_param("use_dht");
-    let wrt: Vec<String> = tokens.iter().chain(&params).map(|(n, _)| n.clone()).collect();
+    let wrt: Vec<String> = tokens.iter().map(|(n, ..)| n.clone()).chain(params.iter().map(|(n, _)| n.clone())).collect();
 
     let pid = b.program_id(0);
+    // When split: the value block's index, and the number of blocks (a partial output's row of
+    // `[rows, blocks, w]` is row · blocks + block).
+    let vblock = split.then(|| (b.program_id(1), b.i64(i64::from(blocks))));
     let h_count = b.i64(heads);
     let seq = b.binary(BinOp::Div, pid, h_count);
     let head = b.binary(BinOp::Rem, pid, h_count);
@@ -98,7 +126,15 @@ pub fn backward(r: &Recurrence<'_>, tiling: Tiling) -> Result<Kernel, LowerError
     let n_chunks = b.binary(BinOp::Div, padded, c_i);
     let chunk_base = load_scalar(&mut b, chunk_offsets, seq);
     let k_cols = b.iota(kd);
-    let v_cols = b.iota(vd);
+    let v_cols = b.iota(bv);
+    let v_cols = match vblock {
+        Some((j, _)) => {
+            let bv_i = b.i64(i64::from(bv));
+            let v0 = b.mul(j, bv_i);
+            b.add(v_cols, v0)
+        }
+        None => v_cols,
+    };
     let kv = b.i64(i64::from(kd) * i64::from(vd));
     let vd_i = b.i64(i64::from(vd));
     let kc = b.col(k_cols);
@@ -174,7 +210,7 @@ pub fn backward(r: &Recurrence<'_>, tiling: Tiling) -> Result<Kernel, LowerError
             let k = b.broadcast(k, &[c, kd]);
             let k = b.select(valid, k, zero);
             let v = expr::lower(b, value, &env)?;
-            let v = b.broadcast(v, &[c, vd]);
+            let v = b.broadcast(v, &[c, bv]);
             let v = b.select(valid, v, zero);
             let beta = match (&ex.beta, delta) {
                 (Some(e), true) => {
@@ -198,7 +234,7 @@ pub fn backward(r: &Recurrence<'_>, tiling: Tiling) -> Result<Kernel, LowerError
                 }
                 None => None,
             };
-            let core = Core { q, k, v, beta, lam, s, ds_next, d_o, valid, c, kd, vd, gw, sub_block: tiling.sub_block };
+            let core = Core { q, k, v, beta, lam, s, ds_next, d_o, valid, c, kd, vd: bv, gw, sub_block: tiling.sub_block };
             let grads_core = if delta { delta_core(b, &core) } else { decay_core(b, &core, vector) };
             let mut grads = Grads::new();
             if let (Some(ge), Some(dg)) = (&g_expr, grads_core.dg) {
@@ -215,20 +251,26 @@ pub fn backward(r: &Recurrence<'_>, tiling: Tiling) -> Result<Kernel, LowerError
             backprop(b, query, &env, dq_raw, &wrt, &mut grads)?;
             backprop(b, key, &env, dk, &wrt, &mut grads)?;
             backprop(b, value, &env, dv, &wrt, &mut grads)?;
-            for ((name, w), ptr) in tokens.iter().zip(&d_tokens) {
-                let g = match grads.get(name) {
-                    Some(g) => b.broadcast(*g, &[c, *w]),
-                    None => b.broadcast(zero, &[c, *w]),
+            for ((name, w, over_v), ptr) in tokens.iter().zip(&d_tokens) {
+                // An input over V: this block's columns; else all of its width.
+                let (cols, width) = match (over_v, *w == kd) {
+                    (true, _) => (v_cols, bv),
+                    (false, true) => (k_cols, kd),
+                    (false, false) => (b.iota(1), 1),
                 };
-                let cols = if *w == kd {
-                    k_cols
-                } else if *w == vd {
-                    v_cols
-                } else {
-                    b.iota(1)
+                let g = match grads.get(name) {
+                    Some(g) => b.broadcast(*g, &[c, width]),
+                    None => b.broadcast(zero, &[c, width]),
                 };
                 let wv = b.i64(i64::from(*w));
-                let base = b.mul(row, wv);
+                let out_row = match vblock {
+                    Some((j, n)) if !over_v => {
+                        let r_n = b.mul(row, n);
+                        b.add(r_n, j)
+                    }
+                    _ => row,
+                };
+                let base = b.mul(out_row, wv);
                 let cr = b.row(cols);
                 let off = b.add(base, cr);
                 b.store(*ptr, off, g, Some(valid));
@@ -261,13 +303,20 @@ pub fn backward(r: &Recurrence<'_>, tiling: Tiling) -> Result<Kernel, LowerError
     b.store(dh0, s_off, out[0], None);
     for (k_idx, ((_, w), ptr)) in params.iter().zip(&d_params).enumerate() {
         let width = b.i64(i64::from(*w));
-        let base = b.mul(pid, width);
+        let out_row = match vblock {
+            Some((j, n)) => {
+                let p_n = b.mul(pid, n);
+                b.add(p_n, j)
+            }
+            None => pid,
+        };
+        let base = b.mul(out_row, width);
         let cols = b.iota(*w);
         let off = b.add(cols, base);
         let g = b.reshape(out[k_idx + 1], &[*w]);
         b.store(*ptr, off, g, None);
     }
-    Ok(Kernel { program: b.finish(), grid: vec!["sequences * heads".into()] })
+    Ok(Kernel { program: b.finish(), grid })
 }
 
 /// log α as an expression: the argument of a top-level `exp` (or of `diag`), else `log(α)`.

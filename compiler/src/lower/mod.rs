@@ -143,6 +143,9 @@ pub struct ModelKernel {
     pub piece: Option<hlac_runtime::PieceInfo>,
 }
 
+/// Elements per instance of `sum_blocks`.
+const SUM_BLOCKS_BLOCK: u32 = 256;
+
 /// An A/B measurement knob: the environment variable `name` as a number, when it is set to one.
 fn knob(name: &str) -> Option<u32> {
     std::env::var(name).ok().and_then(|v| v.parse::<u32>().ok())
@@ -178,6 +181,9 @@ fn block_of(v: u32, cap: u32) -> u32 {
 /// per distinct configuration ([`layer_pieces`]).
 pub fn model_kernels(model: &crate::ir::Model) -> Result<Vec<ModelKernel>, LowerError> {
     let mut out = Vec::new();
+    let gpu = model.target.device != crate::ir::Device::Cpu;
+    // The gradient types a split backward leaves in partial sums (`sum_blocks` adds them up).
+    let mut split_storages: Vec<DType> = Vec::new();
     for (h, m) in model.mixers.iter() {
         if m.instance.kind == hlac_grammar::ast::DeclKind::Attention {
             let cfg = attention_config(m, storage(model.target.dtype)).map_err(|reason| LowerError { mixer: m.name.clone(), reason })?;
@@ -256,7 +262,6 @@ pub fn model_kernels(model: &crate::ir::Model) -> Result<Vec<ModelKernel>, Lower
             // them. Not the default: measured slower (H200, 2026-12-02: 0.338 + 0.010 + 0.377 ms
             // against the serial 0.393) — each token pass alone takes as long as the serial
             // kernel, so that is bound by the elementwise work per tile, not by its parallelism.
-            let gpu = model.target.device != crate::ir::Device::Cpu;
             if gpu && knob("HLAC_SCAN_PASSES") == Some(3) {
                 let c = tiling.chunk;
                 let passes = [
@@ -318,7 +323,18 @@ pub fn model_kernels(model: &crate::ir::Model) -> Result<Vec<ModelKernel>, Lower
                     role: "chunk_fwd_states",
                     kernel: states,
                 });
-                let bwd = chunk_bwd::backward(&r, full)?;
+                // HLAC_GPU_BWD_SPLIT=1 splits a GPU's backward over the forward's value blocks
+                // (twice the instances at V = 128, each with half the V-wide tiles); its partial
+                // gradients are then added by `sum_blocks` (an experiment, not yet measured on a
+                // GPU).
+                let split = gpu && knob("HLAC_GPU_BWD_SPLIT") == Some(1) && tiling.block_v < r.v();
+                let bwd = chunk_bwd::backward(&r, if split { tiling } else { full })?;
+                // The types its partial gradients are summed into: f32 for the per-head
+                // parameters' and the lower bound's, the storage type for the token inputs'.
+                for q in bwd.program.params.iter().filter_map(|q| q.name.strip_suffix("_parts")?.strip_prefix('d')) {
+                    let per_head = q == "lower_bound" || r.math.head_params.iter().any(|hp| hp.name == q);
+                    split_storages.push(if per_head { DType::F32 } else { r.storage });
+                }
                 out.push(ModelKernel {
                     name: format!("{}_chunk_bwd", m.name),
                     mixer: Some(h.index()),
@@ -328,6 +344,17 @@ pub fn model_kernels(model: &crate::ir::Model) -> Result<Vec<ModelKernel>, Lower
                 });
             }
         }
+    }
+    // One reduction per gradient type that a split backward leaves in partial sums.
+    let mut reductions: Vec<DType> = Vec::new();
+    for d in split_storages {
+        if !reductions.contains(&d) {
+            reductions.push(d);
+        }
+    }
+    for d in reductions {
+        let kernel = pieces::sum_blocks(d, SUM_BLOCKS_BLOCK)?;
+        out.push(ModelKernel { name: kernel.program.name.clone(), mixer: None, piece: None, role: "reduce_blocks", kernel });
     }
     out.extend(layer_pieces::kernels(model)?);
     unique_names(&mut out);

@@ -1,7 +1,8 @@
 //! The fused pieces around the mixers, forward and backward: the causal depthwise short
 //! convolution over packed variable-length sequences (with optional SiLU, initial and final conv
 //! state, and a one-token decode step), RMSNorm, and fla's gated RMSNorm (`FusedRMSNormGated`
-//! with the swish gate), plus [`sum_partials`], which finishes the weight gradients.
+//! with the swish gate), plus [`sum_partials`], which finishes the weight gradients, and
+//! [`sum_blocks`], which finishes a value-block-split chunked backward's partial gradients.
 //!
 //! Layouts follow fla / PyTorch:
 //! - conv input and output `[tokens, C]` (all H·D channels of a token in one row), weight
@@ -680,5 +681,49 @@ pub fn sum_partials(block: u32) -> Result<Kernel, LowerError> {
         vec![b.add(carried[0], v)]
     });
     b.store(out, c, acc[0], Some(ok));
+    Ok(Kernel { program: b.finish(), grid: vec![format!("ceil(cols / {block})")] })
+}
+
+/// Adds up a split backward's partial gradients ([`super::chunk_bwd::backward`] over value
+/// blocks): `out[r · width + c] = Σ_j partials[(r · parts + j) · width + c]` for the `cols`
+/// elements of `out`, stored as `storage` (the gradient's own type: bf16 for a token input's,
+/// f32 for a per-head parameter's).
+///
+/// Parameters: `partials` (f32, `[rows, parts, width]`), `out` (`[rows, width]`), then the
+/// integers `parts`, `width` and `cols` (= rows · width). Grid: ⌈cols / block⌉. The blocks are
+/// added in order, so the result does not depend on the grid.
+pub fn sum_blocks(storage: DType, block: u32) -> Result<Kernel, LowerError> {
+    let name = format!("sum_blocks_{}", storage.name());
+    if block == 0 {
+        return Err(error(&name, "block must be positive"));
+    }
+    let mut b = Builder::new(&name, &["element blocks"]);
+    let partials = b.ptr("partials", DType::F32, false);
+    let out = b.ptr("out", storage, true);
+    let parts = b.int_param("parts");
+    let width = b.int_param("width");
+    let cols = b.int_param("cols");
+
+    let pid = b.program_id(0);
+    let bl = b.i64(i64::from(block));
+    let n0 = b.mul(pid, bl);
+    let iota = b.iota(block);
+    let n = b.add(iota, n0);
+    let ok = b.cmp(CmpOp::Lt, n, cols);
+    let row = b.binary(BinOp::Div, n, width);
+    let col = b.binary(BinOp::Rem, n, width);
+    let first = b.mul(row, parts);
+    let zero = b.i64(0);
+    let one = b.i64(1);
+    let zero_f = b.f32(0.0);
+    let acc0 = b.broadcast(zero_f, &[block]);
+    let acc = b.for_loop(zero, parts, one, &[acc0], |b, j, carried| {
+        let at = b.add(first, j);
+        let at = b.mul(at, width);
+        let off = b.add(at, col);
+        let v = b.load(partials, off, Some(ok), 0.0);
+        vec![b.add(carried[0], v)]
+    });
+    b.store(out, n, acc[0], Some(ok));
     Ok(Kernel { program: b.finish(), grid: vec![format!("ceil(cols / {block})")] })
 }

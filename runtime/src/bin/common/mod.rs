@@ -26,6 +26,9 @@ pub const LENGTHS: [i64; 3] = [1, 70, 130];
 pub const PROGRAMS: i64 = 4;
 /// Columns for `sum_partials`: not a multiple of its column block.
 pub const PARTIAL_COLS: i64 = 300;
+/// `width` for `sum_blocks`: a divisor of [`PARTIAL_COLS`] (and of any hidden size the bench sets
+/// as the column count), so that its reads stay in the `[rows, parts, width]` buffer.
+pub const SUM_BLOCKS_WIDTH: i64 = 4;
 
 /// How one argument is made.
 #[derive(Clone)]
@@ -252,6 +255,8 @@ impl Sizer<'_> {
                 (ParamKind::Int, "rows") => Plan::Int(norm_rows as i64),
                 (ParamKind::Int, "programs" | "parts") => Plan::Int(programs as i64),
                 (ParamKind::Int, "cols") => Plan::Int(partial_cols as i64),
+                // `sum_blocks`'s row width: any that divides `cols` keeps its reads in bounds.
+                (ParamKind::Int, "width") => Plan::Int(SUM_BLOCKS_WIDTH),
                 (ParamKind::Int, _) => return Err(name.to_string()),
                 (ParamKind::Ptr { dtype: DType::I64, .. }, "cu_seqlens") => Plan::I64(b.cu.clone()),
                 (ParamKind::Ptr { dtype: DType::I64, .. }, "chunk_offsets") => Plan::I64(b.chunk_offsets.clone()),
@@ -294,10 +299,16 @@ impl Sizer<'_> {
                 // The scan's chunk summaries and entering states (one per chunk and channel).
                 (ParamKind::Ptr { dtype: DType::F32, .. }, "chunk_gates" | "chunk_ends" | "chunk_starts") => f32_buf(b.chunks * h),
                 (ParamKind::Ptr { dtype: DType::F32, .. }, _) if writable => {
-                    // The gradient `d<input>` of an input of the same kernel.
-                    let input = name.strip_prefix('d').filter(|n| p.param_index(n).is_some()).ok_or_else(|| name.to_string())?;
+                    // The gradient `d<input>` of an input of the same kernel, or a split
+                    // backward's partial sums of it, `d<input>_parts`: one per value block (the
+                    // program's second grid axis).
+                    let (grad, blocks) = match name.strip_suffix("_parts") {
+                        Some(g) => (g, self.program_axis(1, levels).ok_or_else(|| name.to_string())?),
+                        None => (name, 1),
+                    };
+                    let input = grad.strip_prefix('d').filter(|n| p.param_index(n).is_some()).ok_or_else(|| name.to_string())?;
                     let l = layout_of(input).ok_or_else(|| input.to_string())?;
-                    f32_buf(if l.per_head { b.seqs * l.len } else { l.len })
+                    f32_buf(blocks * if l.per_head { b.seqs * l.len } else { l.len })
                 }
                 (ParamKind::Ptr { dtype: DType::F32, .. }, _) => f32_buf(layout_of(name).ok_or_else(|| name.to_string())?.len),
                 (ParamKind::Ptr { dtype, .. }, _) => return Err(format!("{name} ({})", dtype.name())),
@@ -307,11 +318,35 @@ impl Sizer<'_> {
         Ok(out)
     }
 
+    /// The program's grid axis `i` (its own description), if it has one and it evaluates.
+    fn program_axis(&self, i: usize, levels: &Levels) -> Option<usize> {
+        let g = self.program.grid.get(i)?;
+        let vars = self.grid_vars(levels);
+        let x = Expr { s: g.as_bytes(), i: 0, vars: &vars }.parse().ok()?;
+        (x >= 1.0 && x.fract() == 0.0).then_some(x as usize)
+    }
+
     /// The launch grid from the program's grid descriptions.
     pub fn grid(&self, info: &KernelInfo, levels: &Levels) -> Result<Vec<u64>, String> {
+        let vars = self.grid_vars(levels);
+        // The manifest's grid is the one the launcher uses; the program's axis names are shorter.
+        let axes = if info.grid.len() == self.program.grid.len() { &info.grid } else { &self.program.grid };
+        axes.iter()
+            .map(|g| {
+                let x = Expr { s: g.as_bytes(), i: 0, vars: &vars }.parse().map_err(|e| format!("grid `{g}`: {e}"))?;
+                if x < 0.0 || x.fract() != 0.0 {
+                    return Err(format!("grid `{g}` = {x} is not a count"));
+                }
+                Ok(x as u64)
+            })
+            .collect()
+    }
+
+    /// The names a grid description may use, at this batch and these levels.
+    fn grid_vars(&self, levels: &Levels) -> HashMap<&'static str, f64> {
         let b = self.batch;
         let width = self.piece_width.get(levels.get("#width").copied().unwrap_or(0)).copied().unwrap_or(0);
-        let vars: HashMap<&str, f64> = [
+        [
             ("sequences", b.seqs as f64),
             ("batch", b.seqs as f64),
             ("tokens", b.tokens as f64),
@@ -325,18 +360,7 @@ impl Sizer<'_> {
             ("channels", width as f64),
         ]
         .into_iter()
-        .collect();
-        // The manifest's grid is the one the launcher uses; the program's axis names are shorter.
-        let axes = if info.grid.len() == self.program.grid.len() { &info.grid } else { &self.program.grid };
-        axes.iter()
-            .map(|g| {
-                let x = Expr { s: g.as_bytes(), i: 0, vars: &vars }.parse().map_err(|e| format!("grid `{g}`: {e}"))?;
-                if x < 0.0 || x.fract() != 0.0 {
-                    return Err(format!("grid `{g}` = {x} is not a count"));
-                }
-                Ok(x as u64)
-            })
-            .collect()
+        .collect()
     }
 }
 
@@ -592,7 +616,9 @@ pub fn probe(sizer: &Sizer<'_>, info: &KernelInfo, cpu_module: &CpuModule, cpu_i
                     .param_index(&param)
                     .is_some_and(|i| matches!(program.params[i].kind, ParamKind::Ptr { writable: true, .. }))
                 {
-                    match param.strip_prefix('d').filter(|n| program.param_index(n).is_some()) {
+                    // A gradient, or a split backward's partial sums of one (`d<input>_parts`).
+                    let grad = param.strip_suffix("_parts").unwrap_or(&param);
+                    match grad.strip_prefix('d').filter(|n| program.param_index(n).is_some()) {
                         Some(input) => input.to_string(),
                         None => return Err(ProbeError::Fail(format!("the CPU overran `{param}`, whose size is fixed"))),
                     }
