@@ -664,24 +664,48 @@ pub fn sum_partials(block: u32) -> Result<Kernel, LowerError> {
     let parts = b.int_param("parts");
     let cols = b.int_param("cols");
 
+    sum_over_parts(
+        &mut b,
+        block,
+        (partials, out),
+        (parts, cols),
+        |_, c| c,
+        |b, c, p| {
+            let base = b.mul(p, cols);
+            b.add(c, base)
+        },
+    );
+    Ok(Kernel { program: b.finish(), grid: vec![format!("ceil(cols / {block})")] })
+}
+
+/// The body `sum_partials` and `sum_blocks` share: this instance's `block` elements `n` of `out`
+/// (those below `cols`), each the sum over `p` in 0..`parts` of `partials` at
+/// `offset(key, p)`, where `key = prepare(n)` is computed once per element before the loop.
+fn sum_over_parts<K: Copy>(
+    b: &mut Builder,
+    block: u32,
+    (partials, out): (Ptr, Ptr),
+    (parts, cols): (Value, Value),
+    prepare: impl FnOnce(&mut Builder, Value) -> K,
+    offset: impl Fn(&mut Builder, K, Value) -> Value,
+) {
     let pid = b.program_id(0);
     let bl = b.i64(i64::from(block));
-    let c0 = b.mul(pid, bl);
+    let n0 = b.mul(pid, bl);
     let iota = b.iota(block);
-    let c = b.add(iota, c0);
-    let ok = b.cmp(CmpOp::Lt, c, cols);
+    let n = b.add(iota, n0);
+    let ok = b.cmp(CmpOp::Lt, n, cols);
+    let key = prepare(b, n);
     let zero = b.i64(0);
     let one = b.i64(1);
     let zero_f = b.f32(0.0);
     let acc0 = b.broadcast(zero_f, &[block]);
     let acc = b.for_loop(zero, parts, one, &[acc0], |b, p, carried| {
-        let base = b.mul(p, cols);
-        let off = b.add(c, base);
+        let off = offset(b, key, p);
         let v = b.load(partials, off, Some(ok), 0.0);
         vec![b.add(carried[0], v)]
     });
-    b.store(out, c, acc[0], Some(ok));
-    Ok(Kernel { program: b.finish(), grid: vec![format!("ceil(cols / {block})")] })
+    b.store(out, n, acc[0], Some(ok));
 }
 
 /// Adds up a split backward's partial gradients ([`super::chunk_bwd::backward`] over value
@@ -704,26 +728,16 @@ pub fn sum_blocks(storage: DType, block: u32) -> Result<Kernel, LowerError> {
     let width = b.int_param("width");
     let cols = b.int_param("cols");
 
-    let pid = b.program_id(0);
-    let bl = b.i64(i64::from(block));
-    let n0 = b.mul(pid, bl);
-    let iota = b.iota(block);
-    let n = b.add(iota, n0);
-    let ok = b.cmp(CmpOp::Lt, n, cols);
-    let row = b.binary(BinOp::Div, n, width);
-    let col = b.binary(BinOp::Rem, n, width);
-    let first = b.mul(row, parts);
-    let zero = b.i64(0);
-    let one = b.i64(1);
-    let zero_f = b.f32(0.0);
-    let acc0 = b.broadcast(zero_f, &[block]);
-    let acc = b.for_loop(zero, parts, one, &[acc0], |b, j, carried| {
+    // Per element: the first of its partial sums' rows (row · parts) and its column.
+    let prepare = |b: &mut Builder, n: Value| {
+        let row = b.binary(BinOp::Div, n, width);
+        let col = b.binary(BinOp::Rem, n, width);
+        (b.mul(row, parts), col)
+    };
+    sum_over_parts(&mut b, block, (partials, out), (parts, cols), prepare, |b, (first, col), j| {
         let at = b.add(first, j);
         let at = b.mul(at, width);
-        let off = b.add(at, col);
-        let v = b.load(partials, off, Some(ok), 0.0);
-        vec![b.add(carried[0], v)]
+        b.add(at, col)
     });
-    b.store(out, n, acc[0], Some(ok));
     Ok(Kernel { program: b.finish(), grid: vec![format!("ceil(cols / {block})")] })
 }
