@@ -263,13 +263,7 @@ pub fn backward(r: &Recurrence<'_>, tiling: Tiling) -> Result<Kernel, LowerError
                     None => b.broadcast(zero, &[c, width]),
                 };
                 let wv = b.i64(i64::from(*w));
-                let out_row = match vblock {
-                    Some((j, n)) if !over_v => {
-                        let r_n = b.mul(row, n);
-                        b.add(r_n, j)
-                    }
-                    _ => row,
-                };
+                let out_row = if *over_v { row } else { block_row(b, row, vblock) };
                 let base = b.mul(out_row, wv);
                 let cr = b.row(cols);
                 let off = b.add(base, cr);
@@ -303,13 +297,7 @@ pub fn backward(r: &Recurrence<'_>, tiling: Tiling) -> Result<Kernel, LowerError
     b.store(dh0, s_off, out[0], None);
     for (k_idx, ((_, w), ptr)) in params.iter().zip(&d_params).enumerate() {
         let width = b.i64(i64::from(*w));
-        let out_row = match vblock {
-            Some((j, n)) => {
-                let p_n = b.mul(pid, n);
-                b.add(p_n, j)
-            }
-            None => pid,
-        };
+        let out_row = block_row(&mut b, pid, vblock);
         let base = b.mul(out_row, width);
         let cols = b.iota(*w);
         let off = b.add(cols, base);
@@ -317,6 +305,18 @@ pub fn backward(r: &Recurrence<'_>, tiling: Tiling) -> Result<Kernel, LowerError
         b.store(*ptr, off, g, None);
     }
     Ok(Kernel { program: b.finish(), grid })
+}
+
+/// The row of a partial output `[rows, blocks, w]` that output row `row` of value block `j` of
+/// `n` writes, `row · n + j` (`vblock` = (j, n)); `row` itself when the backward is not split.
+fn block_row(b: &mut Builder, row: Value, vblock: Option<(Value, Value)>) -> Value {
+    match vblock {
+        Some((j, n)) => {
+            let r_n = b.mul(row, n);
+            b.add(r_n, j)
+        }
+        None => row,
+    }
 }
 
 /// log α as an expression: the argument of a top-level `exp` (or of `diag`), else `log(α)`.

@@ -433,8 +433,7 @@ impl ModelKernel {
         };
         // The chunked kernels of vector gates hold the sub-blocks' pairwise tiles ([4, 16, 16, K]:
         // 64 K elements at K = 128), whose passes gain from more threads.
-        let widest = self.kernel.program.types.iter().map(|t| t.numel()).max().unwrap_or(1);
-        let pairwise = widest >= 1 << 16;
+        let pairwise = crate::nvptx::widest_tile(&self.kernel.program) >= 1 << 16;
         let max_threads = match self.role {
             "attn_bwd_dkv" | "scan_bwd" => 128,
             "chunk_fwd" | "chunk_fwd_states" if pairwise => 4 * THREADS,

@@ -32,12 +32,17 @@ pub const THREADS: u32 = 256;
 /// narrow tiles (the elementwise scan over a block of 32 channels) then runs as one warp instead
 /// of leaving most of a block idle, and more of its blocks fit on each SM.
 pub fn threads_for(program: &Program, cap: u32) -> u32 {
-    let widest = program.types.iter().map(|t| t.numel()).max().unwrap_or(1);
+    let widest = widest_tile(program);
     // HLAC_NVPTX_THREADS overrides the cap (a multiple of 32), for A/B measurements.
     let forced =
         std::env::var("HLAC_NVPTX_THREADS").ok().and_then(|v| v.parse::<u32>().ok()).filter(|t| t % 32 == 0 && (32..=1024).contains(t));
     let cap = forced.unwrap_or(cap).max(32);
     (widest.div_ceil(32) * 32).clamp(32, u64::from(cap)) as u32
+}
+
+/// The number of elements of a program's largest tile (1 for a program of scalars).
+pub fn widest_tile(program: &Program) -> u64 {
+    program.types.iter().map(|t| t.numel()).max().unwrap_or(1)
 }
 
 /// The most elements a thread computes per iteration of an elementwise pass (`Gen::strided`):
@@ -451,6 +456,8 @@ struct Gen<'a, 'ctx> {
     tid: IntValue<'ctx>,
     /// Whether `tid()` and `scratch()` read afresh ([`Options::reread_tid`]).
     reread_tid: bool,
+    /// Whether shared-memory offsets are computed in 32 bits ([`index32`]).
+    index32: bool,
     /// Threads per block ([`threads_for`]).
     threads: u32,
     slots: HashMap<Value, u64>,
@@ -561,6 +568,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             error,
             tid: i64t.const_zero(),
             reread_tid: reread_tid(options.reread_tid),
+            index32: index32(),
             threads,
             split_k: options.split_k,
             profiled: options.profile,
@@ -615,13 +623,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             return Ok(self.tid);
         }
         let i32t = self.ctx.i32_type();
-        let ty = i32t.fn_type(&[], false);
-        let asm = self.ctx.create_inline_asm(ty, "mov.u32 $0, %tid.x;".into(), "=r".into(), true, false, None, false);
-        let site = self.b.build_indirect_call(ty, asm, &[], "").map_err(|e| self.llvm(e))?;
-        let v = match site.try_as_basic_value() {
-            inkwell::values::ValueKind::Basic(v) => v.into_int_value(),
-            inkwell::values::ValueKind::Instruction(_) => return Err(self.llvm("inline asm without a value")),
-        };
+        let v = self.opaque(i32t.fn_type(&[], false), "mov.u32 $0, %tid.x;", "=r", &[])?;
         self.b.build_int_z_extend(v, self.ctx.i64_type(), "").map_err(|e| self.llvm(e))
     }
 
@@ -633,9 +635,20 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             return Ok(self.scratch);
         }
         let i64t = self.ctx.i64_type();
-        let ty = i64t.fn_type(&[i64t.into()], false);
-        let asm = self.ctx.create_inline_asm(ty, "mov.b64 $0, $1;".into(), "=l,l".into(), true, false, None, false);
-        let site = self.b.build_indirect_call(ty, asm, &[self.scratch.into()], "").map_err(|e| self.llvm(e))?;
+        self.opaque(i64t.fn_type(&[i64t.into()], false), "mov.b64 $0, $1;", "=l,l", &[self.scratch.into()])
+    }
+
+    /// The integer result of inline PTX `text` (of type `ty`, operands by `constraints`) marked
+    /// as having a side effect, so that LLVM neither hoists nor merges it.
+    fn opaque(
+        &self,
+        ty: inkwell::types::FunctionType<'ctx>,
+        text: &str,
+        constraints: &str,
+        args: &[inkwell::values::BasicMetadataValueEnum<'ctx>],
+    ) -> R<IntValue<'ctx>> {
+        let asm = self.ctx.create_inline_asm(ty, text.into(), constraints.into(), true, false, None, false);
+        let site = self.b.build_indirect_call(ty, asm, args, "").map_err(|e| self.llvm(e))?;
         match site.try_as_basic_value() {
             inkwell::values::ValueKind::Basic(v) => Ok(v.into_int_value()),
             inkwell::values::ValueKind::Instruction(_) => Err(self.llvm("inline asm without a value")),
@@ -687,8 +700,8 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         let size = self.tile_elem_bytes(v);
         let e = |x| self.llvm(x);
         // In shared memory every offset is below 2³², so the index arithmetic can be 32-bit
-        // (one instruction per operation where a 64-bit one is two) when `index32` says so.
-        let narrow = self.smem.is_some() && index32();
+        // (one instruction per operation where a 64-bit one is two) when `index32` asks for it.
+        let narrow = self.smem.is_some() && self.index32;
         let ty = if narrow { self.ctx.i32_type() } else { self.ctx.i64_type() };
         let c = |x: i64| ty.const_int(x as u64, true);
         let i = if narrow { self.b.build_int_truncate(i, ty, "").map_err(e)? } else { i };

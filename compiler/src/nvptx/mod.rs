@@ -39,6 +39,6 @@
 mod codegen;
 
 pub use codegen::{
-    assemble, compile, find_ptxas, profile_requested, shared_limit, threads_for, workspace_fits_shared, Compiled, Narrowing, NvptxError,
-    Options, Workspace, THREADS,
+    assemble, compile, find_ptxas, profile_requested, shared_limit, threads_for, widest_tile, workspace_fits_shared, Compiled, Narrowing,
+    NvptxError, Options, Workspace, THREADS,
 };

@@ -302,11 +302,8 @@ impl Sizer<'_> {
                     // The gradient `d<input>` of an input of the same kernel, or a split
                     // backward's partial sums of it, `d<input>_parts`: one per value block (the
                     // program's second grid axis).
-                    let (grad, blocks) = match name.strip_suffix("_parts") {
-                        Some(g) => (g, self.program_axis(1, levels).ok_or_else(|| name.to_string())?),
-                        None => (name, 1),
-                    };
-                    let input = grad.strip_prefix('d').filter(|n| p.param_index(n).is_some()).ok_or_else(|| name.to_string())?;
+                    let blocks = if name.ends_with("_parts") { self.program_axis(1, levels).ok_or_else(|| name.to_string())? } else { 1 };
+                    let input = gradient_input(p, name).ok_or_else(|| name.to_string())?;
                     let l = layout_of(input).ok_or_else(|| input.to_string())?;
                     f32_buf(blocks * if l.per_head { b.seqs * l.len } else { l.len })
                 }
@@ -595,6 +592,13 @@ pub struct Probed {
     pub grid: Vec<u64>,
 }
 
+/// The input of `program` whose gradient the parameter `name` is: `d<input>`, or a split
+/// backward's partial sums of it, `d<input>_parts`.
+fn gradient_input<'n>(program: &Program, name: &'n str) -> Option<&'n str> {
+    let grad = name.strip_suffix("_parts").unwrap_or(name);
+    grad.strip_prefix('d').filter(|n| program.param_index(n).is_some())
+}
+
 /// Sizes a kernel on `sizer`'s batch by running it on the CPU and growing whatever the CPU reports
 /// overrun (the parameter itself, the input a gradient belongs to, or the piece width) until it
 /// runs in bounds.
@@ -616,9 +620,7 @@ pub fn probe(sizer: &Sizer<'_>, info: &KernelInfo, cpu_module: &CpuModule, cpu_i
                     .param_index(&param)
                     .is_some_and(|i| matches!(program.params[i].kind, ParamKind::Ptr { writable: true, .. }))
                 {
-                    // A gradient, or a split backward's partial sums of one (`d<input>_parts`).
-                    let grad = param.strip_suffix("_parts").unwrap_or(&param);
-                    match grad.strip_prefix('d').filter(|n| program.param_index(n).is_some()) {
+                    match gradient_input(program, &param) {
                         Some(input) => input.to_string(),
                         None => return Err(ProbeError::Fail(format!("the CPU overran `{param}`, whose size is fixed"))),
                     }
