@@ -1,8 +1,8 @@
 """Prints the hlac/fla table from the JSON files .ci/gpu-bench wrote into one folder.
 
-hlac's ops are sums of its kernels' median times: forward = the inference forward kernel;
-forward+backward = the training pair (the forward that keeps the chunk states, then the backward;
-attention: forward, then dq and dk/dv). TFLOP/s counts the chunked form's matrix products at
+hlac's ops are sums of its kernels' median times: forward = the inference forward kernel (or the
+two-pass forward's pair); forward+backward = the training kernels (the forward that keeps the
+chunk states, or the two-pass pair, then the backward; attention: forward, then dq and dk/dv). TFLOP/s counts the chunked form's matrix products at
 chunk 64 (per token and head 4·C·D + 4·D² for the forward, 2.5× that with the backward;
 attention 2·T·D per token and head causal, ×3.5 with the backward): a yardstick, the same for
 both sides, not the work either side really does.
@@ -31,28 +31,34 @@ if not fla and os.path.exists(os.path.join(d, "fla.log")):
 B, T, H, D, C = 4, 4096, 16, 128, 64
 chunk_flops = B * T * H * (4 * C * D + 4 * D * D)
 attn_flops = B * T * H * 2 * T * D
-# (label, hlac artifact, fwd roles, fwd+bwd roles, peer op, flops fwd)
+# (label, hlac artifact, fwd roles, fwd+bwd roles, peer op, flops fwd); each role list is a list of
+# alternatives, the first the artifact has all of counting: the fused forward (`chunk_fwd`, and
+# `chunk_fwd_states` for training) or the two-pass one (`chunk_states` + `chunk_out`, both).
+FUSED, TWO_PASS = ["chunk_fwd"], ["chunk_states", "chunk_out"]
+TRAIN = [["chunk_fwd_states", "chunk_bwd"], TWO_PASS + ["chunk_bwd"]]
+ATTN = [["attn_fwd"]], [["attn_fwd", "attn_bwd_dq", "attn_bwd_dkv"]]
 OPS = [
-    ("causal attention, no RoPE (fla: SDPA)", "attn", ["attn_fwd"], ["attn_fwd", "attn_bwd_dq", "attn_bwd_dkv"], "sdpa", attn_flops),
-    ("causal attention + fused RoPE (fla: SDPA, no RoPE)", "gdn", ["attn_fwd"], ["attn_fwd", "attn_bwd_dq", "attn_bwd_dkv"], "sdpa", attn_flops),
-    ("GLA", "gla", ["chunk_fwd"], ["chunk_fwd_states", "chunk_bwd"], "gla", chunk_flops),
-    ("HGRN-2 (fla: chunk_gla)", "hgrn2", ["chunk_fwd"], ["chunk_fwd_states", "chunk_bwd"], "gla", chunk_flops),
-    ("RetNet", "retnet", ["chunk_fwd"], ["chunk_fwd_states", "chunk_bwd"], "retnet", chunk_flops),
-    ("DeltaNet", "deltanet", ["chunk_fwd"], ["chunk_fwd_states", "chunk_bwd"], "delta", chunk_flops),
-    ("Gated DeltaNet", "gdn", ["chunk_fwd"], ["chunk_fwd_states", "chunk_bwd"], "gdn", chunk_flops),
-    ("HGRN (d = 2048)", "hgrn", ["scan_fwd"], ["scan_fwd", "scan_bwd"], "hgrn", 0),
+    ("causal attention, no RoPE (fla: SDPA)", "attn", *ATTN, "sdpa", attn_flops),
+    ("causal attention + fused RoPE (fla: SDPA, no RoPE)", "gdn", *ATTN, "sdpa", attn_flops),
+    ("GLA", "gla", [FUSED, TWO_PASS], TRAIN, "gla", chunk_flops),
+    ("HGRN-2 (fla: chunk_gla)", "hgrn2", [FUSED, TWO_PASS], TRAIN, "gla", chunk_flops),
+    ("RetNet", "retnet", [FUSED, TWO_PASS], TRAIN, "retnet", chunk_flops),
+    ("DeltaNet", "deltanet", [FUSED, TWO_PASS], TRAIN, "delta", chunk_flops),
+    ("Gated DeltaNet", "gdn", [FUSED, TWO_PASS], TRAIN, "gdn", chunk_flops),
+    ("HGRN (d = 2048)", "hgrn", [["scan_fwd"]], [["scan_fwd", "scan_bwd"]], "hgrn", 0),
 ]
 
-def times(doc, roles):
+def times(doc, alternatives):
     if doc is None:
         return None
     by_role = {}
     for k in doc["kernels"]:
         if k.get("median_ms") is not None and k["role"] not in by_role:
             by_role[k["role"]] = k["median_ms"]
-    if not all(r in by_role for r in roles):
-        return None
-    return sum(by_role[r] for r in roles)
+    for roles in alternatives:
+        if all(r in by_role for r in roles):
+            return sum(by_role[r] for r in roles)
+    return None
 
 def f(x, nd=3):
     return "—" if x is None else f"{x:.{nd}f}"

@@ -19,7 +19,7 @@
 use hlac_runtime::kir::{Builder, CmpOp, Value};
 
 pub use super::chunk::load_scalar;
-use super::chunk::{chunk_qkv, chunked_forward, Chunk, Scaffold};
+use super::chunk::{chunk_qkv, chunked_forward, two_pass_forward, Chunk, Scaffold};
 use super::expr;
 use super::{Kernel, LowerError, Recurrence, Tiling};
 use crate::classify::{Decay, Family};
@@ -40,23 +40,43 @@ pub fn forward(r: &Recurrence<'_>, tiling: Tiling, store_states: bool) -> Result
     chunked_forward(r, tiling, store_states, &step)
 }
 
-/// One chunk: stores its output and returns the next state.
+/// The two passes of the chunk-parallel forward ([`super::chunk::two_pass_forward`]): the walk
+/// storing the state entering every chunk (`chunk_states`), then every chunk's output at once
+/// (`chunk_out`). Parameters as in [`forward`], split by [`super::chunk::Scaffold::new`].
+pub fn two_pass(r: &Recurrence<'_>, tiling: Tiling) -> Result<(Kernel, Kernel), LowerError> {
+    if r.class.family != Family::Decay {
+        return Err(r.error(format!("the decay-class forward does not apply to the {:?} family", r.class.family)));
+    }
+    two_pass_forward(r, tiling, &step)
+}
+
+/// One chunk: stores its output and returns the next state (each as the scaffold's part asks).
 fn step(r: &Recurrence<'_>, sc: &Scaffold, b: &mut Builder, chunk: &Chunk, s: Value) -> Result<Value, String> {
     let ex = &r.class.exprs;
     let (kd, c, env, valid) = (sc.k, sc.c, &chunk.env, chunk.valid);
+    let (output, state) = (sc.part.output(), sc.part.state());
     let zero = b.f32(0.0);
     let (q, k, v) = chunk_qkv(r, sc, b, chunk)?;
-    let causal = causal_mask(b, c);
-    let never = b.f32(-1e30);
+    let v = v.ok_or("the decay class reads its values")?;
+    let causal = output.then(|| causal_mask(b, c));
+    let never = output.then(|| b.f32(-1e30));
     let Some(decay) = ex.decay.as_ref().filter(|_| !matches!(r.class.decay, Decay::None)) else {
         // No decay: plain chunked linear attention.
-        let o_inter = b.dot(q, s);
-        let kt = b.transpose(k);
-        let qk = b.dot(q, kt);
-        let a = b.select(causal, qk, zero);
-        let o_intra = b.dot(a, v);
-        let o = b.add(o_inter, o_intra);
-        sc.store_output(b, chunk, o);
+        let mut kt = None;
+        if let (Some(q), Some(causal)) = (q, causal) {
+            let o_inter = b.dot(q, s);
+            let t = b.transpose(k);
+            kt = Some(t);
+            let qk = b.dot(q, t);
+            let a = b.select(causal, qk, zero);
+            let o_intra = b.dot(a, v);
+            let o = b.add(o_inter, o_intra);
+            sc.store_output(b, chunk, o);
+        }
+        if !state {
+            return Ok(s);
+        }
+        let kt = kt.unwrap_or_else(|| b.transpose(k));
         let upd = b.dot(kt, v);
         return Ok(b.add(s, upd));
     };
@@ -66,35 +86,40 @@ fn step(r: &Recurrence<'_>, sc: &Scaffold, b: &mut Builder, chunk: &Chunk, s: Va
     let g = b.broadcast(g, &[c, gw]);
     let g = b.select(valid, g, zero);
     let lam = b.cumsum(g, 0, false);
-    let lam_end = b.sum(g, 0);
-    let lam_end = b.row(lam_end);
-    let e_lam = b.exp(lam);
-    let qg = b.mul(q, e_lam);
-    let o_inter = b.dot(qg, s);
-    let a = if let Some(w) = sub_blocks(vector, c, sc.sub_block) {
-        intra_blocked(b, q, k, lam, c, kd, w)
-    } else if vector {
-        // A_ij = Σ_d q_id k_jd e^{λ_id − λ_jd}, exponents masked to j ≤ i before exponentiating.
-        let li = b.reshape(lam, &[c, 1, kd]);
-        let lj = b.reshape(lam, &[1, c, kd]);
-        let diff = b.sub(li, lj);
-        let causal3 = b.reshape(causal, &[c, c, 1]);
-        let diff = b.select(causal3, diff, never);
-        let decay3 = b.exp(diff);
-        let qi = b.reshape(q, &[c, 1, kd]);
-        let kj = b.reshape(k, &[1, c, kd]);
-        let qk = b.mul(qi, kj);
-        let w = b.mul(qk, decay3);
-        b.sum(w, 2)
-    } else {
-        let kt = b.transpose(k);
-        let qk = b.dot(q, kt);
-        let gamma = decay_matrix(b, lam, causal);
-        b.mul(qk, gamma)
-    };
-    let o_intra = b.dot(a, v);
-    let o = b.add(o_inter, o_intra);
-    sc.store_output(b, chunk, o);
+    let lam_end = state.then(|| {
+        let e = b.sum(g, 0);
+        b.row(e)
+    });
+    if let (Some(q), Some(causal), Some(never)) = (q, causal, never) {
+        let e_lam = b.exp(lam);
+        let qg = b.mul(q, e_lam);
+        let o_inter = b.dot(qg, s);
+        let a = if let Some(w) = sub_blocks(vector, c, sc.sub_block) {
+            intra_blocked(b, q, k, lam, c, kd, w)
+        } else if vector {
+            // A_ij = Σ_d q_id k_jd e^{λ_id − λ_jd}, exponents masked to j ≤ i before exponentiating.
+            let li = b.reshape(lam, &[c, 1, kd]);
+            let lj = b.reshape(lam, &[1, c, kd]);
+            let diff = b.sub(li, lj);
+            let causal3 = b.reshape(causal, &[c, c, 1]);
+            let diff = b.select(causal3, diff, never);
+            let decay3 = b.exp(diff);
+            let qi = b.reshape(q, &[c, 1, kd]);
+            let kj = b.reshape(k, &[1, c, kd]);
+            let qk = b.mul(qi, kj);
+            let w = b.mul(qk, decay3);
+            b.sum(w, 2)
+        } else {
+            let kt = b.transpose(k);
+            let qk = b.dot(q, kt);
+            let gamma = decay_matrix(b, lam, causal);
+            b.mul(qk, gamma)
+        };
+        let o_intra = b.dot(a, v);
+        let o = b.add(o_inter, o_intra);
+        sc.store_output(b, chunk, o);
+    }
+    let Some(lam_end) = lam_end else { return Ok(s) };
     let to_end = b.sub(lam_end, lam);
     let to_end = b.exp(to_end);
     let k_state = b.mul(k, to_end);

@@ -14,7 +14,7 @@
 
 use hlac_runtime::kir::{Builder, CmpOp, Value};
 
-use super::chunk::{chunk_qkv, chunked_forward, Chunk, Scaffold};
+use super::chunk::{chunk_qkv, chunked_forward, two_pass_forward, Chunk, Part, Scaffold};
 use super::decay::{causal_mask, decay_matrix};
 use super::expr;
 use super::{Kernel, LowerError, Recurrence, Tiling};
@@ -31,23 +31,40 @@ pub fn forward(r: &Recurrence<'_>, tiling: Tiling, store_states: bool) -> Result
     chunked_forward(r, tiling, store_states, &step)
 }
 
+/// The two passes of the chunk-parallel forward ([`super::chunk::two_pass_forward`]): the walk
+/// storing the state entering every chunk and every chunk's Δ (`v_new`, `[tokens, heads, V]`,
+/// f32), then every chunk's output O = s Diag(e^λ) Q S + A Δ at once.
+pub fn two_pass(r: &Recurrence<'_>, tiling: Tiling) -> Result<(Kernel, Kernel), LowerError> {
+    if r.class.family != Family::Delta {
+        return Err(r.error(format!("the delta-class forward does not apply to the {:?} family", r.class.family)));
+    }
+    two_pass_forward(r, tiling, &step)
+}
+
+/// One chunk: stores its output and returns the next state (each as the scaffold's part asks; the
+/// state's walk of the two-pass forward stores Δ for the output's pass, which loads it).
 fn step(r: &Recurrence<'_>, sc: &Scaffold, b: &mut Builder, chunk: &Chunk, s: Value) -> Result<Value, String> {
     let ex = &r.class.exprs;
     let (c, env, valid) = (sc.c, &chunk.env, chunk.valid);
+    let (output, state) = (sc.part.output(), sc.part.state());
     let zero = b.f32(0.0);
     let (q, k, v) = chunk_qkv(r, sc, b, chunk)?;
-    let beta = match &ex.beta {
-        Some(e) => expr::lower(b, e, env)?,
-        None => b.f32(1.0),
+    let beta = if state {
+        let beta = match &ex.beta {
+            Some(e) => expr::lower(b, e, env)?,
+            None => b.f32(1.0),
+        };
+        let beta = b.broadcast(beta, &[c, 1]);
+        Some(b.select(valid, beta, zero))
+    } else {
+        None
     };
-    let beta = b.broadcast(beta, &[c, 1]);
-    let beta = b.select(valid, beta, zero);
 
-    let causal = causal_mask(b, c);
+    let causal = output.then(|| causal_mask(b, c));
     let iota = b.iota(c);
     let ii = b.col(iota);
     let jj = b.row(iota);
-    let strict = b.cmp(CmpOp::Lt, jj, ii);
+    let strict = state.then(|| b.cmp(CmpOp::Lt, jj, ii));
     // Γ and the row factors e^λ, e^{Λ−λ}, e^Λ (all ones without decay).
     let decay = ex.decay.as_ref().filter(|_| !matches!(r.class.decay, Decay::None));
     let (gamma_le, gamma_lt, e_lam, to_end, e_total) = match decay {
@@ -56,50 +73,73 @@ fn step(r: &Recurrence<'_>, sc: &Scaffold, b: &mut Builder, chunk: &Chunk, s: Va
             let g = b.broadcast(g, &[c, 1]);
             let g = b.select(valid, g, zero);
             let lam = b.cumsum(g, 0, false);
-            let total = b.sum(g, 0);
-            let total = b.reshape(total, &[1, 1]);
-            let gamma_le = decay_matrix(b, lam, causal);
-            let gamma_lt = decay_matrix(b, lam, strict);
+            let total = state.then(|| {
+                let total = b.sum(g, 0);
+                b.reshape(total, &[1, 1])
+            });
+            let gamma_le = causal.map(|causal| decay_matrix(b, lam, causal));
+            let gamma_lt = strict.map(|strict| decay_matrix(b, lam, strict));
             let e_lam = b.exp(lam);
-            let rest = b.sub(total, lam);
-            let to_end = b.exp(rest);
-            let e_total = b.exp(total);
-            (gamma_le, gamma_lt, Some(e_lam), Some(to_end), Some(e_total))
+            let (to_end, e_total) = match total {
+                Some(total) => {
+                    let rest = b.sub(total, lam);
+                    (Some(b.exp(rest)), Some(b.exp(total)))
+                }
+                None => (None, None),
+            };
+            (gamma_le, gamma_lt, Some(e_lam), to_end, e_total)
         }
         None => {
             let one = b.f32(1.0);
-            let gamma_le = b.select(causal, one, zero);
-            let gamma_lt = b.select(strict, one, zero);
+            let gamma_le = causal.map(|causal| b.select(causal, one, zero));
+            let gamma_lt = strict.map(|strict| b.select(strict, one, zero));
             (gamma_le, gamma_lt, None, None, None)
         }
     };
-    // The UT transform of the chunk.
     let kt = b.transpose(k);
-    let kk = b.dot(k, kt);
-    let bkk = b.mul(kk, beta);
-    let l = b.mul(bkk, gamma_lt);
-    let t = b.tri_inv(l);
-    let bv_rows = b.mul(v, beta);
-    let u = b.dot(t, bv_rows);
-    let bk = b.mul(k, beta);
-    let bk = match e_lam {
-        Some(e) => b.mul(bk, e),
-        None => bk,
+    let delta = match (v, beta, gamma_lt) {
+        (Some(v), Some(beta), Some(gamma_lt)) => {
+            // The UT transform of the chunk.
+            let kk = b.dot(k, kt);
+            let bkk = b.mul(kk, beta);
+            let l = b.mul(bkk, gamma_lt);
+            let t = b.tri_inv(l);
+            let bv_rows = b.mul(v, beta);
+            let u = b.dot(t, bv_rows);
+            let bk = b.mul(k, beta);
+            let bk = match e_lam {
+                Some(e) => b.mul(bk, e),
+                None => bk,
+            };
+            let w = b.dot(t, bk);
+            let ws = b.dot(w, s);
+            let delta = b.sub(u, ws);
+            if let (Part::State, Some(p)) = (sc.part, sc.v_new) {
+                sc.store_rows(b, p, chunk, delta);
+            }
+            delta
+        }
+        _ => {
+            let p = sc.v_new.ok_or("the output pass reads Δ")?;
+            sc.load_rows(b, p, chunk)
+        }
     };
-    let w = b.dot(t, bk);
-    let ws = b.dot(w, s);
-    let delta = b.sub(u, ws);
     // Output: inter-chunk from the old state, intra-chunk through Δ.
-    let qg = match e_lam {
-        Some(e) => b.mul(q, e),
-        None => q,
-    };
-    let o_inter = b.dot(qg, s);
-    let qk = b.dot(q, kt);
-    let a = b.mul(qk, gamma_le);
-    let o_intra = b.dot(a, delta);
-    let o = b.add(o_inter, o_intra);
-    sc.store_output(b, chunk, o);
+    if let (Some(q), Some(gamma_le)) = (q, gamma_le) {
+        let qg = match e_lam {
+            Some(e) => b.mul(q, e),
+            None => q,
+        };
+        let o_inter = b.dot(qg, s);
+        let qk = b.dot(q, kt);
+        let a = b.mul(qk, gamma_le);
+        let o_intra = b.dot(a, delta);
+        let o = b.add(o_inter, o_intra);
+        sc.store_output(b, chunk, o);
+    }
+    if !state {
+        return Ok(s);
+    }
     // State update.
     let (s, k_state) = match (e_total, to_end) {
         (Some(total), Some(rest)) => (b.mul(s, total), b.mul(k, rest)),

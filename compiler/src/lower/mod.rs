@@ -291,13 +291,28 @@ pub fn model_kernels(model: &crate::ir::Model) -> Result<Vec<ModelKernel>, Lower
                 });
             }
         } else {
-            out.push(ModelKernel {
-                name: format!("{}_chunk_fwd", m.name),
-                mixer: Some(h.index()),
-                piece: None,
-                role: "chunk_fwd",
-                kernel: chunk_forward(&r, tiling)?,
-            });
+            // HLAC_GPU_FWD=2 runs a GPU's forward in two passes (`chunk::two_pass_forward`): the
+            // walk over the chunks carrying only the state, then one instance per chunk for the
+            // outputs; they serve the training forward too (the walk keeps the states).
+            let two_pass = gpu && knob("HLAC_GPU_FWD") == Some(2);
+            if two_pass {
+                let (states, outputs) = if class.family == crate::classify::Family::Delta {
+                    delta::two_pass(&r, tiling)?
+                } else {
+                    decay::two_pass(&r, tiling)?
+                };
+                for (role, kernel) in [("chunk_states", states), ("chunk_out", outputs)] {
+                    out.push(ModelKernel { name: format!("{}_{role}", m.name), mixer: Some(h.index()), piece: None, role, kernel });
+                }
+            } else {
+                out.push(ModelKernel {
+                    name: format!("{}_chunk_fwd", m.name),
+                    mixer: Some(h.index()),
+                    piece: None,
+                    role: "chunk_fwd",
+                    kernel: chunk_forward(&r, tiling)?,
+                });
+            }
             out.push(ModelKernel {
                 name: format!("{}_decode", m.name),
                 mixer: Some(h.index()),
@@ -311,23 +326,36 @@ pub fn model_kernels(model: &crate::ir::Model) -> Result<Vec<ModelKernel>, Lower
             // larger workspace, 2x the inference forward's time (GDN, H200: 6.55 against 3.16 ms).
             if model.target.mode == crate::ir::Mode::Training {
                 let full = Tiling { block_v: r.v(), ..tiling };
-                let states = if class.family == crate::classify::Family::Delta {
-                    delta::forward(&r, tiling, true)?
-                } else {
-                    decay::forward(&r, tiling, true)?
-                };
-                out.push(ModelKernel {
-                    name: format!("{}_chunk_fwd_states", m.name),
-                    mixer: Some(h.index()),
-                    piece: None,
-                    role: "chunk_fwd_states",
-                    kernel: states,
-                });
-                // HLAC_GPU_BWD_SPLIT=1 splits a GPU's backward over the forward's value blocks
-                // (twice the instances at V = 128, each with half the V-wide tiles); its partial
-                // gradients are then added by `sum_blocks` (an experiment, not yet measured on a
-                // GPU).
-                let split = gpu && knob("HLAC_GPU_BWD_SPLIT") == Some(1) && tiling.block_v < r.v();
+                if !two_pass {
+                    let states = if class.family == crate::classify::Family::Delta {
+                        delta::forward(&r, tiling, true)?
+                    } else {
+                        decay::forward(&r, tiling, true)?
+                    };
+                    out.push(ModelKernel {
+                        name: format!("{}_chunk_fwd_states", m.name),
+                        mixer: Some(h.index()),
+                        piece: None,
+                        role: "chunk_fwd_states",
+                        kernel: states,
+                    });
+                }
+                // A GPU's backward is split over the forward's value blocks (twice the instances
+                // at V = 128, each with half the V-wide tiles), its partial gradients then added
+                // by `sum_blocks`, except for vector gates. Measured on an H200 (2026-12-03, B = 4,
+                // T = 4096, bf16), whole → split: GDN 14.88 → 13.75 ms, DeltaNet 14.70 → 13.42,
+                // RetNet 10.62 → 9.11, each plus about 0.2 ms of `sum_blocks` over dq and dk
+                // (2 × 335 MB at 3.5 TB/s); GLA 18.19 → 18.89 and HGRN-2 22.37 → 23.49, whose
+                // sub-blocks' pairwise work is repeated per block. HLAC_GPU_BWD_SPLIT=0 never
+                // splits, =1 splits vector gates too (for A/B measurements).
+                let vector = matches!(class.decay, crate::classify::Decay::DataVector(_) | crate::classify::Decay::FixedVector(_));
+                let split = gpu
+                    && tiling.block_v < r.v()
+                    && match knob("HLAC_GPU_BWD_SPLIT") {
+                        Some(0) => false,
+                        Some(_) => true,
+                        None => !vector,
+                    };
                 let bwd = chunk_bwd::backward(&r, if split { tiling } else { full })?;
                 // The types its partial gradients are summed into: f32 for the per-head
                 // parameters' and the lower bound's, the storage type for the token inputs'.
@@ -436,9 +464,11 @@ impl ModelKernel {
         let pairwise = crate::nvptx::widest_tile(&self.kernel.program) >= 1 << 16;
         let max_threads = match self.role {
             "attn_bwd_dkv" | "scan_bwd" => 128,
-            "chunk_fwd" | "chunk_fwd_states" if pairwise => 4 * THREADS,
+            "chunk_fwd" | "chunk_fwd_states" | "chunk_out" if pairwise => 4 * THREADS,
             "chunk_bwd" if !pairwise => THREADS,
-            "chunk_fwd" | "chunk_fwd_states" | "chunk_bwd" | "attn_fwd" | "attn_bwd_dq" | "attn_decode" => 2 * THREADS,
+            "chunk_fwd" | "chunk_fwd_states" | "chunk_states" | "chunk_out" | "chunk_bwd" | "attn_fwd" | "attn_bwd_dq" | "attn_decode" => {
+                2 * THREADS
+            }
             _ => THREADS,
         };
         let split_k = self.role != "decode";

@@ -123,7 +123,8 @@ impl Row {
 /// `b` sequences of `t` tokens, from its role and sizes; `None` for kernels that are memory-bound
 /// by design (decode steps, scans, convs, norms). Chunked recurrences (C-token chunks, per token
 /// and head): 2C(K + V) for the intra-chunk QKᵀ and AV, 4KV for the state's QS and KᵀV — the
-/// forward's count, ×2.5 for the backward, whatever the class does besides (the delta rule's
+/// forward's count (the two-pass forward's walk has the KᵀV half of 4KV, its output pass the
+/// rest), ×2.5 for the backward, whatever the class does besides (the delta rule's
 /// inverse and WY products are not counted). Causal attention, per sequence and head: T²D for
 /// each of QKᵀ and PV (half of each square); its dq kernel recomputes QKᵀ and forms dO Vᵀ and dS K
 /// (3 T²D), its dk/dv kernel recomputes QKᵀ and forms dO Vᵀ, Pᵀ dO and dSᵀ Q (4 T²D).
@@ -134,6 +135,10 @@ fn matrix_flops(role: &str, s: &common::Sizer, b: usize, t: usize, chunk: usize)
     let attn = b * h * t * t * d;
     match role {
         "chunk_fwd" | "chunk_fwd_states" => Some(chunked),
+        // The two-pass forward: the walk's K Vᵀ update (and the delta class's W S), then the
+        // outputs' intra-chunk products and Q S.
+        "chunk_states" => Some(b * t * h * 2.0 * k * v),
+        "chunk_out" => Some(b * t * h * (2.0 * chunk * (k + v) + 2.0 * k * v)),
         "chunk_bwd" => Some(2.5 * chunked),
         "attn_fwd" => Some(2.0 * attn),
         "attn_bwd_dq" => Some(3.0 * attn),

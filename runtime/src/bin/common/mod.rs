@@ -292,7 +292,9 @@ impl Sizer<'_> {
                 (ParamKind::Ptr { dtype: DType::F32, .. }, "partials") => f32_buf(programs * partial_cols),
                 (ParamKind::Ptr { dtype: DType::F32, .. }, "out") => f32_buf(partial_cols),
                 // The recurrences.
-                (ParamKind::Ptr { dtype: DType::F32, .. }, "o" | "do") => f32_buf(r * h * v),
+                // `v_new`: the delta class's Δ, handed from the two-pass forward's walk to its
+                // output pass.
+                (ParamKind::Ptr { dtype: DType::F32, .. }, "o" | "do" | "v_new") => f32_buf(r * h * v),
                 (ParamKind::Ptr { dtype: DType::F32, .. }, "h0" | "ht" | "dht" | "dh0") => f32_buf(b.seqs * h * k * v),
                 (ParamKind::Ptr { dtype: DType::F32, .. }, "state") => inout(b.seqs * h * k * v),
                 (ParamKind::Ptr { dtype: DType::F32, .. }, "states") => f32_buf(b.chunks * h * k * v),
