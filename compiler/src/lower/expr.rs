@@ -135,6 +135,13 @@ pub fn rope_parts(b: &mut Builder, d: u32, pos: Value, base: f64) -> (Value, Val
 /// cos θ and sin θ ([R, D]) of the rotary angles θ_ri = pos_r · base^(−2(i mod D/2)/D) (the
 /// unpaired last channel of an odd D gets θ = 0), from a [R, 1] f32 tile of positions.
 pub fn rope_angles(b: &mut Builder, d: u32, pos: Value, base: f64) -> (Value, Value) {
+    let freqs = rope_frequencies(b, d, base);
+    rope_angles_at(b, freqs, pos)
+}
+
+/// The split inverse frequencies (f_hi, f_lo) of [`rope_angles`], `[1, d]` rows: independent of
+/// the position, so a kernel can build them once outside its loops ([`rope_angles_at`]).
+pub fn rope_frequencies(b: &mut Builder, d: u32, base: f64) -> (Value, Value) {
     let half = d / 2;
     // Angles θ = pos · f with f = base^(−2k/D) (k = i mod D/2; the unpaired last channel gets 0),
     // formed accurately in f32: f is computed in f64 here and split into f_hi (8 significant bits,
@@ -153,6 +160,11 @@ pub fn rope_angles(b: &mut Builder, d: u32, pos: Value, base: f64) -> (Value, Va
     let f_hi = b.row(f_hi);
     let f_lo = b.table(&lo);
     let f_lo = b.row(f_lo);
+    (f_hi, f_lo)
+}
+
+/// cos and sin of the RoPE angles at `pos` (`[n, 1]` f32) from [`rope_frequencies`].
+pub fn rope_angles_at(b: &mut Builder, (f_hi, f_lo): (Value, Value), pos: Value) -> (Value, Value) {
     let a = b.mul(pos, f_hi);
     let inv_tau = b.f32(1.0 / std::f64::consts::TAU);
     let turns = b.mul(a, inv_tau);

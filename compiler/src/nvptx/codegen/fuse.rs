@@ -27,6 +27,13 @@
 //!   whose computation holds a transcendental function and that a broadcast expands: HGRN-2's
 //!   key 1 − α, say, read through a `[64, 1, K] → [64, 64, K]` broadcast, is otherwise recomputed
 //!   (a sigmoid each time) for every one of the 64 rows of the pairwise product;
+//! - nor a value whose computation holds a transcendental function and that more than one
+//!   operation reads (`HLAC_NVPTX_FUSE=costly-reads`, the old rule for A/B measurements, asks
+//!   only the chain's last operation to be cheap: GLA's gate, `select(valid, logsigmoid(gk) /
+//!   16, 0)`, was recomputed by its cumulative sum and by its column sum), nor one that a scan or
+//!   a reduction over another axis than the last reads (those walk a line a thread each, so the
+//!   recomputation runs on a fraction of the threads: GLA's state walk spent 36 % of its time in
+//!   that column sum and cumulative sum in the profile build);
 //! - nor a value with a transcendental function that a transpose reads: stored in one pass in
 //!   its own order, it is then read through by the transpose's user, where fused the transpose
 //!   is a pass that recomputes it while gathering its leaves down their columns (GLA's four
@@ -62,6 +69,9 @@ struct Info {
     simt_dot: bool,
     /// Read by a transpose.
     transposed: bool,
+    /// Read by an operation that walks lines of it a thread each (a scan, a reduction over
+    /// another axis than the last), so fused it is recomputed by that many threads, not by all.
+    serial: bool,
 }
 
 struct Walk<'m> {
@@ -100,6 +110,10 @@ impl Walk<'_> {
                     if matches!(inst.op, Op::Transpose(_)) {
                         i.transposed = true;
                     }
+                    let rank = p.ty(*v).shape.len();
+                    if matches!(inst.op, Op::Scan { .. }) || matches!(inst.op, Op::Reduce(_, _, axis) if usize::from(axis) + 1 < rank) {
+                        i.serial = true;
+                    }
                 }
             }
             if let Op::For { body, .. } = &inst.op {
@@ -117,6 +131,7 @@ impl Walk<'_> {
                         expanded: false,
                         simt_dot: false,
                         transposed: false,
+                        serial: false,
                     };
                     self.info.insert(r, info);
                 }
@@ -161,6 +176,7 @@ pub(super) fn analyse(p: &Program, mma: &dyn Fn(Value, Value) -> bool) -> Fusion
     order.sort();
     let no_amplify = std::env::var("HLAC_NVPTX_FUSE").is_ok_and(|v| v == "no-amplify");
     let no_transpose = !std::env::var("HLAC_NVPTX_FUSE").is_ok_and(|v| v == "transpose");
+    let costly_once = !std::env::var("HLAC_NVPTX_FUSE").is_ok_and(|v| v == "costly-reads");
     if no_amplify {
         // A reshape that is expanded expands its operand too: users before operands.
         for v in order.iter().rev() {
@@ -202,9 +218,13 @@ pub(super) fn analyse(p: &Program, mma: &dyn Fn(Value, Value) -> bool) -> Fusion
         if no_transpose && i.transposed && is_costly {
             continue;
         }
+        if costly_once && i.serial && is_costly {
+            continue;
+        }
         let is_index = cheap(&i.op) && tiles.iter().all(|o| index_like.contains(o));
         let local = i.reads.iter().all(|b| *b == i.block);
-        let few = i.reads.len() <= 1 || (cheap(&i.op) && i.reads.len() <= MAX_CHEAP_READS);
+        let cheap_reads = if costly_once { !is_costly } else { cheap(&i.op) };
+        let few = i.reads.len() <= 1 || (cheap_reads && i.reads.len() <= MAX_CHEAP_READS);
         if is_index || (local && few) {
             fused.insert(v);
             if is_index {

@@ -36,6 +36,12 @@ pub(super) fn blocked(n: u32) -> bool {
     n.is_multiple_of(B) && std::env::var("HLAC_NVPTX_TRIINV").map_or(true, |v| v != "columns")
 }
 
+/// Whether step 2 goes by doubling, [`Gen::doubling_levels`]: for n/16 a power of two, unless
+/// `HLAC_NVPTX_TRIINV=rows` asks for the block rows' solve (for A/B measurements).
+fn doubling(n: u32) -> bool {
+    (n / B).is_power_of_two() && n > B && std::env::var("HLAC_NVPTX_TRIINV").map_or(true, |v| v != "rows")
+}
+
 /// Threads per column in step 2: 1, or `HLAC_NVPTX_TRIINV_PARTS=1|2|4`. The profile build
 /// measured the four-way split slower than one thread per column (1.81 M against 1.32 M cycles per
 /// 64 chunks of Gated DeltaNet's forward, H200, 2026-12-02: the split multiplies the loads of X
@@ -54,17 +60,11 @@ impl<'ctx> Gen<'_, 'ctx> {
         let f32t = self.ctx.f32_type();
         let fma = self.intrinsic("llvm.fma", &[f32t.into()])?;
         // Blocks above the diagonal are zero. No barrier of its own: step 1's publishes it, and
-        // nothing before that reads them.
-        let (tid, step) = (self.tid()?, self.i64c(i64::from(self.threads)));
-        let all = self.i64c(nn * nn);
-        self.counted(tid, all, step, &mut |g, ij| {
-            let i = g.b.build_int_signed_div(ij, g.i64c(nn), "").map_err(e)?;
-            let j = g.b.build_int_signed_rem(ij, g.i64c(nn), "").map_err(e)?;
-            let bi = g.b.build_int_signed_div(i, g.i64c(b), "").map_err(e)?;
-            let bj = g.b.build_int_signed_div(j, g.i64c(b), "").map_err(e)?;
-            let above = g.b.build_int_compare(IntPredicate::SLT, bi, bj, "").map_err(e)?;
-            g.only_where(above, &mut |g| g.write(out, ij, g.f32c(0.0)))
-        })?;
+        // nothing before that reads them. (By doubling, they hold its products until the end.)
+        let doubling = doubling(n);
+        if !doubling {
+            self.clear_above_blocks(out, n)?;
+        }
         // 1. The diagonal blocks: thread j solves column j of its block, rows in registers.
         self.par(u64::from(n), &mut |g, j| {
             let c = g.b.build_int_signed_rem(j, g.i64c(b), "").map_err(e)?;
@@ -94,6 +94,11 @@ impl<'ctx> Gen<'_, 'ctx> {
             }
             Ok(())
         })?;
+        if doubling {
+            self.doubling_levels(a, out, n)?;
+            self.clear_above_blocks(out, n)?;
+            return self.barrier();
+        }
         // 2. Block rows below the diagonal, top to bottom, each in two passes. (a) Thread
         // (col, q) sums t[r] = Σ_{m < top} L[top + r][m] · X[m][col] for its quarter of the rows
         // r, into X's own (not yet computed) rows top + r at col: nothing else reads them in this
@@ -132,6 +137,103 @@ impl<'ctx> Gen<'_, 'ctx> {
                 }
                 g.apply_diagonal(out, (top, nn, col), &t, fma)
             })?;
+        }
+        Ok(())
+    }
+
+    /// Zeroes the 16 × 16 blocks of `out` (n × n) above its diagonal ones. No barrier.
+    fn clear_above_blocks(&mut self, out: Value, n: u32) -> R<()> {
+        let e = |x| NvptxError::Llvm { kernel: String::new(), message: format!("{x}") };
+        let (nn, b) = (i64::from(n), i64::from(B));
+        let (tid, step) = (self.tid()?, self.i64c(i64::from(self.threads)));
+        let all = self.i64c(nn * nn);
+        self.counted(tid, all, step, &mut |g, ij| {
+            let i = g.b.build_int_signed_div(ij, g.i64c(nn), "").map_err(e)?;
+            let j = g.b.build_int_signed_rem(ij, g.i64c(nn), "").map_err(e)?;
+            let bi = g.b.build_int_signed_div(i, g.i64c(b), "").map_err(e)?;
+            let bj = g.b.build_int_signed_div(j, g.i64c(b), "").map_err(e)?;
+            let above = g.b.build_int_compare(IntPredicate::SLT, bi, bj, "").map_err(e)?;
+            g.only_where(above, &mut |g| g.write(out, ij, g.f32c(0.0)))
+        })
+    }
+
+    /// Step 2 by doubling: with the diagonal blocks of size s inverted, each pair of them on the
+    /// diagonal (at p, p + s) gives the inverse of size 2s through its lower-left block
+    /// X₂₁ = −X₂₂ · (L₂₁ · X₁₁), for s = 16, 32, … < n, every pair of a level at once and each
+    /// product spread over all threads (one output each, s terms): two passes and two barriers
+    /// per level (log₂(n/16) levels), where the block rows' solve is n/16 − 1 passes with 16
+    /// threads per block of columns. T = L₂₁ X₁₁ waits in the (still unused) block above the
+    /// pair's diagonal, X[p..p+s][p+s..p+2s], which the caller clears afterwards; reads of X₁₁
+    /// and X₂₂ above their diagonals, which may hold a smaller level's T, are selected away.
+    fn doubling_levels(&mut self, a: Value, out: Value, n: u32) -> R<()> {
+        let e = |x| NvptxError::Llvm { kernel: String::new(), message: format!("{x}") };
+        let nn = i64::from(n);
+        let f32t = self.ctx.f32_type();
+        let fma = self.intrinsic("llvm.fma", &[f32t.into()])?;
+        let mut s = i64::from(B);
+        while s < nn {
+            let jobs = (nn / (2 * s) * s * s) as u64;
+            // (p, i, c) of job j: the pair at p = 2s · (j / s²), row i, column c of its block.
+            let split = |g: &mut Self, j: IntValue<'ctx>| -> R<(IntValue<'ctx>, IntValue<'ctx>, IntValue<'ctx>)> {
+                let pair = g.b.build_int_unsigned_div(j, g.i64c(s * s), "").map_err(e)?;
+                let p = g.b.build_int_mul(pair, g.i64c(2 * s), "").map_err(e)?;
+                let i = g.b.build_int_unsigned_div(j, g.i64c(s), "").map_err(e)?;
+                let i = g.b.build_int_unsigned_rem(i, g.i64c(s), "").map_err(e)?;
+                let c = g.b.build_int_unsigned_rem(j, g.i64c(s), "").map_err(e)?;
+                Ok((p, i, c))
+            };
+            let at = |g: &mut Self, row: IntValue<'ctx>, col: IntValue<'ctx>| -> R<IntValue<'ctx>> {
+                let r = g.b.build_int_mul(row, g.i64c(nn), "").map_err(e)?;
+                g.b.build_int_add(r, col, "").map_err(e)
+            };
+            // T[i][c] = Σ_k L[p+s+i][p+k] · X[p+k][p+c], X₁₁ lower triangular (k ≥ c).
+            self.par(jobs, &mut |g, j| {
+                let (p, i, c) = split(g, j)?;
+                let l_row = g.b.build_int_add(p, g.i64c(s), "").map_err(e)?;
+                let l_row = g.b.build_int_add(l_row, i, "").map_err(e)?;
+                let x_col = g.b.build_int_add(p, c, "").map_err(e)?;
+                let mut acc = g.f32c(0.0).into_float_value();
+                for k in 0..s {
+                    let pk = g.b.build_int_add(p, g.i64c(k), "").map_err(e)?;
+                    let il = at(g, l_row, pk)?;
+                    let l = g.read(a, il)?;
+                    let ix = at(g, pk, x_col)?;
+                    let x = g.read(out, ix)?;
+                    let below = g.b.build_int_compare(IntPredicate::ULE, c, g.i64c(k), "").map_err(e)?;
+                    let x = g.b.build_select(below, x, g.f32c(0.0), "").map_err(e)?;
+                    acc = g.call(fma, &[l, x, acc.into()])?.into_float_value();
+                }
+                let t_col = g.b.build_int_add(p, g.i64c(s), "").map_err(e)?;
+                let t_col = g.b.build_int_add(t_col, c, "").map_err(e)?;
+                let t_row = g.b.build_int_add(p, i, "").map_err(e)?;
+                let it = at(g, t_row, t_col)?;
+                g.write(out, it, acc.into())
+            })?;
+            // X[p+s+i][p+c] = −Σ_k X[p+s+i][p+s+k] · T[k][c], X₂₂ lower triangular (k ≤ i).
+            self.par(jobs, &mut |g, j| {
+                let (p, i, c) = split(g, j)?;
+                let row = g.b.build_int_add(p, g.i64c(s), "").map_err(e)?;
+                let row = g.b.build_int_add(row, i, "").map_err(e)?;
+                let t_col = g.b.build_int_add(row, c, "").map_err(e)?;
+                let t_col = g.b.build_int_sub(t_col, i, "").map_err(e)?;
+                let mut acc = g.f32c(0.0).into_float_value();
+                for k in 0..s {
+                    let col = g.b.build_int_add(p, g.i64c(s + k), "").map_err(e)?;
+                    let ix = at(g, row, col)?;
+                    let x = g.read(out, ix)?;
+                    let on_or_below = g.b.build_int_compare(IntPredicate::UGE, i, g.i64c(k), "").map_err(e)?;
+                    let x = g.b.build_select(on_or_below, x, g.f32c(0.0), "").map_err(e)?;
+                    let t_row = g.b.build_int_add(p, g.i64c(k), "").map_err(e)?;
+                    let it = at(g, t_row, t_col)?;
+                    let t = g.read(out, it)?;
+                    acc = g.call(fma, &[x, t, acc.into()])?.into_float_value();
+                }
+                let v = g.b.build_float_neg(acc, "").map_err(e)?;
+                let col = g.b.build_int_add(p, c, "").map_err(e)?;
+                let ix = at(g, row, col)?;
+                g.write(out, ix, v.into())
+            })?;
+            s *= 2;
         }
         Ok(())
     }
