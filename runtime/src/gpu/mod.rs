@@ -358,6 +358,14 @@ impl GpuModule {
                 func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_bytes as i32)
                     .map_err(|cause| GpuError::ModuleLoad { kernel: info.name.clone(), ptx: path.clone(), cause })?;
             }
+            // The share of each SM's unified L1/shared memory a kernel with a shared workspace
+            // asks for, in percent (HLAC_GPU_CARVEOUT=n, for A/B measurements; unset, the
+            // driver's choice): a hint, which decides whether two blocks of a 112 KB workspace
+            // can share an SM.
+            if let Some(percent) = carveout().filter(|_| shared_bytes > 0) {
+                func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, percent)
+                    .map_err(|cause| GpuError::ModuleLoad { kernel: info.name.clone(), ptx: path.clone(), cause })?;
+            }
             kernels.push(Kernel {
                 program: program.clone(),
                 module,
@@ -812,4 +820,9 @@ fn scratch_len(k: &Kernel, total: u64) -> Result<usize, GpuError> {
 
 fn memory(what: String, cause: DriverError) -> GpuError {
     GpuError::Memory { what, cause }
+}
+
+/// `HLAC_GPU_CARVEOUT` as a percentage (0–100), when it is set to one.
+fn carveout() -> Option<i32> {
+    std::env::var("HLAC_GPU_CARVEOUT").ok()?.parse::<i32>().ok().filter(|p| (0..=100).contains(p))
 }

@@ -169,6 +169,13 @@ fn cheap(op: &Op) -> bool {
 
 /// The fused tiles of `p`; `mma` says whether a `dot` of two operands runs on the tensor cores.
 pub(super) fn analyse(p: &Program, mma: &dyn Fn(Value, Value) -> bool) -> Fusion {
+    let costly_once = !std::env::var("HLAC_NVPTX_FUSE").is_ok_and(|v| v == "costly-reads");
+    analyse_with(p, mma, costly_once)
+}
+
+/// [`analyse`] with the rule for costly values given: stored when read twice or by a line-walking
+/// operation (`costly_once`), or only when their last operation is itself costly.
+fn analyse_with(p: &Program, mma: &dyn Fn(Value, Value) -> bool, costly_once: bool) -> Fusion {
     let mut w = Walk { info: HashMap::new(), blocks: 0, mma };
     w.block(p, &p.body);
     // Decide in definition order (operands before users): value numbers grow along the program.
@@ -176,7 +183,6 @@ pub(super) fn analyse(p: &Program, mma: &dyn Fn(Value, Value) -> bool) -> Fusion
     order.sort();
     let no_amplify = std::env::var("HLAC_NVPTX_FUSE").is_ok_and(|v| v == "no-amplify");
     let no_transpose = !std::env::var("HLAC_NVPTX_FUSE").is_ok_and(|v| v == "transpose");
-    let costly_once = !std::env::var("HLAC_NVPTX_FUSE").is_ok_and(|v| v == "costly-reads");
     if no_amplify {
         // A reshape that is expanded expands its operand too: users before operands.
         for v in order.iter().rev() {
@@ -196,42 +202,54 @@ pub(super) fn analyse(p: &Program, mma: &dyn Fn(Value, Value) -> bool) -> Fusion
         let mut tiles = Vec::new();
         i.op.operands(&mut tiles);
         tiles.retain(|o| !p.ty(*o).is_scalar());
-        // A reshape shares its operand's storage unless both fuse.
-        if matches!(i.op, Op::Reshape(_)) && tiles.iter().any(|o| !fused.contains(o)) {
-            continue;
-        }
-        // A transpose of a stored tile is an index remap of it: read through, wherever and however
-        // often it is read, instead of a pass that copies it (and a barrier).
-        if let Op::Transpose(src) = i.op {
-            if !i.yielded && !i.simt_dot && !p.ty(src).is_scalar() && !fused.contains(&src) {
-                fused.insert(v);
+        let (mut is_index, mut is_costly) = (false, false);
+        let fuse = 'decide: {
+            // A reshape shares its operand's storage unless both fuse.
+            if matches!(i.op, Op::Reshape(_)) && tiles.iter().any(|o| !fused.contains(o)) {
+                break 'decide false;
             }
-            continue;
-        }
-        if i.yielded || i.reread {
-            continue;
-        }
-        let is_costly = !cheap(&i.op) || tiles.iter().any(|o| costly.contains(o));
-        if no_amplify && i.expanded && is_costly {
-            continue;
-        }
-        if no_transpose && i.transposed && is_costly {
-            continue;
-        }
-        if costly_once && i.serial && is_costly {
-            continue;
-        }
-        let is_index = cheap(&i.op) && tiles.iter().all(|o| index_like.contains(o));
-        let local = i.reads.iter().all(|b| *b == i.block);
-        let cheap_reads = if costly_once { !is_costly } else { cheap(&i.op) };
-        let few = i.reads.len() <= 1 || (cheap_reads && i.reads.len() <= MAX_CHEAP_READS);
-        if is_index || (local && few) {
+            // A transpose of a stored tile is an index remap of it: read through, wherever and
+            // however often it is read, instead of a pass that copies it (and a barrier).
+            if let Op::Transpose(src) = i.op {
+                break 'decide !i.yielded && !i.simt_dot && !p.ty(src).is_scalar() && !fused.contains(&src);
+            }
+            if i.yielded || i.reread {
+                break 'decide false;
+            }
+            is_costly = !cheap(&i.op) || tiles.iter().any(|o| costly.contains(o));
+            if (no_amplify && i.expanded && is_costly)
+                || (no_transpose && i.transposed && is_costly)
+                || (costly_once && i.serial && is_costly)
+            {
+                break 'decide false;
+            }
+            is_index = cheap(&i.op) && tiles.iter().all(|o| index_like.contains(o));
+            let local = i.reads.iter().all(|b| *b == i.block);
+            let cheap_reads = if costly_once { !is_costly } else { cheap(&i.op) };
+            let few = i.reads.len() <= 1 || (cheap_reads && i.reads.len() <= MAX_CHEAP_READS);
+            is_index || (local && few)
+        };
+        if fuse {
             fused.insert(v);
             if is_index {
                 index_like.insert(v);
             }
             if is_costly {
                 costly.insert(v);
+            }
+        } else if let Op::Reshape(src) = i.op {
+            // A stored reshape is its operand's storage (`kir::layout` gives both one slot), so
+            // the operand must be stored too, and so on down a chain of reshapes: a fused
+            // operand has no storage to share. (Users decided before read it as a leaf either
+            // way.)
+            let mut src = src;
+            while fused.remove(&src) {
+                index_like.remove(&src);
+                costly.remove(&src);
+                match w.info.get(&src).map(|i| &i.op) {
+                    Some(Op::Reshape(a)) => src = *a,
+                    _ => break,
+                }
             }
         }
     }
@@ -254,5 +272,59 @@ pub(super) fn leaves(f: &Fusion, p: &Program, v: Value, own_index: bool, out: &m
     op.operands(&mut ops);
     for o in ops {
         leaves(f, p, o, own_index && same, out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hlac_runtime::kir::Inst;
+
+    /// Every stored `reshape` whose operand is a tile: the operand is stored too (the two share
+    /// one slot, `kir::layout`, and a fused tile has none).
+    fn stored_reshapes_of_fused(p: &Program, f: &Fusion) -> Vec<Value> {
+        fn walk(p: &Program, b: &Block, f: &Fusion, out: &mut Vec<Value>) {
+            for Inst { results, op } in &b.insts {
+                if let Op::For { body, .. } = op {
+                    walk(p, body, f, out);
+                }
+                if let (Op::Reshape(a), [r]) = (op, &results[..]) {
+                    if !p.ty(*a).is_scalar() && !p.ty(*r).is_scalar() && !f.fused.contains(r) && f.fused.contains(a) {
+                        out.push(*r);
+                    }
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(p, &p.body, f, &mut out);
+        out
+    }
+
+    /// Over every kernel of the benchmark specs (the GPU target's, at fla's sizes) and of the
+    /// all-mixers example, with the default rule for costly values and the old one: the norms'
+    /// backwards hold `rsqrt` rows that a reshape reads twice, which once left a stored reshape
+    /// of a fused tile reading storage nobody wrote (wrong gradients on the GPU).
+    #[test]
+    fn a_stored_reshape_never_reads_a_fused_tile() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let specs = ["gla", "hgrn", "hgrn2", "retnet", "deltanet", "gdn", "attn"]
+            .map(|m| root.join(format!("examples/bench/{m}.hla")))
+            .into_iter()
+            .chain([root.join("examples/all-mixers-bf16.hla")]);
+        let mut checked = 0;
+        for spec in specs {
+            let c = crate::compile(&spec);
+            let model = c.model.unwrap_or_else(|| panic!("{} compiles", spec.display()));
+            for k in crate::lower::model_kernels(&model).expect("lowers") {
+                let p = &k.kernel.program;
+                for costly_once in [true, false] {
+                    let f = analyse_with(p, &|_, _| true, costly_once);
+                    let bad = stored_reshapes_of_fused(p, &f);
+                    assert!(bad.is_empty(), "{}: stored reshapes {bad:?} of fused tiles (costly once: {costly_once})", k.name);
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 100, "only {checked} kernels checked");
     }
 }
