@@ -20,7 +20,7 @@ use std::collections::HashMap;
 
 use super::{Gen, R};
 use hlac_runtime::kir::{BinOp, Block, Const, DType, Op, Program, Value};
-use inkwell::values::{BasicValueEnum, IntValue};
+use inkwell::values::{BasicValueEnum, IntValue, VectorValue};
 use inkwell::{AddressSpace, IntPredicate};
 
 /// What is known about a tile along its last axis, per aligned group (see the module doc).
@@ -278,8 +278,10 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             _ => self.ctx.i64_type().vec_type(w),
         };
         let reg = self.reg_type(d)?;
+        let pack = self.packs(out, w);
+        let raw = pack && stored == DType::Bf16 && self.storage.narrow.contains(&out);
         self.counted(tid, end, step, &mut |g2, i| {
-            let mut loaded: Vec<(IntValue<'ctx>, Vec<BasicValueEnum<'ctx>>)> = Vec::new();
+            let mut loaded: Vec<(IntValue<'ctx>, Group<'ctx>)> = Vec::new();
             for u in 0..unroll {
                 let gi = g2.b.build_int_add(i, g2.i64c((u * threads) as i64), "").map_err(|x| g2.llvm(x))?;
                 let e0 = g2.b.build_int_mul(gi, wide, "").map_err(|x| g2.llvm(x))?;
@@ -294,7 +296,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                 let v = v.into_vector_value();
                 v.as_instruction().ok_or_else(|| g2.llvm("a load that is no instruction"))?.set_alignment(16).map_err(|x| g2.llvm(x))?;
                 let mut fast = Vec::new();
-                for k in 0..w {
+                for k in (0..w).filter(|_| !raw) {
                     let x = g2.b.build_extract_element(v, g2.ctx.i32_type().const_int(u64::from(k), false), "").map_err(|x| g2.llvm(x))?;
                     let x: BasicValueEnum = match stored {
                         DType::Bf16 | DType::F16 => {
@@ -314,18 +316,39 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                     slow.push(g2.load_element(ptr, offsets, mask, at, d, other, &mut report)?);
                 }
                 g2.report_if(report, ptr)?;
+                // bf16 in memory and in the tile: the group moves as the loaded bits, and the
+                // element-wise path's values are rounded into a vector of the same type.
+                let slow_vec = if raw { Some(g2.bf16_vector(&slow)?) } else { None };
                 let one_end = g2.b.get_insert_block().ok_or_else(|| g2.llvm("no insertion block"))?;
                 g2.b.build_unconditional_branch(join).map_err(|x| g2.llvm(x))?;
                 g2.b.position_at_end(join);
+                if let Some(sv) = slow_vec {
+                    let phi = g2.b.build_phi(vec_ty, "").map_err(|x| g2.llvm(x))?;
+                    phi.add_incoming(&[(&v, vec_end), (&sv, one_end)]);
+                    loaded.push((e0, Group::Raw(phi.as_basic_value().into_vector_value())));
+                    continue;
+                }
                 let mut xs = Vec::new();
                 for (x, y) in fast.into_iter().zip(slow) {
                     let phi = g2.b.build_phi(reg, "").map_err(|x| g2.llvm(x))?;
                     phi.add_incoming(&[(&x, vec_end), (&y, one_end)]);
                     xs.push(phi.as_basic_value());
                 }
-                loaded.push((e0, xs));
+                loaded.push((e0, Group::Elements(xs)));
             }
-            for (e0, xs) in loaded {
+            for (e0, group) in loaded {
+                let xs = match group {
+                    Group::Raw(v) => {
+                        g2.store_group(out, e0, v)?;
+                        continue;
+                    }
+                    Group::Elements(xs) if pack => {
+                        let v = if g2.storage.narrow.contains(&out) { g2.bf16_vector(&xs)? } else { g2.f32_vector(&xs)? };
+                        g2.store_group(out, e0, v)?;
+                        continue;
+                    }
+                    Group::Elements(xs) => xs,
+                };
                 for (k, x) in xs.into_iter().enumerate() {
                     let at = g2.b.build_int_add(e0, g2.i64c(k as i64), "").map_err(|x| g2.llvm(x))?;
                     g2.write(out, at, x)?;
@@ -334,6 +357,60 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             Ok(())
         })
     }
+
+    /// Whether a vector load's groups of `w` elements go into tile `out` as whole vectors
+    /// ([`Gen::write_group`], `HLAC_NVPTX_PACK=1`, an experiment): an f32 tile, stored as f32 or
+    /// narrowed to bf16, whose groups are 16 bytes or less there. A group starts at a multiple of
+    /// `w` in a row whose length `w` divides ([`Gen::vector_width`]), tiles start on 64-byte
+    /// boundaries (`kir::layout`) and the swizzle moves whole 16-byte units, so its elements are
+    /// adjacent and aligned in the workspace.
+    fn packs(&self, out: Value, w: u32) -> bool {
+        let bytes = self.tile_elem_bytes(out) as u32 * w;
+        std::env::var("HLAC_NVPTX_PACK").is_ok_and(|v| v == "1")
+            && self.p.ty(out).dtype == DType::F32
+            && w > 1
+            && bytes <= 16
+            && 16 % bytes == 0
+    }
+
+    /// f32 values rounded to nearest even into a bf16 vector (as [`Gen::write`] rounds them).
+    fn bf16_vector(&mut self, xs: &[BasicValueEnum<'ctx>]) -> R<VectorValue<'ctx>> {
+        let bf16 = self.ctx.bf16_type();
+        let mut v = bf16.vec_type(xs.len() as u32).get_undef();
+        for (k, x) in xs.iter().enumerate() {
+            let x = self.b.build_float_trunc(x.into_float_value(), bf16, "").map_err(|x| self.llvm(x))?;
+            v = self.b.build_insert_element(v, x, self.ctx.i32_type().const_int(k as u64, false), "").map_err(|x| self.llvm(x))?;
+        }
+        Ok(v)
+    }
+
+    /// f32 values as a vector.
+    fn f32_vector(&mut self, xs: &[BasicValueEnum<'ctx>]) -> R<VectorValue<'ctx>> {
+        let mut v = self.ctx.f32_type().vec_type(xs.len() as u32).get_undef();
+        for (k, x) in xs.iter().enumerate() {
+            v = self
+                .b
+                .build_insert_element(v, x.into_float_value(), self.ctx.i32_type().const_int(k as u64, false), "")
+                .map_err(|x| self.llvm(x))?;
+        }
+        Ok(v)
+    }
+
+    /// Stores the vector `v` of tile `out`'s elements from `e0` on with one aligned store.
+    fn store_group(&mut self, out: Value, e0: IntValue<'ctx>, v: VectorValue<'ctx>) -> R<()> {
+        let bytes = self.tile_elem_bytes(out) as u32 * v.get_type().get_size();
+        let ptr = self.tile_ptr(out, e0)?;
+        let st = self.b.build_store(ptr, v).map_err(|x| self.llvm(x))?;
+        st.set_alignment(bytes).map_err(|x| self.llvm(x))?;
+        Ok(())
+    }
+}
+
+/// One group of a vector load, before it is written: its elements as f32, or (bf16 in memory and
+/// in the tile) the loaded bf16 vector itself.
+enum Group<'ctx> {
+    Elements(Vec<BasicValueEnum<'ctx>>),
+    Raw(VectorValue<'ctx>),
 }
 
 impl<'a, 'ctx> Gen<'a, 'ctx> {
