@@ -464,6 +464,9 @@ struct Gen<'a, 'ctx> {
     /// Workspace regions (offset, element bytes, length in bytes) that elementwise operations have
     /// touched since the last barrier, whose barrier is still owed (see [`Gen::elementwise`]).
     unsynced: Vec<Region>,
+    /// Tiles written by asynchronous copies not yet waited for, one commit group each, oldest
+    /// first ([`Gen::wait_copies`]).
+    pending: Vec<Value>,
     scalars: HashMap<Value, Scalar<'ctx>>,
     layout: kir::layout::Layout,
     /// What the layout was planned with: the tiles not stored, and those stored as bf16
@@ -574,6 +577,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             profiled: options.profile,
             slots: HashMap::new(),
             unsynced: Vec::new(),
+            pending: Vec::new(),
             scalars: HashMap::new(),
             layout,
             storage,
@@ -995,6 +999,11 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             if inst.results.first().is_some_and(|r| self.fusion.fused.contains(r) || self.accumulated.contains(r)) {
                 continue;
             }
+            // A tile still arriving by asynchronous copies (`contig::load_vectors`) is waited for
+            // by the first instruction that reads it, directly or through fused tiles.
+            if let Some(last) = self.last_pending_read(&inst.op) {
+                self.wait_copies(last)?;
+            }
             // Only elementwise operations may run on without a barrier after the one before.
             let elementwise = matches!(inst.op, Op::Unary(..) | Op::Binary(..) | Op::Cmp(..) | Op::Select { .. } | Op::Cast(..));
             if !elementwise {
@@ -1003,8 +1012,47 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
             self.inst(inst)?;
             self.profile_after(inst)?;
         }
-        // A barrier owed inside a block is paid inside it (before a loop's back edge, say).
+        // A barrier owed inside a block is paid inside it (before a loop's back edge, say), and
+        // so are copies still in flight.
+        if !self.pending.is_empty() {
+            self.wait_copies(self.pending.len() - 1)?;
+        }
         self.sync_charged()
+    }
+
+    /// The position in [`Gen::pending`] of the latest tile `op` reads (directly or through fused
+    /// tiles) whose asynchronous copies may still be in flight.
+    fn last_pending_read(&self, op: &Op) -> Option<usize> {
+        if self.pending.is_empty() {
+            return None;
+        }
+        let mut operands = Vec::new();
+        op.operands(&mut operands);
+        let mut leaves = Vec::new();
+        for o in operands {
+            fuse::leaves(&self.fusion, self.p, o, true, &mut leaves);
+        }
+        leaves.iter().filter_map(|(v, _)| self.pending.iter().position(|p| p == v)).max()
+    }
+
+    /// Waits until the copies of [`Gen::pending`]'s tiles up to position `last` have landed: this
+    /// thread's (`cp.async.wait_group` with the younger groups still allowed in flight), then
+    /// every thread's (a barrier).
+    fn wait_copies(&mut self, last: usize) -> R<()> {
+        let younger = (self.pending.len() - 1 - last) as u64;
+        let f = self.intrinsic("llvm.nvvm.cp.async.wait.group", &[])?;
+        let n = self.ctx.i32_type().const_int(younger, false);
+        self.b.build_call(f, &[n.into()], "").map_err(|e| self.llvm(e))?;
+        self.pending.drain(..=last);
+        self.barrier()
+    }
+
+    /// Closes the asynchronous copies issued since the last one into a group for tile `v`.
+    pub(super) fn commit_copies(&mut self, v: Value) -> R<()> {
+        let f = self.intrinsic("llvm.nvvm.cp.async.commit.group", &[])?;
+        self.b.build_call(f, &[], "").map_err(|e| self.llvm(e))?;
+        self.pending.push(v);
+        Ok(())
     }
 
     /// [`Gen::sync`], charging the wait to the instruction that owed it in a profile build.

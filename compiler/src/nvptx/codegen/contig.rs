@@ -280,6 +280,11 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         let reg = self.reg_type(d)?;
         let pack = self.packs(out, w);
         let raw = pack && stored == DType::Bf16 && self.storage.narrow.contains(&out);
+        // HLAC_NVPTX_ASYNC=1 (an experiment, with HLAC_NVPTX_PACK=1): such groups of a tile in
+        // shared memory move by `cp.async` (sm_80 and later), the tile pending until its first
+        // reader waits (`Gen::wait_copies`).
+        let copy = raw && self.smem.is_some() && std::env::var("HLAC_NVPTX_ASYNC").is_ok_and(|v| v == "1");
+
         self.counted(tid, end, step, &mut |g2, i| {
             let mut loaded: Vec<(IntValue<'ctx>, Group<'ctx>)> = Vec::new();
             for u in 0..unroll {
@@ -292,6 +297,28 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                 g2.b.build_conditional_branch(ok, vec_bb, one_bb).map_err(|x| g2.llvm(x))?;
                 g2.b.position_at_end(vec_bb);
                 let p = g2.b.build_int_to_ptr(addr, g2.ctx.ptr_type(AddressSpace::from(1)), "").map_err(|x| g2.llvm(x))?;
+                if copy {
+                    // The group goes from global to shared memory without a register, while the
+                    // thread goes on (waited for by the tile's first reader); a group that may
+                    // not move whole is loaded and stored element by element as below.
+                    let dst = g2.tile_ptr(out, e0)?;
+                    let f = g2.intrinsic("llvm.nvvm.cp.async.cg.shared.global.16", &[])?;
+                    g2.b.build_call(f, &[dst.into(), p.into()], "").map_err(|x| g2.llvm(x))?;
+                    g2.b.build_unconditional_branch(join).map_err(|x| g2.llvm(x))?;
+                    g2.b.position_at_end(one_bb);
+                    let mut slow = Vec::new();
+                    let mut report = g2.ctx.bool_type().const_zero();
+                    for k in 0..w {
+                        let at = g2.b.build_int_add(e0, g2.i64c(i64::from(k)), "").map_err(|x| g2.llvm(x))?;
+                        slow.push(g2.load_element(ptr, offsets, mask, at, d, other, &mut report)?);
+                    }
+                    g2.report_if(report, ptr)?;
+                    let sv = g2.bf16_vector(&slow)?;
+                    g2.store_group(out, e0, sv)?;
+                    g2.b.build_unconditional_branch(join).map_err(|x| g2.llvm(x))?;
+                    g2.b.position_at_end(join);
+                    continue;
+                }
                 let v = g2.b.build_load(vec_ty, p, "").map_err(|x| g2.llvm(x))?;
                 let v = v.into_vector_value();
                 v.as_instruction().ok_or_else(|| g2.llvm("a load that is no instruction"))?.set_alignment(16).map_err(|x| g2.llvm(x))?;
@@ -355,7 +382,11 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                 }
             }
             Ok(())
-        })
+        })?;
+        if copy {
+            self.commit_copies(out)?;
+        }
+        Ok(())
     }
 
     /// Whether a vector load's groups of `w` elements go into tile `out` as whole vectors
