@@ -101,14 +101,15 @@ pub struct KernelInfo {
     /// the mixers ([`PieceInfo`]), which one kernel serves wherever its configuration recurs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mixer: Option<usize>,
-    /// What it computes: a recurrence's `chunk_fwd`, `chunk_fwd_states`, `chunk_bwd`, `scan_fwd`
-    /// (or, built with `HLAC_SCAN_PASSES=3` for a GPU, the three passes `scan_fwd_chunks`,
-    /// `scan_fwd_carry`, `scan_fwd_out`),
+    /// What it computes: a recurrence's `chunk_fwd`, `chunk_fwd_states` (or, built with
+    /// `HLAC_GPU_FWD=2` for a GPU, the two-pass forward's `chunk_states` and `chunk_out`),
+    /// `chunk_bwd`, `scan_fwd` (or, built with `HLAC_SCAN_PASSES=3` for a GPU, the three passes
+    /// `scan_fwd_chunks`, `scan_fwd_carry`, `scan_fwd_out`),
     /// `scan_bwd` or `decode`; attention's `attn_fwd`, `attn_decode`, `attn_bwd_dq`, `attn_bwd_dkv`;
     /// the pieces' `conv_fwd`, `conv_decode`, `conv_bwd`, `norm_fwd`, `norm_bwd`; and
     /// `reduce_partials`, which sums the partial weight gradients of `conv_bwd` and `norm_bwd`;
     /// and `reduce_blocks`, which sums a value-block-split `chunk_bwd`'s partial gradients
-    /// (`d<input>_parts`, built with `HLAC_GPU_BWD_SPLIT=1`).
+    /// (`d<input>_parts`; a GPU target's backward is split except for vector gates).
     pub role: String,
     /// Its kernel-IR program, relative to the artifact directory (JSON).
     pub file: String,

@@ -280,10 +280,14 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         let reg = self.reg_type(d)?;
         let pack = self.packs(out, w);
         let raw = pack && stored == DType::Bf16 && self.storage.narrow.contains(&out);
-        // HLAC_NVPTX_ASYNC=1 (an experiment, with HLAC_NVPTX_PACK=1): such groups of a tile in
-        // shared memory move by `cp.async` (sm_80 and later), the tile pending until its first
-        // reader waits (`Gen::wait_copies`).
-        let copy = raw && self.smem.is_some() && std::env::var("HLAC_NVPTX_ASYNC").is_ok_and(|v| v == "1");
+        // Such groups of a tile in shared memory move by `cp.async` (sm_80 and later), the tile
+        // pending until its first reader waits (`Gen::wait_copies`), unless HLAC_NVPTX_ASYNC=0.
+        // Measured on an H200 (2026-12-03, B = 4, T = 4096, bf16), plain loads → packed stores
+        // → copies: attention's forward 6.38 → 5.30 → 5.07 ms, `bwd_dq` 7.20 → 5.60 → 4.84,
+        // `bwd_dkv` 29.8 → 25.7 → 25.7 (with RoPE: 8.81 → 7.28 → 6.82, 10.46 → 8.17 → 7.49);
+        // GDN's forward 2.02 → 1.94 → 1.86, backward 13.8 → 13.5 → 13.5; GLA's forward 2.34 →
+        // 2.15 and backward 18.2 → 17.4 (copies).
+        let copy = raw && self.smem.is_some() && std::env::var("HLAC_NVPTX_ASYNC").map_or(true, |v| v != "0");
 
         self.counted(tid, end, step, &mut |g2, i| {
             let mut loaded: Vec<(IntValue<'ctx>, Group<'ctx>)> = Vec::new();
@@ -306,13 +310,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                     g2.b.build_call(f, &[dst.into(), p.into()], "").map_err(|x| g2.llvm(x))?;
                     g2.b.build_unconditional_branch(join).map_err(|x| g2.llvm(x))?;
                     g2.b.position_at_end(one_bb);
-                    let mut slow = Vec::new();
-                    let mut report = g2.ctx.bool_type().const_zero();
-                    for k in 0..w {
-                        let at = g2.b.build_int_add(e0, g2.i64c(i64::from(k)), "").map_err(|x| g2.llvm(x))?;
-                        slow.push(g2.load_element(ptr, offsets, mask, at, d, other, &mut report)?);
-                    }
-                    g2.report_if(report, ptr)?;
+                    let slow = g2.group_elements(ptr, (offsets, mask, other), e0, w, d)?;
                     let sv = g2.bf16_vector(&slow)?;
                     g2.store_group(out, e0, sv)?;
                     g2.b.build_unconditional_branch(join).map_err(|x| g2.llvm(x))?;
@@ -336,13 +334,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                 let vec_end = g2.b.get_insert_block().ok_or_else(|| g2.llvm("no insertion block"))?;
                 g2.b.build_unconditional_branch(join).map_err(|x| g2.llvm(x))?;
                 g2.b.position_at_end(one_bb);
-                let mut slow = Vec::new();
-                let mut report = g2.ctx.bool_type().const_zero();
-                for k in 0..w {
-                    let at = g2.b.build_int_add(e0, g2.i64c(i64::from(k)), "").map_err(|x| g2.llvm(x))?;
-                    slow.push(g2.load_element(ptr, offsets, mask, at, d, other, &mut report)?);
-                }
-                g2.report_if(report, ptr)?;
+                let slow = g2.group_elements(ptr, (offsets, mask, other), e0, w, d)?;
                 // bf16 in memory and in the tile: the group moves as the loaded bits, and the
                 // element-wise path's values are rounded into a vector of the same type.
                 let slow_vec = if raw { Some(g2.bf16_vector(&slow)?) } else { None };
@@ -389,19 +381,39 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         Ok(())
     }
 
-    /// Whether a vector load's groups of `w` elements go into tile `out` as whole vectors
-    /// ([`Gen::write_group`], `HLAC_NVPTX_PACK=1`, an experiment): an f32 tile, stored as f32 or
-    /// narrowed to bf16, whose groups are 16 bytes or less there. A group starts at a multiple of
+    /// Whether a vector load's groups of `w` elements go into tile `out` as whole vectors (one
+    /// store each; `HLAC_NVPTX_PACK=0` writes them element by element, the old code): an f32
+    /// tile, stored as f32 or narrowed to bf16, whose groups are 16 bytes or less there. A group starts at a multiple of
     /// `w` in a row whose length `w` divides ([`Gen::vector_width`]), tiles start on 64-byte
     /// boundaries (`kir::layout`) and the swizzle moves whole 16-byte units, so its elements are
     /// adjacent and aligned in the workspace.
     fn packs(&self, out: Value, w: u32) -> bool {
         let bytes = self.tile_elem_bytes(out) as u32 * w;
-        std::env::var("HLAC_NVPTX_PACK").is_ok_and(|v| v == "1")
+        std::env::var("HLAC_NVPTX_PACK").map_or(true, |v| v != "0")
             && self.p.ty(out).dtype == DType::F32
             && w > 1
             && bytes <= 16
             && 16 % bytes == 0
+    }
+
+    /// The `w` elements of a load's group from element `e0` on, one bounds-checked access each
+    /// (an out-of-bounds one reported): the path of a group that may not move whole.
+    fn group_elements(
+        &mut self,
+        ptr: u32,
+        (offsets, mask, other): (Value, Option<Value>, f64),
+        e0: IntValue<'ctx>,
+        w: u32,
+        d: DType,
+    ) -> R<Vec<BasicValueEnum<'ctx>>> {
+        let mut out = Vec::with_capacity(w as usize);
+        let mut report = self.ctx.bool_type().const_zero();
+        for k in 0..w {
+            let at = self.b.build_int_add(e0, self.i64c(i64::from(k)), "").map_err(|x| self.llvm(x))?;
+            out.push(self.load_element(ptr, offsets, mask, at, d, other, &mut report)?);
+        }
+        self.report_if(report, ptr)?;
+        Ok(out)
     }
 
     /// f32 values rounded to nearest even into a bf16 vector (as [`Gen::write`] rounds them).
