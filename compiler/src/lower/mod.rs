@@ -293,7 +293,10 @@ pub fn model_kernels(model: &crate::ir::Model) -> Result<Vec<ModelKernel>, Lower
         } else {
             // HLAC_GPU_FWD=2 runs a GPU's forward in two passes (`chunk::two_pass_forward`): the
             // walk over the chunks carrying only the state, then one instance per chunk for the
-            // outputs; they serve the training forward too (the walk keeps the states).
+            // outputs; they serve the training forward too (the walk keeps the states). Not the
+            // default: slower than the fused walk on an H200 (2026-12-03: GLA 2.57 → 0.84 + 2.67
+            // ms, GDN 2.31 → 1.85 + 0.73, DeltaNet 2.15 → 1.76 + 0.59), its output pass alone
+            // costing what the whole walk does.
             let two_pass = gpu && knob("HLAC_GPU_FWD") == Some(2);
             if two_pass {
                 let (states, outputs) = if class.family == crate::classify::Family::Delta {
