@@ -2,7 +2,8 @@
 
 hlac's ops are sums of its kernels' median times: forward = the inference forward kernel (or the
 two-pass forward's pair); forward+backward = the training kernels (the forward that keeps the
-chunk states, or the two-pass pair, then the backward; attention: forward, then dq and dk/dv). TFLOP/s counts the chunked form's matrix products at
+chunk states, or the two-pass pair, then the backward, and for a backward split over value blocks the two
+`sum_blocks` of its dq and dk; attention: forward, then dq and dk/dv). TFLOP/s counts the chunked form's matrix products at
 chunk 64 (per token and head 4·C·D + 4·D² for the forward, 2.5× that with the backward;
 attention 2·T·D per token and head causal, ×3.5 with the backward): a yardstick, the same for
 both sides, not the work either side really does.
@@ -74,6 +75,12 @@ print("| --- | --- | --- | --- | --- | --- | --- | --- |")
 for label, art, fr, br, peer, flops in OPS:
     doc = load(f"hlac-{art}.json")
     hf, hb = times(doc, fr), times(doc, br)
+    # A split backward's partial dq and dk are added by `sum_blocks` (timed at dk's size, the
+    # first `reduce_blocks` of the artifact: the token inputs' type).
+    if hb is not None and br is TRAIN:
+        reduce = times(doc, [["reduce_blocks"]])
+        if reduce is not None:
+            hb += 2 * reduce
     p = fla.get(peer, {})
     pf, pb = p.get("fwd_ms"), p.get("fwdbwd_ms")
     tf = f(flops / hf / 1e9, 1) if hf and flops else "—"

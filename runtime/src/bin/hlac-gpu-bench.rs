@@ -7,8 +7,9 @@
 //! manifest does not record are probed on the CPU at the check's small test batch, then carried
 //! over to the benchmark's batch. The conv and norm kernels take their sizes from the manifest:
 //! a conv over B × T tokens of its channels, a norm over B × T × (rows per token) rows (the heads
-//! of a per-head output norm), the norm backward with 1024 programs, and `sum_partials` adding
-//! 1024 partial gradients of the model's width. Inputs are seeded random values (never zeros).
+//! of a per-head output norm), the norm backward with 1024 programs, `sum_partials` adding
+//! 1024 partial gradients of the model's width, and `sum_blocks` adding a split backward's
+//! partial dk (one per value block, tokens × heads × K elements; dq is as large). Inputs are seeded random values (never zeros).
 //! Each kernel gets `--warmup` launches (default 3), then `--repeats` launches (default 20), each
 //! bracketed by two CUDA events on the module's stream; launches are queued without waiting
 //! ([`GpuModule::launch_async`]) so the host's launch overhead overlaps the previous kernel, as in
@@ -351,6 +352,16 @@ fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1e3
 }
 
+/// The value blocks and elements (tokens × heads × K) of the first split `chunk_bwd`'s key-wide
+/// partial gradients at `batch`, if the artifact has a split backward.
+fn split_gradient_size(artifact: &Artifact, batch: &Batch) -> Option<(usize, usize)> {
+    let m = &artifact.manifest;
+    let (i, info) = m.kernels.iter().enumerate().find(|(_, k)| k.role == "chunk_bwd" && k.grid.len() == 2)?;
+    let sizer = Sizer::new(m, info, &artifact.programs[i], batch);
+    let blocks = *sizer.grid(info, &Default::default()).ok()?.get(1)?;
+    Some((blocks as usize, batch.tokens * sizer.h * sizer.k))
+}
+
 /// Sizes a kernel at the benchmark's batch and makes its host arguments: probes the widths the
 /// manifest does not give on the CPU at the check's small test batch (running the kernel on the
 /// CPU at the full batch would take minutes), then plans the full batch with the same layouts.
@@ -378,6 +389,19 @@ fn size_kernel(
     // `sum_partials` then adds that many partial weight gradients of the model's width.
     sizer.programs = BENCH_PROGRAMS;
     sizer.partial_cols = m.model.hidden_size as usize;
+    // `sum_blocks` into the token inputs' type at the size of a split backward's largest partial
+    // gradient, a key-wide token input's (dq, dk): one per value block for every token, head and
+    // key channel. (Into f32 on a bf16 target it adds the per-head parameters', a few hundred
+    // elements: it keeps the generic size.)
+    let out_type = program.params.iter().find(|p| p.name == "out").and_then(|p| match p.kind {
+        ParamKind::Ptr { dtype, .. } => Some(dtype.name()),
+        _ => None,
+    });
+    if info.role == "reduce_blocks" && out_type == Some(m.target.dtype.as_str()) {
+        if let Some((parts, cols)) = split_gradient_size(artifact, &batch) {
+            (sizer.programs, sizer.partial_cols) = (parts, cols);
+        }
+    }
     let levels = sizer.carry_levels(&test_sizer, &probed.levels);
     let plans = sizer.plan(&levels).map_err(|param| format!("cannot size parameter `{param}` at the full batch"))?;
     let grid = sizer.grid(info, &levels)?;
