@@ -51,6 +51,16 @@ pub fn packing(lengths: &[usize]) -> (Vec<usize>, Vec<i64>) {
     (cu, cu64)
 }
 
+/// The first chunk of each sequence of the given lengths in a `[chunks, …]` buffer of `chunk`-token
+/// chunks, then the number of chunks (`chunk_offsets`, as the chunked kernels read it).
+pub fn chunk_offsets(lengths: impl IntoIterator<Item = usize>, chunk: usize) -> Vec<i64> {
+    let mut out = vec![0i64];
+    for l in lengths {
+        out.push(out.last().copied().unwrap_or(0) + l.div_ceil(chunk) as i64);
+    }
+    out
+}
+
 /// The first mixer of a model compiled from spec text (panics with the diagnostics if it fails).
 pub fn mixer(spec: &str) -> hlac::ir::Mixer {
     let c = hlac::compile_str("<kernel test>", spec, &crate::root());

@@ -9,7 +9,7 @@ use hlac_runtime::cpu::{Arg, CpuModule};
 use hlac_runtime::kir::DType;
 use std::collections::HashMap;
 
-use hlac_tests::kernels::{check_stored, f32s, launch, launch_compiled, mixer, packing, rel_l2, stored, Buf};
+use hlac_tests::kernels::{check_stored, chunk_offsets, f32s, launch, launch_compiled, mixer, packing, rel_l2, stored, Buf};
 use hlac_tests::reference::linear::forward;
 use hlac_tests::reference::mixers;
 use hlac_tests::reference::rng::Rng;
@@ -81,13 +81,9 @@ fn run_two_pass(r: &Recurrence<'_>, tiling: Tiling, inputs: &[(&str, Vec<f32>)],
     let c = tiling.chunk as usize;
     let total = *cu.last().unwrap_or(&0) as usize;
     let seqs = cu.len() - 1;
-    let mut chunk_offsets = vec![0i64];
-    let mut max_len = 0;
-    for w in cu.windows(2) {
-        let len = (w[1] - w[0]) as usize;
-        max_len = max_len.max(len);
-        chunk_offsets.push(chunk_offsets.last().copied().unwrap_or(0) + len.div_ceil(c) as i64);
-    }
+    let lengths: Vec<usize> = cu.windows(2).map(|w| (w[1] - w[0]) as usize).collect();
+    let max_len = lengths.iter().copied().max().unwrap_or(0);
+    let chunk_offsets = chunk_offsets(lengths, c);
     let chunks = *chunk_offsets.last().unwrap_or(&0) as usize;
     let bind = |program: &hlac_runtime::kir::Program, carried: &HashMap<String, Vec<f32>>| {
         let mut bufs = HashMap::new();

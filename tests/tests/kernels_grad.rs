@@ -3,7 +3,7 @@
 //! initial state) for loss ℓ = Σ W_o ⊙ o + Σ W_s ⊙ S_T with random weights, on packed
 //! sequences spanning several chunks. Tolerance: relative L2 error ≤ 1e-4.
 
-use hlac_tests::kernels::{check_stored, f32s, launch, mixer, rel_l2, stored, Buf};
+use hlac_tests::kernels::{check_stored, chunk_offsets, f32s, launch, mixer, rel_l2, stored, Buf};
 use std::collections::HashMap;
 
 use hlac::classify::Family;
@@ -63,10 +63,7 @@ fn check_backward_as(
     let total = *cu.last().unwrap_or(&0);
     let seqs = lengths.len();
     let cu64: Vec<i64> = cu.iter().map(|&x| x as i64).collect();
-    let mut chunk_offsets = vec![0i64];
-    for l in lengths {
-        chunk_offsets.push(chunk_offsets.last().copied().unwrap_or(0) + l.div_ceil(chunk as usize) as i64);
-    }
+    let chunk_offsets = chunk_offsets(lengths.iter().copied(), chunk as usize);
     let chunks = *chunk_offsets.last().unwrap_or(&0) as usize;
     let mut rng = Rng::new(seed);
     let h0: Vec<f64> = rng.normals(seqs * h * k * v);
@@ -355,13 +352,8 @@ fn hgrn_three_pass_scan_forward_matches_the_sequential_recurrence() {
     let r = Recurrence { name: &m.name, class, math, heads: m.instance.heads, storage: DType::F32 };
     let (d, block, rows) = (8usize, 3u32, 5usize);
     let lengths = [1usize, 6, 13, 0, 5, 11];
-    let mut cu = vec![0usize];
-    let mut chunk_offsets = vec![0i64];
-    for l in lengths {
-        cu.push(cu.last().copied().unwrap_or(0) + l);
-        chunk_offsets.push(chunk_offsets.last().copied().unwrap_or(0) + l.div_ceil(rows) as i64);
-    }
-    let cu64: Vec<i64> = cu.iter().map(|&x| x as i64).collect();
+    let (cu, cu64) = hlac_tests::kernels::packing(&lengths);
+    let chunk_offsets = chunk_offsets(lengths, rows);
     let (total, seqs, chunks) = (cu[lengths.len()], lengths.len(), chunk_offsets[lengths.len()] as usize);
     let max_len = lengths.iter().copied().max().unwrap_or(0);
     let mut rng = Rng::new(77);

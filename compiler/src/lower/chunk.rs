@@ -277,10 +277,7 @@ impl Scaffold {
                 let (p, offsets) = states_ptrs.ok_or_else(|| r.error("the output pass reads stored states"))?;
                 let first = load_scalar(&mut b, offsets, seq);
                 let n = b.add(j, first);
-                let base = b.mul(n, h_count);
-                let base = b.add(base, head);
-                let base = b.mul(base, kv);
-                let off = b.add(s_tile, base);
+                let off = state_offsets(&mut b, n, (h_count, head), k * v, s_tile);
                 (b.load(p, off, Some(inside), 0.0), None, Some(t0))
             }
         };
@@ -345,11 +342,7 @@ impl Scaffold {
         let c = b.i64(i64::from(self.c));
         let n = b.binary(BinOp::Div, t0, c);
         let n = b.add(n, chunk_base);
-        let base = b.mul(n, self.h_count);
-        let base = b.add(base, self.head);
-        let kv = b.i64(i64::from(self.k) * i64::from(self.v));
-        let base = b.mul(base, kv);
-        let off = b.add(self.s_tile, base);
+        let off = state_offsets(b, n, (self.h_count, self.head), self.k * self.v, self.s_tile);
         b.store(p, off, s, None);
     }
 
@@ -392,6 +385,16 @@ impl Scaffold {
         }
         b.finish()
     }
+}
+
+/// Offsets of an instance's state tile (`s_tile`, relative to a state's start) in chunk `n`'s
+/// states of `[chunks, heads, K, V]`, for head `head` of `heads`; `kv` is K · V.
+fn state_offsets(b: &mut Builder, n: Value, (heads, head): (Value, Value), kv: u32, s_tile: Value) -> Value {
+    let base = b.mul(n, heads);
+    let base = b.add(base, head);
+    let kv = b.i64(i64::from(kv));
+    let base = b.mul(base, kv);
+    b.add(s_tile, base)
 }
 
 /// Every name the class's expressions mention.

@@ -14,7 +14,7 @@
 
 use hlac_runtime::kir::{Builder, CmpOp, Value};
 
-use super::chunk::{chunk_qkv, chunked_forward, two_pass_forward, Chunk, Part, Scaffold};
+use super::chunk::{chunk_qkv, chunked_forward, two_pass_forward, Chunk, Scaffold};
 use super::decay::{causal_mask, decay_matrix};
 use super::expr;
 use super::{Kernel, LowerError, Recurrence, Tiling};
@@ -114,7 +114,8 @@ fn step(r: &Recurrence<'_>, sc: &Scaffold, b: &mut Builder, chunk: &Chunk, s: Va
             let w = b.dot(t, bk);
             let ws = b.dot(w, s);
             let delta = b.sub(u, ws);
-            if let (Part::State, Some(p)) = (sc.part, sc.v_new) {
+            // Only the state's walk of the two-pass forward has `v_new` to hand Δ on in.
+            if let Some(p) = sc.v_new {
                 sc.store_rows(b, p, chunk, delta);
             }
             delta

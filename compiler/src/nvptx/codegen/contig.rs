@@ -20,6 +20,7 @@ use std::collections::HashMap;
 
 use super::{Gen, R};
 use hlac_runtime::kir::{BinOp, Block, Const, DType, Op, Program, Value};
+use inkwell::types::BasicTypeEnum;
 use inkwell::values::{BasicValueEnum, IntValue, VectorValue};
 use inkwell::{AddressSpace, IntPredicate};
 
@@ -362,7 +363,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                         continue;
                     }
                     Group::Elements(xs) if pack => {
-                        let v = if g2.storage.narrow.contains(&out) { g2.bf16_vector(&xs)? } else { g2.f32_vector(&xs)? };
+                        let v = if g2.storage.narrow.contains(&out) { g2.bf16_vector(&xs)? } else { g2.vector_of(&xs, reg)? };
                         g2.store_group(out, e0, v)?;
                         continue;
                     }
@@ -383,10 +384,10 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
 
     /// Whether a vector load's groups of `w` elements go into tile `out` as whole vectors (one
     /// store each; `HLAC_NVPTX_PACK=0` writes them element by element, the old code): an f32
-    /// tile, stored as f32 or narrowed to bf16, whose groups are 16 bytes or less there. A group starts at a multiple of
-    /// `w` in a row whose length `w` divides ([`Gen::vector_width`]), tiles start on 64-byte
-    /// boundaries (`kir::layout`) and the swizzle moves whole 16-byte units, so its elements are
-    /// adjacent and aligned in the workspace.
+    /// tile, stored as f32 or narrowed to bf16, whose groups are 16 bytes or less there. A group
+    /// starts at a multiple of `w` in a row whose length `w` divides ([`Gen::vector_width`]),
+    /// tiles start on 64-byte boundaries (`kir::layout`) and the swizzle moves whole 16-byte
+    /// units, so its elements are adjacent and aligned in the workspace.
     fn packs(&self, out: Value, w: u32) -> bool {
         let bytes = self.tile_elem_bytes(out) as u32 * w;
         std::env::var("HLAC_NVPTX_PACK").map_or(true, |v| v != "0")
@@ -419,22 +420,22 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
     /// f32 values rounded to nearest even into a bf16 vector (as [`Gen::write`] rounds them).
     fn bf16_vector(&mut self, xs: &[BasicValueEnum<'ctx>]) -> R<VectorValue<'ctx>> {
         let bf16 = self.ctx.bf16_type();
-        let mut v = bf16.vec_type(xs.len() as u32).get_undef();
-        for (k, x) in xs.iter().enumerate() {
-            let x = self.b.build_float_trunc(x.into_float_value(), bf16, "").map_err(|x| self.llvm(x))?;
-            v = self.b.build_insert_element(v, x, self.ctx.i32_type().const_int(k as u64, false), "").map_err(|x| self.llvm(x))?;
-        }
-        Ok(v)
+        let rounded =
+            xs.iter().map(|x| self.b.build_float_trunc(x.into_float_value(), bf16, "").map(Into::into)).collect::<Result<Vec<_>, _>>();
+        self.vector_of(&rounded.map_err(|x| self.llvm(x))?, bf16.into())
     }
 
-    /// f32 values as a vector.
-    fn f32_vector(&mut self, xs: &[BasicValueEnum<'ctx>]) -> R<VectorValue<'ctx>> {
-        let mut v = self.ctx.f32_type().vec_type(xs.len() as u32).get_undef();
+    /// Values of type `ty` as one vector.
+    fn vector_of(&mut self, xs: &[BasicValueEnum<'ctx>], ty: BasicTypeEnum<'ctx>) -> R<VectorValue<'ctx>> {
+        let n = xs.len() as u32;
+        let mut v = match ty {
+            BasicTypeEnum::FloatType(t) => t.vec_type(n),
+            BasicTypeEnum::IntType(t) => t.vec_type(n),
+            _ => return Err(self.llvm("a vector of neither floats nor integers")),
+        }
+        .get_undef();
         for (k, x) in xs.iter().enumerate() {
-            v = self
-                .b
-                .build_insert_element(v, x.into_float_value(), self.ctx.i32_type().const_int(k as u64, false), "")
-                .map_err(|x| self.llvm(x))?;
+            v = self.b.build_insert_element(v, *x, self.ctx.i32_type().const_int(k as u64, false), "").map_err(|x| self.llvm(x))?;
         }
         Ok(v)
     }
@@ -488,10 +489,8 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                 xs.push(g2.read(value, at)?);
             }
             // The group as one vector: of f32 (rounded to the narrow type after) or of i64.
-            let mut vec = if d == DType::F32 { g2.ctx.f32_type().vec_type(w) } else { g2.ctx.i64_type().vec_type(w) }.get_undef();
-            for (k, x) in xs.iter().enumerate() {
-                vec = g2.b.build_insert_element(vec, *x, g2.ctx.i32_type().const_int(k as u64, false), "").map_err(|x| g2.llvm(x))?;
-            }
+            let elem = if d == DType::F32 { g2.ctx.f32_type().into() } else { g2.ctx.i64_type().into() };
+            let mut vec = g2.vector_of(&xs, elem)?;
             if let Some(nt) = narrow {
                 vec = g2.b.build_float_trunc(vec, nt.vec_type(w), "").map_err(|x| g2.llvm(x))?;
             }
