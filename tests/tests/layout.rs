@@ -145,3 +145,54 @@ fn yields_in_place_only_over_dead_carried_tiles() {
         }
     }
 }
+
+/// A loop's carried tile takes its initial value's storage exactly when nothing reads that value
+/// once the loop has started (the loop's own start is its last read): then a nest of loops
+/// accumulating into one tile, as attention's `bwd_dkv` does over a group's heads and their query
+/// blocks, holds it once instead of once a level; a value read again after the loop, or inside
+/// it, keeps storage of its own.
+#[test]
+fn initial_values_give_their_storage_only_when_dead() {
+    use hlac_runtime::kir::{Builder, DType, Value};
+    type Ptr = hlac_runtime::kir::build::Ptr;
+    fn store_tile(b: &mut Builder, ptr: Ptr, v: Value) {
+        let iota = b.iota(256);
+        let off = b.reshape(iota, &[16, 16]);
+        b.store(ptr, off, v, None);
+    }
+    // (name, read the initial value after the loop, read it inside, in place)
+    for (name, after, inside, in_place) in
+        [("dead at the start", false, false, true), ("read after", true, false, false), ("read inside", false, true, false)]
+    {
+        let mut b = Builder::new("t", &["x"]);
+        let ptr = b.ptr("x", DType::F32, true);
+        let (lo, hi, step) = (b.i64(0), b.i64(4), b.i64(1));
+        let half = b.f32(0.5);
+        let filled = b.broadcast(half, &[16, 16]);
+        // Stored by every back end (a transcendental function is never a broadcast's splat).
+        let init = b.exp(filled);
+        let mut args = (Value(0), Value(0));
+        let out = b.for_loop(lo, hi, step, &[init], |b, _, outer| {
+            b.for_loop(lo, hi, step, &[outer[0]], |b, _, inner| {
+                args = (outer[0], inner[0]);
+                let one = b.f32(1.0);
+                let mut y = b.add(inner[0], one);
+                if inside {
+                    y = b.add(y, init);
+                }
+                vec![y]
+            })
+        });
+        store_tile(&mut b, ptr, out[0]);
+        if after {
+            store_tile(&mut b, ptr, init);
+        }
+        let p = b.finish();
+        let l = layout::plan(&p);
+        layout::check(&p, &layout::Storage::default(), &l).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let (outer, inner) = args;
+        assert_eq!(l.group(init) == l.group(outer), in_place, "{name}: the outer loop's carried tile");
+        // The outer carried tile is read only by the inner loop's start: always dead there.
+        assert_eq!(l.group(outer), l.group(inner), "{name}: the inner loop's carried tile");
+    }
+}

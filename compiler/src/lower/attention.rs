@@ -607,13 +607,15 @@ fn backward_dkv(cfg: &AttnConfig, tiling: AttnTiling, group: u32) -> Kernel {
             let rows = b.add(iota_q, i0);
             let qb = load_query_block(b, cfg, &p, rope.as_ref().map(|r| &r.0), rows, bos, len, head);
             let (pr, ds) = probs_and_ds(b, cfg, &qb, &kb);
+            // Each product straight before the add that takes it, so the back end computes it
+            // into the accumulator (no [bk, d] tile of its own).
             let pt = b.transpose(pr);
             let pdo = b.dot(pt, qb.d_o);
+            let dv = b.add(acc[1], pdo);
             let dst = b.transpose(ds);
             // q is already scaled, so this is scale · dSᵀ q.
             let dsq = b.dot(dst, qb.q);
             let dk = b.add(acc[0], dsq);
-            let dv = b.add(acc[1], pdo);
             vec![dk, dv]
         })
     });

@@ -410,21 +410,24 @@ fn unique_names(kernels: &mut [ModelKernel]) {
 impl ModelKernel {
     /// How the GPU back end launches this kernel, from measurements on an H200 (BENCHMARKS.md):
     ///
-    /// - Workspace: in shared memory where it fits, except for attention's `bwd_dkv`. The
-    ///   backward kernels run one instance per 64 query (or key) rows — thousands per launch — so
-    ///   a shared workspace can leave one block per SM: at D = 64 `bwd_dq` took 100 ms with it
-    ///   against 83 in global memory (f32 tiles, 2026-11). With its operand tiles in bf16
-    ///   (`nvptx` codegen's `narrow`) `bwd_dq` fits at D = 128 and gained: 21.5 → 15.0 ms (H200,
-    ///   2026-12-03); `bwd_dkv` does not fit at D = 128 (295 KB). The
-    ///   forward's registers already hold it to one block per SM, so its 198 KB at D = 128 gain
-    ///   from shared memory: 45.6 → 37.5 ms. Kernels with one instance per (sequence, head, value
-    ///   block) gain too (GDN decode 0.048 → 0.035 ms), and so do the conv and norm pieces, whose
-    ///   block sizes [`layer_pieces`] chooses to fit shared memory: a norm forward runs one
-    ///   instance per few rows (16 384 at B = 4, T = 4096, 16 heads), so a global workspace would
-    ///   be that many times its size in scratch memory.
-    /// - Threads: 256, except 128 for attention's `bwd_dkv` (77.3 → 72.6 ms at 128 in 2026-11;
-    ///   29.8 → 33.8 at 256 and 40.7 at 512 in 2026-12-03) and the elementwise scan's backward
-    ///   (5.0 → 3.1 ms), whose register use then lets several blocks share an SM; 512 for the
+    /// - Workspace: in shared memory where it fits. The backward kernels run one instance per 64
+    ///   query (or key) rows — thousands per launch — so a shared workspace can leave one block
+    ///   per SM: at D = 64 `bwd_dq` took 100 ms with it against 83 in global memory (f32 tiles,
+    ///   2026-11). With its operand tiles in bf16 (`nvptx` codegen's `narrow`) `bwd_dq` fits at
+    ///   D = 128 and gained: 21.5 → 15.0 ms (H200, 2026-12-03). `bwd_dkv` fits at D = 128 since
+    ///   its products add straight into its accumulators and its two loops share one storage for
+    ///   them (`kir::layout`'s initial values in place; 279 → 180 KB), and went 30.1 → 10.2 ms
+    ///   (H100, 2026-12-06; 10.5 at 512 threads). The forward's registers already hold it to one
+    ///   block per SM, so its 198 KB at D = 128 gain from shared memory: 45.6 → 37.5 ms. Kernels
+    ///   with one instance per (sequence, head, value block) gain too (GDN decode 0.048 → 0.035
+    ///   ms), and so do the conv and norm pieces, whose block sizes [`layer_pieces`] chooses to
+    ///   fit shared memory: a norm forward runs one instance per few rows (16 384 at B = 4,
+    ///   T = 4096, 16 heads), so a global workspace would be that many times its size in scratch
+    ///   memory.
+    /// - Threads: 256 (attention's `bwd_dkv` too, which took 128 while its workspace was in
+    ///   global memory: 29.8 ms at 128 against 33.8 at 256 and 40.7 at 512 in 2026-12-03), except
+    ///   128 for the elementwise scan's backward (5.0 → 3.1 ms), whose register use then lets
+    ///   several blocks share an SM; 512 for the
     ///   chunked forwards and attention's forward, `bwd_dq` and decode step, which have most of
     ///   an SM to themselves; 1024 for the chunked forwards of vector gates, and 512 for their
     ///   backwards (the sub-blocks' pairwise tiles). Measured on an H200 (2026-12-03, with
@@ -458,15 +461,12 @@ impl ModelKernel {
     ///   `sum_partials` 0.209 against 0.249.
     pub fn gpu_options(&self) -> crate::nvptx::Options {
         use crate::nvptx::{Narrowing, Options, Workspace, THREADS};
-        let workspace = match self.role {
-            "attn_bwd_dkv" => Workspace::Global,
-            _ => Workspace::SharedWhenFits,
-        };
+        let workspace = Workspace::SharedWhenFits;
         // The chunked kernels of vector gates hold the sub-blocks' pairwise tiles ([4, 16, 16, K]:
         // 64 K elements at K = 128), whose passes gain from more threads.
         let pairwise = crate::nvptx::widest_tile(&self.kernel.program) >= 1 << 16;
         let max_threads = match self.role {
-            "attn_bwd_dkv" | "scan_bwd" => 128,
+            "scan_bwd" => 128,
             "chunk_fwd" | "chunk_fwd_states" | "chunk_out" if pairwise => 4 * THREADS,
             "chunk_bwd" if !pairwise => THREADS,
             "chunk_fwd" | "chunk_fwd_states" | "chunk_states" | "chunk_out" | "chunk_bwd" | "attn_fwd" | "attn_bwd_dq" | "attn_decode" => {

@@ -300,9 +300,10 @@ pub fn compile(program: &Program, device: &str, options: Options) -> Result<Comp
         };
         let limit = if global { 0 } else { shared_limit(device) };
         let mut g = Gen::new(&context, &module, program, &entry, limit, options)?;
-        // HLAC_NVPTX_LAYOUT=<kernel> prints that kernel's stored tiles (offset, type) to stderr:
-        // what makes its workspace the size it is.
+        // HLAC_NVPTX_LAYOUT=<kernel> prints that kernel's program and its stored tiles (offset,
+        // type) to stderr: what makes its workspace the size it is.
         if std::env::var("HLAC_NVPTX_LAYOUT").is_ok_and(|k| k == program.name) {
+            eprintln!("{program}");
             for (v, at) in g.layout.tiles() {
                 let t = program.ty(v);
                 let narrow = if g.storage.narrow.contains(&v) { " as bf16" } else { "" };

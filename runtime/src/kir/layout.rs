@@ -92,6 +92,13 @@ struct Walk {
     pos: u64,
     def: HashMap<Value, u64>,
     last: HashMap<Value, u64>,
+    /// Each tile's last read: [`Walk::last`] without a loop's hold on its carried tiles to its end
+    /// (where the yield writes them; nothing reads them there).
+    read: HashMap<Value, u64>,
+    /// Each loop's carried tiles with their initial values, as (initial value, carried tile, the
+    /// loop's start, the loop's end): [`Walk::init_in_place`] gives the carried tile its initial
+    /// value's storage where that is dead once the loop starts.
+    inits: Vec<(Value, Value, u64, u64)>,
     /// Union-find parent for storage groups.
     parent: HashMap<Value, Value>,
     /// Tiles a back end computes where they are used instead of storing them ([`plan_fused`]).
@@ -125,6 +132,13 @@ impl Walk {
     }
 
     fn use_at(&mut self, v: Value, at: u64) {
+        self.hold(v, at);
+        let e = self.read.entry(v).or_insert(at);
+        *e = (*e).max(at);
+    }
+
+    /// Keeps `v`'s storage to position `at` without reading it there.
+    fn hold(&mut self, v: Value, at: u64) {
         let e = self.last.entry(v).or_insert(at);
         *e = (*e).max(at);
     }
@@ -202,7 +216,12 @@ impl Walk {
                     let inside: Vec<u64> = body.args.iter().map(|a| self.last.get(a).copied().unwrap_or(start)).collect();
                     self.pos = end;
                     for a in &body.args {
-                        self.use_at(*a, end);
+                        self.hold(*a, end);
+                    }
+                    if let Op::For { init, .. } = &inst.op {
+                        for (x, a) in init.iter().zip(body.args.iter().skip(1)) {
+                            self.inits.push((*x, *a, start, end));
+                        }
                     }
                     for (k, r) in inst.results.iter().enumerate() {
                         self.def.insert(*r, end);
@@ -283,6 +302,37 @@ impl Walk {
     }
 }
 
+impl Walk {
+    /// After the walk: gives each loop's carried tile the storage of its initial value where that
+    /// is read last by the loop's start (so the copy into the carried tile at the start goes, and
+    /// one storage serves both: a nest of loops accumulating into one tile — attention's
+    /// `bwd_dkv` over the group's heads and their query blocks — holds it once instead of once a
+    /// level). The initial value is a stored tile of the carried tile's type, no loop's initial
+    /// value twice, and every other tile of its group is read last by the loop's start too, or
+    /// defined at its end or later. `HLAC_INIT_IN_PLACE=off` keeps every initial copy, for A/B
+    /// measurements.
+    fn init_in_place(&mut self, p: &Program, storage: &Storage) {
+        if std::env::var("HLAC_INIT_IN_PLACE").is_ok_and(|v| v == "off") {
+            return;
+        }
+        let mut taken = HashSet::new();
+        for (x, arg, start, end) in std::mem::take(&mut self.inits) {
+            let stored = |v: Value| !p.ty(v).is_scalar() && !self.fused.contains(&v) && !storage.narrow.contains(&v);
+            if !stored(x) || !stored(arg) || p.ty(x) != p.ty(arg) || !taken.insert(x) {
+                continue;
+            }
+            let root = self.find(x);
+            let members: Vec<Value> = self.def.keys().copied().collect();
+            let dead = members.into_iter().all(|m| {
+                self.find(m) != root || self.read.get(&m).copied().unwrap_or(0) <= start || self.def.get(&m).is_some_and(|d| *d >= end)
+            });
+            if dead {
+                self.union(x, arg);
+            }
+        }
+    }
+}
+
 /// Instructions in a block, nested ones included.
 fn count(b: &Block) -> u64 {
     b.insts.iter().map(|i| 1 + if let Op::For { body, .. } = &i.op { count(body) + 1 } else { 0 }).sum()
@@ -338,6 +388,7 @@ fn groups_of(p: &Program, storage: &Storage) -> Groups {
     let fused = &storage.fused;
     let mut w = Walk { fused: fused.clone(), ..Walk::default() };
     w.block(p, &p.body, &mut Vec::new());
+    w.init_in_place(p, storage);
     let mut groups: HashMap<Value, (u64, u64, u64)> = HashMap::new();
     let mut tiles: Vec<(Value, Value)> = Vec::new();
     let stored: Vec<Value> = w.def.keys().copied().filter(|v| !p.ty(*v).is_scalar() && !fused.contains(v)).collect();

@@ -280,15 +280,26 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
         };
         let reg = self.reg_type(d)?;
         let pack = self.packs(out, w);
-        let raw = pack && stored == DType::Bf16 && self.storage.narrow.contains(&out);
-        // Such groups of a tile in shared memory move by `cp.async` (sm_80 and later), the tile
-        // pending until its first reader waits (`Gen::wait_copies`), unless HLAC_NVPTX_ASYNC=0.
+        let narrow = self.storage.narrow.contains(&out);
+        let raw = pack && stored == DType::Bf16 && narrow;
+        // Groups whose bytes land in the tile as they are in memory (bf16 into a bf16 tile, f32
+        // into an f32 one) move by `cp.async` (sm_80 and later) when the tile is in shared
+        // memory, the tile pending until its first reader waits (`Gen::wait_copies`), unless
+        // HLAC_NVPTX_ASYNC=0 (no copies) or =bf16 (bf16 groups only, the code before f32 copies).
         // Measured on an H200 (2026-12-03, B = 4, T = 4096, bf16), plain loads → packed stores
         // → copies: attention's forward 6.38 → 5.30 → 5.07 ms, `bwd_dq` 7.20 → 5.60 → 4.84,
         // `bwd_dkv` 29.8 → 25.7 → 25.7 (with RoPE: 8.81 → 7.28 → 6.82, 10.46 → 8.17 → 7.49);
         // GDN's forward 2.02 → 1.94 → 1.86, backward 13.8 → 13.5 → 13.5; GLA's forward 2.34 →
         // 2.15 and backward 18.2 → 17.4 (copies).
-        let copy = raw && self.smem.is_some() && std::env::var("HLAC_NVPTX_ASYNC").map_or(true, |v| v != "0");
+        // f32 copies: GDN's decode step waited on its f32 state's load after its bf16 loads had
+        // landed (the profile build, 2026-12-06); copied, the state arrives beside them.
+        let as_is = raw || (pack && stored == DType::F32 && !narrow);
+        let copy = self.smem.is_some()
+            && match std::env::var("HLAC_NVPTX_ASYNC").as_deref() {
+                Ok("0") => false,
+                Ok("bf16") => raw,
+                _ => as_is,
+            };
 
         self.counted(tid, end, step, &mut |g2, i| {
             let mut loaded: Vec<(IntValue<'ctx>, Group<'ctx>)> = Vec::new();
@@ -312,7 +323,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                     g2.b.build_unconditional_branch(join).map_err(|x| g2.llvm(x))?;
                     g2.b.position_at_end(one_bb);
                     let slow = g2.group_elements(ptr, (offsets, mask, other), e0, w, d)?;
-                    let sv = g2.bf16_vector(&slow)?;
+                    let sv = if narrow { g2.bf16_vector(&slow)? } else { g2.vector_of(&slow, reg)? };
                     g2.store_group(out, e0, sv)?;
                     g2.b.build_unconditional_branch(join).map_err(|x| g2.llvm(x))?;
                     g2.b.position_at_end(join);
