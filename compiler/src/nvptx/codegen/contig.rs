@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 
 use super::{Gen, R};
-use hlac_runtime::kir::{BinOp, Block, Const, DType, Op, Program, Value};
+use hlac_runtime::kir::{BinOp, Block, CmpOp, Const, DType, Op, Program, Value};
 use inkwell::types::BasicTypeEnum;
 use inkwell::values::{BasicValueEnum, IntValue, VectorValue};
 use inkwell::{AddressSpace, IntPredicate};
@@ -134,9 +134,9 @@ impl<'p> Contig<'p> {
                 // Each group takes one side whole when the condition is uniform across it.
                 (fc.stride == 0 && ft.stride == fe.stride).then(|| Fact { stride: ft.stride, div: gcd(ft.div, fe.div), konst: None })
             }
-            Op::Cmp(_, a, b) => {
+            Op::Cmp(op, a, b) => {
                 let (fa, fb) = (self.fact(*a, g)?, self.fact(*b, g)?);
-                (fa.stride == 0 && fb.stride == 0).then(|| Fact::uniform(1, None))
+                (fa.stride == 0 && fb.stride == 0 || bound_uniform(*op, fa, fb, g)).then(|| Fact::uniform(1, None))
             }
             Op::Unary(_, a) | Op::Cast(a, _) => {
                 let fa = self.fact(*a, g)?;
@@ -145,6 +145,27 @@ impl<'p> Contig<'p> {
             _ => None,
         };
         f
+    }
+}
+
+/// Whether `a op b` is the same across each group when one side runs through g consecutive values
+/// from a multiple of g and the other is a multiple of g throughout: the scan's channel mask
+/// `channel < heads` over blocks of channels (its loads went element by element without this).
+/// A group's values x₀ … x₀ + g − 1 all lie below such a bound n exactly when x₀ does, since
+/// n ≥ x₀ + 1 makes n ≥ x₀ + g; so `<` and `≥` against it (and `>`, `≤` with the sides swapped)
+/// are uniform, while `≤` is not (x₀ = n).
+fn bound_uniform(op: CmpOp, a: Fact, b: Fact, g: u32) -> bool {
+    // HLAC_NVPTX_BOUND=off drops the rule, for A/B measurements.
+    if std::env::var("HLAC_NVPTX_BOUND").is_ok_and(|v| v == "off") {
+        return false;
+    }
+    let g = u64::from(g);
+    let run = |f: Fact| f.stride == 1 && f.div.is_multiple_of(g);
+    let bound = |f: Fact| f.stride == 0 && f.div.is_multiple_of(g);
+    match op {
+        CmpOp::Lt | CmpOp::Ge => run(a) && bound(b),
+        CmpOp::Gt | CmpOp::Le => bound(a) && run(b),
+        CmpOp::Eq | CmpOp::Ne => false,
     }
 }
 
