@@ -308,8 +308,8 @@ impl Walk {
     /// one storage serves both: a nest of loops accumulating into one tile — attention's
     /// `bwd_dkv` over the group's heads and their query blocks — holds it once instead of once a
     /// level). The initial value is a stored tile of the carried tile's type, no loop's initial
-    /// value twice, and every other tile of its group is read last by the loop's start too, or
-    /// defined at its end or later. `HLAC_INIT_IN_PLACE=off` keeps every initial copy, for A/B
+    /// value twice, and every other tile of its group is defined and read last by the loop's
+    /// start too, or defined at its end or later. `HLAC_INIT_IN_PLACE=off` keeps every initial copy, for A/B
     /// measurements.
     fn init_in_place(&mut self, p: &Program, storage: &Storage) {
         if std::env::var("HLAC_INIT_IN_PLACE").is_ok_and(|v| v == "off") {
@@ -324,7 +324,8 @@ impl Walk {
             let root = self.find(x);
             let members: Vec<Value> = self.def.keys().copied().collect();
             let dead = members.into_iter().all(|m| {
-                self.find(m) != root || self.read.get(&m).copied().unwrap_or(0) <= start || self.def.get(&m).is_some_and(|d| *d >= end)
+                let def = self.def.get(&m).copied().unwrap_or(0);
+                self.find(m) != root || (def <= start && self.read.get(&m).copied().unwrap_or(def) <= start) || def >= end
             });
             if dead {
                 self.union(x, arg);
