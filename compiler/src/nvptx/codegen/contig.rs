@@ -621,8 +621,9 @@ mod tests {
 
     /// Every fact the analysis claims holds on every group of every value of random index
     /// programs (iotas of awkward and round lengths, row and column broadcasts, constants and a
-    /// program id, sums, differences, products, remainders, selects), for groups of 2, 4 and 8 —
-    /// and the analysis knows the offsets fla-style kernels load through.
+    /// program id, sums, differences, products, remainders, selects, comparisons of every kind),
+    /// for groups of 2, 4 and 8, with the bound rule off and on — and the analysis knows the
+    /// offsets fla-style kernels load through.
     #[test]
     fn facts_hold_on_random_index_programs() {
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
