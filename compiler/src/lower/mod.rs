@@ -427,9 +427,8 @@ impl ModelKernel {
     /// - Threads: 256 (attention's `bwd_dkv` too, which took 128 while its workspace was in
     ///   global memory: 29.8 ms at 128 against 33.8 at 256 and 40.7 at 512 in 2026-12-03), except
     ///   128 for the elementwise scan's backward (5.0 → 3.1 ms), whose register use then lets
-    ///   several blocks share an SM; 512 for the
-    ///   chunked forwards and attention's forward, `bwd_dq` and decode step, which have most of
-    ///   an SM to themselves; 1024 for the chunked forwards of vector gates, and 512 for their
+    ///   several blocks share an SM; 512 for the chunked forwards and attention's forward,
+    ///   `bwd_dq` and decode step, which have most of an SM to themselves; 1024 for the chunked forwards of vector gates, and 512 for their
     ///   backwards (the sub-blocks' pairwise tiles). Measured on an H200 (2026-12-03, with
     ///   `reread_tid`, which took their registers from 255 and spills to ≤ 128), 256 → 512:
     ///   GLA's forward 3.51 → 2.94 (2.74 → 2.57 at 1024 with `no-transpose` fusion), HGRN-2's

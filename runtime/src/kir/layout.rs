@@ -196,7 +196,7 @@ impl Walk {
                 }
             }
             match &inst.op {
-                Op::For { body, .. } => {
+                Op::For { body, init, .. } => {
                     // The loop occupies positions here..end; its body is walked inside.
                     let start = here;
                     for a in &body.args {
@@ -218,10 +218,8 @@ impl Walk {
                     for a in &body.args {
                         self.hold(*a, end);
                     }
-                    if let Op::For { init, .. } = &inst.op {
-                        for (x, a) in init.iter().zip(body.args.iter().skip(1)) {
-                            self.inits.push((*x, *a, start, end));
-                        }
+                    for (x, a) in init.iter().zip(body.args.iter().skip(1)) {
+                        self.inits.push((*x, *a, start, end));
                     }
                     for (k, r) in inst.results.iter().enumerate() {
                         self.def.insert(*r, end);
@@ -309,21 +307,21 @@ impl Walk {
     /// `bwd_dkv` over the group's heads and their query blocks — holds it once instead of once a
     /// level). The initial value is a stored tile of the carried tile's type, no loop's initial
     /// value twice, and every other tile of its group is defined and read last by the loop's
-    /// start too, or defined at its end or later. `HLAC_INIT_IN_PLACE=off` keeps every initial copy, for A/B
-    /// measurements.
+    /// start too, or defined at its end or later. `HLAC_INIT_IN_PLACE=off` keeps every initial
+    /// copy, for A/B measurements.
     fn init_in_place(&mut self, p: &Program, storage: &Storage) {
         if std::env::var("HLAC_INIT_IN_PLACE").is_ok_and(|v| v == "off") {
             return;
         }
         let mut taken = HashSet::new();
+        let members: Vec<Value> = self.def.keys().copied().collect();
         for (x, arg, start, end) in std::mem::take(&mut self.inits) {
             let stored = |v: Value| !p.ty(v).is_scalar() && !self.fused.contains(&v) && !storage.narrow.contains(&v);
             if !stored(x) || !stored(arg) || p.ty(x) != p.ty(arg) || !taken.insert(x) {
                 continue;
             }
             let root = self.find(x);
-            let members: Vec<Value> = self.def.keys().copied().collect();
-            let dead = members.into_iter().all(|m| {
+            let dead = members.iter().all(|&m| {
                 let def = self.def.get(&m).copied().unwrap_or(0);
                 self.find(m) != root || (def <= start && self.read.get(&m).copied().unwrap_or(def) <= start) || def >= end
             });

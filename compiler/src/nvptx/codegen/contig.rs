@@ -634,6 +634,11 @@ mod tests {
             seed % m
         };
         let (rows, cols) = (3u32, 48u32);
+        // Shapes that broadcast to the whole [rows, cols] tile.
+        let broadcastable = |b: &Builder, v: Value| {
+            let s = b.shape(v);
+            s.is_empty() || s == [1, cols] || s == [rows, 1] || s == [rows, cols]
+        };
         let mut known = 0;
         for _ in 0..300 {
             let mut b = Builder::new("t", &["x"]);
@@ -658,11 +663,7 @@ mod tests {
                     2 => b.i64([0, 1, 2, 4, 8, 16, 24, 48, 64, 3, -8][next(11) as usize]),
                     3 | 4 => {
                         let (x, y) = (pick(&mut next, &pool), pick(&mut next, &pool));
-                        let shapes_ok = |b: &Builder, v: Value| {
-                            let s = b.shape(v);
-                            s.is_empty() || s == [1, cols] || s == [rows, 1] || s == [rows, cols]
-                        };
-                        if !shapes_ok(&b, x) || !shapes_ok(&b, y) {
+                        if !broadcastable(&b, x) || !broadcastable(&b, y) {
                             continue;
                         }
                         let op = [BinOp::Add, BinOp::Sub, BinOp::Mul, BinOp::Add][next(4) as usize];
@@ -670,8 +671,7 @@ mod tests {
                     }
                     5 => {
                         let x = pick(&mut next, &pool);
-                        let s = b.shape(x);
-                        if !(s.is_empty() || s == [1, cols] || s == [rows, 1] || s == [rows, cols]) {
+                        if !broadcastable(&b, x) {
                             continue;
                         }
                         let k = b.i64([8, 16, 12, 48, 5][next(5) as usize]);
@@ -688,10 +688,7 @@ mod tests {
                     7 => {
                         let (c, x, y) = (pick(&mut next, &pool), pick(&mut next, &pool), pick(&mut next, &pool));
                         let full = [rows, cols];
-                        if [c, x, y].iter().any(|&v| {
-                            let s = b.shape(v);
-                            !(s.is_empty() || s == [1, cols] || s == [rows, 1] || s == full)
-                        }) {
+                        if [c, x, y].iter().any(|&v| !broadcastable(&b, v)) {
                             continue;
                         }
                         let zero = b.i64(0);
@@ -722,11 +719,7 @@ mod tests {
                         };
                         let bounds = [0, 8, 16, 48, 24, 3, 5, 40, -8, 56, 64];
                         let y = if next(4) == 0 { pick(&mut next, &pool) } else { b.i64(bounds[next(11) as usize]) };
-                        let ok = |b: &Builder, v: Value| {
-                            let s = b.shape(v);
-                            s.is_empty() || s == [1, cols] || s == [rows, 1] || s == [rows, cols]
-                        };
-                        if !ok(&b, x) || !ok(&b, y) {
+                        if !broadcastable(&b, x) || !broadcastable(&b, y) {
                             continue;
                         }
                         let op = [CmpOp::Lt, CmpOp::Le, CmpOp::Gt, CmpOp::Ge, CmpOp::Eq, CmpOp::Ne][next(6) as usize];
